@@ -1,0 +1,503 @@
+"""What pgleak adds to a SQLAlchemy connection checkout + checkin, against a real PostgreSQL.
+
+Usage::
+
+    python benchmarks/bench_checkout.py            # full run, well under 3 minutes
+    python benchmarks/bench_checkout.py --quick    # smoke run for CI, under 30 seconds
+    python benchmarks/bench_checkout.py --json results.json
+
+One process, one throwaway server (``pgleak.embedded.EmbeddedPostgres``), four workloads:
+
+* ``sync bare``   ``with engine.connect(): pass``                            (QueuePool, size 1)
+* ``sync query``  ``with engine.connect() as c: c.exec_driver_sql("select 1")``
+* ``async bare``  ``async with engine.connect(): pass``           (AsyncEngine + asyncpg, size 1)
+* ``async query`` ``async with engine.connect() as c: await c.exec_driver_sql("select 1")``
+
+each under four configurations: pgleak not installed, ``install(capture_stack=False)``,
+``install()`` (stack capture on, depth 32) and ``install(stack_depth=64)``; ``uninstall()`` runs
+after every configuration, so "not installed" is measured again in every round.
+
+Method, chosen for small shared machines: configurations are interleaved (A B C D, A B C D,
+...) so that drift in machine load hits all of them alike; each round times N iterations per
+configuration, N calibrated so that a round takes a few tenths of a second; the reported figure
+is the median over rounds of the per-iteration time. The garbage collector is disabled during
+each timed block. The timed loops run at the bottom of a helper that first recurses
+``--depth`` (default 20) Python frames deep, so that stack capture walks a stack the size of a
+web application's rather than a script's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
+from importlib import metadata
+from typing import Any, TypeVar
+
+import sqlalchemy
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import Pool
+
+import pgleak
+from pgleak.embedded import EmbeddedPostgres
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    key: str
+    label: str
+    #: ``None``: pgleak is not installed; else the keyword arguments of ``pgleak.install``.
+    settings: dict[str, Any] | None
+
+
+CONFIGS: tuple[Config, ...] = (
+    Config("bare", "not installed (bare SQLAlchemy)", None),
+    Config("no_stack", "install(capture_stack=False)", {"capture_stack": False}),
+    Config("default", "install() (stack on, depth 32)", {}),
+    Config("depth64", "install(stack_depth=64)", {"stack_depth": 64}),
+)
+
+TARGET_QUERY_PCT = 2.0  # <= 2 % added on the sync query loop
+TARGET_BARE_US = 3.0  # <= 3 us added per bare sync cycle with stack capture on
+STACK_CONFIGS = ("default", "depth64")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    rounds: int
+    round_seconds: float  # wall time one round (all four configurations) should take
+    calibrate_iterations: int
+    warmup_iterations: int
+    min_iterations: int
+    max_iterations: int
+
+
+FULL = Plan(rounds=15, round_seconds=0.4, calibrate_iterations=300, warmup_iterations=30,
+            min_iterations=50, max_iterations=20_000)
+QUICK = Plan(rounds=3, round_seconds=0.08, calibrate_iterations=60, warmup_iterations=10,
+             min_iterations=20, max_iterations=2_000)
+
+
+@dataclasses.dataclass
+class Result:
+    workload: str
+    description: str
+    iterations: int
+    #: config key -> per-iteration nanoseconds, one value per round.
+    per_round_ns: dict[str, list[float]]
+    #: config key -> frames in the stack pgleak recorded for one checkout (None: not tracked).
+    captured_frames: dict[str, int | None]
+
+    def median_ns(self, key: str) -> float:
+        return statistics.median(self.per_round_ns[key])
+
+    def paired_delta_ns(self, key: str) -> list[float]:
+        """Per round: config minus bare of the same round (cancels drift between rounds)."""
+        return [c - b for c, b in zip(self.per_round_ns[key], self.per_round_ns["bare"],
+                                      strict=True)]
+
+
+# -- the workloads -------------------------------------------------------------------------------
+
+
+def sync_bare(engine: Engine, n: int) -> None:
+    connect = engine.connect
+    for _ in range(n):
+        with connect():
+            pass
+
+
+def sync_query(engine: Engine, n: int) -> None:
+    connect = engine.connect
+    for _ in range(n):
+        with connect() as c:
+            c.exec_driver_sql("select 1")
+
+
+async def async_bare(engine: AsyncEngine, n: int) -> None:
+    connect = engine.connect
+    for _ in range(n):
+        async with connect():
+            pass
+
+
+async def async_query(engine: AsyncEngine, n: int) -> None:
+    connect = engine.connect
+    for _ in range(n):
+        async with connect() as c:
+            await c.exec_driver_sql("select 1")
+
+
+SyncLoop = Callable[[Engine, int], None]
+AsyncLoop = Callable[[AsyncEngine, int], Coroutine[Any, Any, None]]
+
+SYNC_WORKLOADS: tuple[tuple[str, str, SyncLoop], ...] = (
+    ("sync bare", "with engine.connect(): pass", sync_bare),
+    ("sync query", 'with engine.connect() as c: c.exec_driver_sql("select 1")', sync_query),
+)
+ASYNC_WORKLOADS: tuple[tuple[str, str, AsyncLoop], ...] = (
+    ("async bare", "async with engine.connect(): pass", async_bare),
+    ("async query", 'async with engine.connect() as c: await c.exec_driver_sql("select 1")',
+     async_query),
+)
+
+
+# -- a web-app-sized stack -----------------------------------------------------------------------
+
+
+def at_depth(depth: int, fn: Callable[[], T]) -> T:
+    """Call ``fn`` ``depth`` Python frames below the caller."""
+    if depth <= 0:
+        return fn()
+    return at_depth(depth - 1, fn)
+
+
+async def at_depth_async(depth: int, fn: Callable[[], Awaitable[T]]) -> T:
+    """Await ``fn()`` ``depth`` coroutine frames below the caller."""
+    if depth <= 0:
+        return await fn()
+    return await at_depth_async(depth - 1, fn)
+
+
+# -- timing --------------------------------------------------------------------------------------
+
+
+def time_sync(loop: SyncLoop, engine: Engine, n: int) -> int:
+    gc.disable()
+    try:
+        start = time.perf_counter_ns()
+        loop(engine, n)
+        return time.perf_counter_ns() - start
+    finally:
+        gc.enable()
+
+
+async def time_async(loop: AsyncLoop, engine: AsyncEngine, n: int) -> int:
+    gc.disable()
+    try:
+        start = time.perf_counter_ns()
+        await loop(engine, n)
+        return time.perf_counter_ns() - start
+    finally:
+        gc.enable()
+
+
+def iterations_for(per_iteration_ns: float, plan: Plan) -> int:
+    block_ns = plan.round_seconds / len(CONFIGS) * 1e9
+    wanted = int(block_ns / max(per_iteration_ns, 1.0))
+    return max(plan.min_iterations, min(plan.max_iterations, wanted))
+
+
+# -- pgleak on / off -----------------------------------------------------------------------------
+
+_ORIGINAL_POOL_CONNECT = Pool.__dict__["connect"]
+_ORIGINAL_ENGINE_INIT = Engine.__dict__["__init__"]
+_ORIGINAL_ENGINE_DISPOSE = Engine.__dict__["dispose"]
+restore_failures: list[str] = []
+
+
+def enter(config: Config) -> None:
+    if config.settings is not None:
+        pgleak.install(**config.settings)
+
+
+def leave(config: Config, pools: list[Pool]) -> None:
+    """Uninstall and check that SQLAlchemy is exactly as it was (a failure is reported)."""
+    pgleak.uninstall()
+    problems = []
+    if Pool.__dict__["connect"] is not _ORIGINAL_POOL_CONNECT:
+        problems.append("Pool.connect not restored")
+    if Engine.__dict__["__init__"] is not _ORIGINAL_ENGINE_INIT:
+        problems.append("Engine.__init__ not restored")
+    if Engine.__dict__["dispose"] is not _ORIGINAL_ENGINE_DISPOSE:
+        problems.append("Engine.dispose not restored")
+    for pool in pools:
+        for name in ("checkout", "checkin", "detach"):
+            if getattr(pool.dispatch, name):
+                problems.append(f"{type(pool).__name__}.dispatch.{name} still has listeners")
+    if problems and len(restore_failures) < 20:
+        restore_failures.append(f"after {config.key}: " + "; ".join(problems))
+
+
+def stack_len() -> int | None:
+    """Frames pgleak recorded for the one connection checked out now (None if untracked)."""
+    out = pgleak.checked_out()
+    return len(out[0].stack) if out else None
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_sync(engine: Engine, plan: Plan, depth: int) -> list[Result]:
+    pools = [engine.pool]
+    results = []
+    for name, description, loop in SYNC_WORKLOADS:
+        # Calibrate N on bare SQLAlchemy (warms the pool, the dialect and the caches too).
+        at_depth(depth, partial(time_sync, loop, engine, plan.warmup_iterations))
+        spent = at_depth(depth, partial(time_sync, loop, engine, plan.calibrate_iterations))
+        n = iterations_for(spent / plan.calibrate_iterations, plan)
+        frames: dict[str, int | None] = {}
+        for config in CONFIGS:
+            enter(config)
+
+            def probe() -> int | None:
+                with engine.connect():
+                    return stack_len()
+
+            frames[config.key] = at_depth(depth, probe)
+            leave(config, pools)
+        per_round: dict[str, list[float]] = {c.key: [] for c in CONFIGS}
+        log(f"{name}: {plan.rounds} rounds x {len(CONFIGS)} configs x {n} iterations")
+        for _ in range(plan.rounds):
+            for config in CONFIGS:
+                enter(config)
+                at_depth(depth, partial(time_sync, loop, engine, plan.warmup_iterations))
+                spent = at_depth(depth, partial(time_sync, loop, engine, n))
+                leave(config, pools)
+                per_round[config.key].append(spent / n)
+        results.append(Result(name, description, n, per_round, frames))
+    return results
+
+
+async def run_async(url: str, plan: Plan, depth: int) -> list[Result]:
+    engine = create_async_engine(url, pool_size=1, max_overflow=0)
+    pools = [engine.sync_engine.pool]
+    results = []
+    try:
+        for name, description, loop in ASYNC_WORKLOADS:
+            await at_depth_async(depth, partial(time_async, loop, engine, plan.warmup_iterations))
+            spent = await at_depth_async(
+                depth, partial(time_async, loop, engine, plan.calibrate_iterations))
+            n = iterations_for(spent / plan.calibrate_iterations, plan)
+            frames: dict[str, int | None] = {}
+            for config in CONFIGS:
+                enter(config)
+
+                async def probe() -> int | None:
+                    async with engine.connect():
+                        return stack_len()
+
+                frames[config.key] = await at_depth_async(depth, probe)
+                leave(config, pools)
+            per_round: dict[str, list[float]] = {c.key: [] for c in CONFIGS}
+            log(f"{name}: {plan.rounds} rounds x {len(CONFIGS)} configs x {n} iterations")
+            for _ in range(plan.rounds):
+                for config in CONFIGS:
+                    enter(config)
+                    await at_depth_async(
+                        depth, partial(time_async, loop, engine, plan.warmup_iterations))
+                    spent = await at_depth_async(depth, partial(time_async, loop, engine, n))
+                    leave(config, pools)
+                    per_round[config.key].append(spent / n)
+            results.append(Result(name, description, n, per_round, frames))
+    finally:
+        await engine.dispose()
+    return results
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def us(ns: float) -> float:
+    return ns / 1000.0
+
+
+def print_table(results: list[Result]) -> None:
+    header = (f"{'workload':<12} {'configuration':<32} {'us/cycle':>9} {'IQR (us)':>15} "
+              f"{'added us':>9} {'overhead':>9} {'paired':>8} {'frames':>6}")
+    print(header)
+    print("-" * len(header))
+    for result in results:
+        bare = result.median_ns("bare")
+        for config in CONFIGS:
+            med = result.median_ns(config.key)
+            lo, hi = quartiles(result.per_round_ns[config.key])
+            iqr = f"{us(lo):.2f}-{us(hi):.2f}"
+            frames = result.captured_frames[config.key]
+            frames_text = "-" if frames is None else str(frames)
+            if config.key == "bare":
+                added = pct = paired = ""
+            else:
+                added = f"{us(med - bare):+.2f}"
+                pct = f"{(med / bare - 1) * 100:+.1f}%"
+                paired = f"{us(statistics.median(result.paired_delta_ns(config.key))):+.2f}"
+            print(f"{result.workload:<12} {config.label:<32} {us(med):>9.2f} {iqr:>15} "
+                  f"{added:>9} {pct:>9} {paired:>8} {frames_text:>6}")
+        print()
+
+
+def print_markdown(results: list[Result]) -> None:
+    keys = [c.key for c in CONFIGS]
+    print("| workload | " + " | ".join(c.label for c in CONFIGS) + " |")
+    print("|---|" + "---:|" * len(CONFIGS))
+    for result in results:
+        bare = result.median_ns("bare")
+        cells = [f"{us(bare):.2f} µs"]
+        for key in keys[1:]:
+            med = result.median_ns(key)
+            cells.append(f"{us(med):.2f} µs ({us(med - bare):+.2f} µs, "
+                         f"{(med / bare - 1) * 100:+.1f}%)")
+        print(f"| {result.workload} | " + " | ".join(cells) + " |")
+
+
+def print_targets(results: list[Result]) -> list[dict[str, Any]]:
+    by_name = {r.workload: r for r in results}
+    verdicts: list[dict[str, Any]] = []
+    query = by_name["sync query"]
+    for key in keys_with_pgleak():
+        pct = (query.median_ns(key) / query.median_ns("bare") - 1) * 100
+        verdicts.append({"target": f"sync query, {key}: added <= {TARGET_QUERY_PCT:g}%",
+                         "value": round(pct, 2), "unit": "%", "met": pct <= TARGET_QUERY_PCT})
+    bare = by_name["sync bare"]
+    for key in STACK_CONFIGS:
+        added = us(bare.median_ns(key) - bare.median_ns("bare"))
+        verdicts.append({"target": f"sync bare, {key}: added <= {TARGET_BARE_US:g} us",
+                         "value": round(added, 2), "unit": "us", "met": added <= TARGET_BARE_US})
+    for v in verdicts:
+        status = "met" if v["met"] else "NOT MET"
+        print(f"  {v['target']:<42} measured {v['value']:+.2f} {v['unit']:<3} -> {status}")
+    return verdicts
+
+
+def keys_with_pgleak() -> list[str]:
+    return [c.key for c in CONFIGS if c.settings is not None]
+
+
+def server_version(engine: Engine) -> str:
+    with engine.connect() as c:
+        return str(c.exec_driver_sql("show server_version").scalar())
+
+
+def version_of(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true",
+                        help="few rounds, small N: a smoke run (< 30 s)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds per workload (default: 15, --quick: 3)")
+    parser.add_argument("--depth", type=int, default=20,
+                        help="extra Python frames under which the loops run (default: 20)")
+    parser.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.rounds is not None:
+        plan = dataclasses.replace(plan, rounds=max(1, args.rounds))
+    command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    env_knobs = sorted(k for k in os.environ if k.startswith("PGLEAK_"))
+    if env_knobs:
+        log(f"warning: {', '.join(env_knobs)} set; install() merges them into every config")
+
+    started = time.monotonic()
+    pgleak.uninstall()
+    with EmbeddedPostgres(max_connections=10) as server:
+        engine = create_engine(server.url("psycopg"), pool_size=1, max_overflow=0)
+        try:
+            pg_version = server_version(engine)
+            results = run_sync(engine, plan, args.depth)
+        finally:
+            engine.dispose()
+        results += asyncio.run(run_async(server.url("asyncpg"), plan, args.depth))
+    elapsed = time.monotonic() - started
+
+    python = f"{platform.python_implementation()} {platform.python_version()}"
+    print()
+    print(f"pgleak checkout benchmark ({'quick' if args.quick else 'full'} run)")
+    print(f"command:     {command}")
+    print(f"python:      {python} ({sys.platform}, {os.cpu_count()} CPUs)")
+    print(f"sqlalchemy:  {sqlalchemy.__version__}; psycopg {version_of('psycopg')}; "
+          f"asyncpg {version_of('asyncpg')}; pgleak {pgleak.__version__}")
+    print(f"postgresql:  {pg_version} (pgleak.embedded, 127.0.0.1 TCP)")
+    print(f"method:      {plan.rounds} interleaved rounds (A B C D per round), median of "
+          f"per-iteration time over rounds; pool_size=1 warmed up; gc disabled during each "
+          f"timed block; loops run {args.depth} Python frames deep (to look like a web app's "
+          f"stack); {plan.warmup_iterations} untimed warm-up iterations after each install()")
+    print(f"wall time:   {elapsed:.1f} s")
+    print()
+    print("columns: us/cycle = median over rounds; IQR = interquartile range over rounds; added/"
+          "overhead = median vs bare median; paired = median over rounds of (config - bare in "
+          "the same round); frames = stack frames pgleak recorded per checkout")
+    print()
+    print_table(results)
+    print("targets (reported, not asserted):")
+    verdicts = print_targets(results)
+    if restore_failures:
+        print()
+        print("WARNING: pgleak.uninstall() did not restore SQLAlchemy exactly:")
+        for failure in restore_failures:
+            print(f"  {failure}")
+    print()
+    print(f"markdown ({python}, SQLAlchemy {sqlalchemy.__version__}, PostgreSQL {pg_version}; "
+          f"`{command}`):")
+    print()
+    print_markdown(results)
+    print()
+
+    if args.json:
+        data = {
+            "command": command,
+            "quick": args.quick,
+            "python": sys.version,
+            "sqlalchemy": sqlalchemy.__version__,
+            "psycopg": version_of("psycopg"),
+            "asyncpg": version_of("asyncpg"),
+            "pgleak": pgleak.__version__,
+            "postgresql": pg_version,
+            "cpu_count": os.cpu_count(),
+            "rounds": plan.rounds,
+            "depth": args.depth,
+            "gc_disabled_while_timing": True,
+            "wall_seconds": round(elapsed, 2),
+            "configs": {c.key: {"label": c.label, "install": c.settings} for c in CONFIGS},
+            "targets": verdicts,
+            "restore_failures": restore_failures,
+            "workloads": [
+                {
+                    "workload": r.workload,
+                    "code": r.description,
+                    "iterations_per_round": r.iterations,
+                    "captured_frames": r.captured_frames,
+                    "median_ns": {k: r.median_ns(k) for k in r.per_round_ns},
+                    "per_round_ns": r.per_round_ns,
+                }
+                for r in results
+            ],
+        }
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+        print(f"raw numbers written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""pgleak: find the line of code that leaks PostgreSQL connections.
+
+One line at startup::
+
+    import pgleak
+    pgleak.install()
+
+and every connection checked out of a SQLAlchemy pool (more pools follow) is tracked: who took
+it, from which line, for how long. A connection held past ``leak_threshold``, one
+garbage-collected without being returned, one still out when its pool closes or the process
+exits, and every holder at the moment a pool runs dry are reported on the ``pgleak`` logger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pgleak import _guard
+from pgleak._adapter import Adapter, AdapterUnavailable
+from pgleak._core import allowance, core, suppressed
+from pgleak._events import Checkout, LeakEvent, Sink
+from pgleak._importhook import PostImportFinder
+from pgleak._report import LoggingSink
+from pgleak._settings import ConfigError, Settings, build_settings
+
+__all__ = [
+    "AdapterUnavailable",
+    "Checkout",
+    "ConfigError",
+    "LeakEvent",
+    "Settings",
+    "Sink",
+    "add_sink",
+    "allow_long_hold",
+    "checked_out",
+    "install",
+    "installed",
+    "remove_sink",
+    "settings",
+    "suppress",
+    "uninstall",
+]
+
+__version__ = "0.1.0"
+
+_log = logging.getLogger("pgleak")
+_lock = threading.RLock()
+_adapters: dict[str, Adapter] = {}
+_finder = PostImportFinder()
+_logging_sink = LoggingSink(interval=lambda: core.settings.report_interval)
+_installed = False
+_exit_registered = False
+_fork_registered = False
+
+
+def install(**settings: Any) -> Settings:
+    """Start tracking connection checkouts in every supported library, now or imported later.
+
+    Idempotent: a second call applies new settings and patches nothing twice.
+
+    Args:
+        **settings: Any field of :class:`Settings` (``leak_threshold=10``, ...); unset knobs
+            come from ``PGLEAK_*`` environment variables, then the defaults.
+
+    Returns:
+        The settings now in force.
+
+    Raises:
+        ConfigError: a setting is unknown or its value is invalid.
+        AdapterUnavailable: an adapter named in ``integrations`` is unknown, or its library is
+            missing or too old (adapters found automatically are skipped quietly instead).
+
+    .. versionadded:: 0.1
+    """
+    global _installed
+    with _lock:
+        new = build_settings(settings)
+        named = new.integrations
+        if named is not None:
+            from pgleak.integrations import ADAPTERS
+
+            unknown = [name for name in named if name not in ADAPTERS]
+            if unknown:
+                raise AdapterUnavailable(
+                    f"unknown integration(s) {', '.join(unknown)}; known: {', '.join(ADAPTERS)}"
+                )
+        core.configure(new)
+        if not new.enabled:
+            if _installed:
+                _uninstall_locked()
+            core.configure(new)
+            return new
+        if _logging_sink not in core.sinks:
+            core.sinks.insert(0, _logging_sink)
+        _register_process_hooks()
+        _install_adapters(named)
+        _installed = True
+        _log.debug("pgleak installed: %s; adapters: %s", new, sorted(_adapters))
+        return new
+
+
+def _install_adapters(named: tuple[str, ...] | None) -> None:
+    from pgleak.integrations import ADAPTERS
+
+    wanted = list(ADAPTERS) if named is None else list(named)
+    for name in wanted:
+        module_name = ADAPTERS[name][0]
+        if name in _adapters:
+            continue
+        if module_name in sys.modules:
+            _install_one(name, explicit=named is not None)
+            continue
+        if named is not None and _find_spec(module_name) is None:
+            raise AdapterUnavailable(f"integration {name!r}: {module_name} is not installed")
+        # Not imported yet: install the moment the application imports it.
+        _finder.hooks[module_name] = functools.partial(_install_on_import, name)
+    _finder.register()
+
+
+def _install_on_import(name: str, _module: object) -> None:
+    _install_one(name, explicit=False)
+
+
+def _install_one(name: str, explicit: bool) -> None:
+    from pgleak.integrations import load
+
+    with _lock:
+        if name in _adapters:
+            return
+        try:
+            adapter = load(name)()
+            adapter.install()
+        except AdapterUnavailable as exc:
+            if explicit:
+                raise
+            _log.debug("pgleak: integration %s skipped: %s", name, exc)
+            return
+        _adapters[name] = adapter
+
+
+def _find_spec(module: str) -> Any:
+    try:
+        return importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+
+
+def uninstall() -> None:
+    """Remove every patch and listener, restoring the originals exactly; forget all checkouts.
+
+    Safe to call when not installed, and twice.
+
+    .. versionadded:: 0.1
+    """
+    with _lock:
+        _uninstall_locked()
+
+
+def _uninstall_locked() -> None:
+    global _installed
+    _finder.hooks.clear()
+    _finder.unregister()
+    for adapter in reversed(list(_adapters.values())):
+        adapter.uninstall()
+    _adapters.clear()
+    core.watchdog.stop()
+    core.clear()
+    if _logging_sink in core.sinks:
+        core.sinks.remove(_logging_sink)
+    core.configure(Settings(enabled=False))
+    _installed = False
+
+
+def installed() -> list[str]:
+    """The names of the adapters currently installed."""
+    return sorted(_adapters)
+
+
+def settings() -> Settings:
+    """The settings in force (disabled defaults before ``install()``)."""
+    return core.settings
+
+
+def checked_out(with_holder_stack: bool = False) -> list[Checkout]:
+    """Every connection checked out right now, oldest first.
+
+    Args:
+        with_holder_stack: Also say where each holder is now (costs a look at every thread).
+    """
+    return core.checked_out(with_holder_stack)
+
+
+@contextlib.contextmanager
+def allow_long_hold(seconds: float) -> Iterator[None]:
+    """Let connections be held up to ``seconds`` inside this block without a leak report.
+
+    Applies to checkouts made inside the block and, for the block's duration, to those the
+    current thread or task already holds; after the block those get a fresh ``leak_threshold``
+    counted from its end. For a nightly batch that legitimately holds a connection for minutes.
+
+    .. versionadded:: 0.1
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+        raise ConfigError(
+            f"allow_long_hold(seconds=...): expected a positive number, got {seconds!r}"
+        )
+    seconds = float(seconds)
+    token = allowance.set(seconds)
+    start = time.monotonic()
+    extended = []
+    for lease in core.current_holder_leases():
+        extended.append((lease, lease.deadline, lease.threshold))
+        lease.deadline = max(lease.deadline, start + seconds)
+        lease.threshold = max(lease.threshold, seconds)
+    try:
+        yield
+    finally:
+        allowance.reset(token)
+        end = time.monotonic()
+        threshold = core.settings.leak_threshold
+        for lease, deadline, old_threshold in extended:
+            lease.deadline = max(deadline, end + threshold)
+            lease.threshold = old_threshold
+
+
+@contextlib.contextmanager
+def suppress() -> Iterator[None]:
+    """Do not track checkouts made inside this block (pgleak's own connections, for one)."""
+    token = suppressed.set(True)
+    try:
+        yield
+    finally:
+        suppressed.reset(token)
+
+
+def add_sink(sink: Sink) -> None:
+    """Send every event to ``sink`` as well (after logging)."""
+    if sink not in core.sinks:
+        core.sinks.append(sink)
+
+
+def remove_sink(sink: Sink) -> None:
+    if sink in core.sinks:
+        core.sinks.remove(sink)
+
+
+def _at_exit() -> None:
+    try:
+        if core.settings.enabled:
+            core.at_exit()
+    except Exception as exc:
+        _guard.internal_error("at_exit", exc)
+
+
+def _after_fork_in_child() -> None:
+    try:
+        core.reset_after_fork()
+        _guard.reset()
+    except Exception as exc:  # pragma: no cover
+        _guard.internal_error("after_fork", exc)
+
+
+def _register_process_hooks() -> None:
+    global _exit_registered, _fork_registered
+    if not _exit_registered:
+        _exit_registered = True
+        # threading's exit hooks run when the main thread ends, before atexit handlers, and so
+        # before weakref.finalize's atexit pass, which would return SQLAlchemy's leaked fairies
+        # to their pool and make a leak look like a clean return.
+        register = getattr(threading, "_register_atexit", None)
+        try:
+            if register is None:
+                raise RuntimeError("no threading._register_atexit")
+            register(_at_exit)
+        except Exception:
+            import atexit
+
+            atexit.register(_at_exit)
+    if not _fork_registered and hasattr(os, "register_at_fork"):
+        _fork_registered = True
+        os.register_at_fork(after_in_child=_after_fork_in_child)

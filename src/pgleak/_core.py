@@ -1,0 +1,536 @@
+"""The framework-neutral core: the ledger of checkouts and the decisions made from it.
+
+Adapters report facts - "this connection was checked out of this pool", "it came back", "the
+pool gave up waiting", "the pool is closing" - and the core decides what is a leak and tells the
+sinks. Policy (thresholds, what to report, how often) lives only here, so every pool library
+gets the same reports.
+
+Hot path (``checkout``/``checkin``): no lock, no string formatting, no frame objects kept; a
+dict insert and pop (atomic under the GIL, and per-dict locked on free-threaded builds), a
+monotonic clock read, the raw stack, one weak reference. Everything else - formatting stacks,
+finding where a holder is now, naming pools, calling sinks - happens on the watchdog thread or
+at the rare moments (pool exhausted, pool closed, exit) when the user is about to need it.
+
+State transitions of a lease are written by at most two threads (the holder and the watchdog)
+in an order that makes every report true without a lock; see ``checkin`` and ``_scan``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+import functools
+import itertools
+import logging
+import math
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pgleak import _stack
+from pgleak._events import (
+    AT_EXIT,
+    COLLECTED,
+    EXHAUSTED,
+    RETURNED,
+    SUSPECTED,
+    Checkout,
+    LeakEvent,
+    Sink,
+)
+from pgleak._guard import internal_error
+from pgleak._settings import Settings
+
+__all__ = ["Core", "Lease", "PoolHandle", "core"]
+
+_log = logging.getLogger("pgleak")
+_monotonic = time.monotonic
+_get_running_loop = asyncio.events._get_running_loop
+_current_task = asyncio.current_task
+
+#: Set inside ``pgleak.suppress()``: checkouts made there are pgleak's own (doctor, demo) and
+#: are not recorded.
+suppressed: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "pgleak_suppressed", default=False
+)
+#: Set inside ``pgleak.allow_long_hold()``: the hold allowance in seconds for new checkouts.
+allowance: contextvars.ContextVar[float] = contextvars.ContextVar("pgleak_allowance", default=0.0)
+
+
+class PoolHandle:
+    """pgleak's view of one pool object: a weak reference and a lazily computed name.
+
+    The name is computed at report time, not at checkout, because naming may mean rendering a
+    URL (and redacting its password), which the hot path must not pay for.
+    """
+
+    __slots__ = ("__weakref__", "_name", "_namer", "kind", "ref")
+
+    def __init__(self, obj: Any, kind: str, namer: Callable[[Any], str] | None) -> None:
+        self.kind = kind
+        self._namer = namer
+        self._name: str | None = None
+        self.ref: Callable[[], Any]
+        try:
+            self.ref = weakref.ref(obj)
+        except TypeError:  # not weak-referenceable: hold it (pools live as long as the app)
+            self.ref = functools.partial(_identity, obj)
+        if namer is None:
+            self._name = f"{kind}:{type(obj).__name__}@{id(obj):#x}"
+
+    @property
+    def name(self) -> str:
+        if self._name is None:
+            obj = self.ref()
+            name = None
+            if obj is not None and self._namer is not None:
+                try:
+                    name = self._namer(obj)
+                except Exception as exc:
+                    internal_error(f"{self.kind}.pool_name", exc)
+            self._name = name or f"{self.kind}:pool@{id(self):#x}"
+        return self._name
+
+    def rename(self, name: str) -> None:
+        self._name = name
+
+
+class Lease:
+    """One checkout, from the moment a connection is handed out until it is back or gone."""
+
+    __slots__ = (
+        "deadline",
+        "flagged",
+        "id",
+        "pool",
+        "raw",
+        "ref",
+        "reported",
+        "t0",
+        "t_in",
+        "task_name",
+        "task_ref",
+        "thread_id",
+        "thread_name",
+        "threshold",
+    )
+
+    def __init__(
+        self,
+        lease_id: int,
+        pool: PoolHandle,
+        t0: float,
+        threshold: float,
+        thread: tuple[int, str],
+        raw: _stack.RawStack,
+    ) -> None:
+        self.id = lease_id
+        self.pool = pool
+        self.t0 = t0
+        self.threshold = threshold
+        self.deadline = t0 + threshold
+        self.thread_id, self.thread_name = thread
+        self.raw = raw
+        self.task_ref: weakref.ref[asyncio.Task[Any]] | None = None
+        self.task_name: str | None = None
+        self.ref: weakref.ref[Any] | None = None
+        # Written by the watchdog before it decides to report (see Core._scan).
+        self.flagged = False
+        # Written by whoever emitted a report about this lease (watchdog or pool close).
+        self.reported = False
+        # Written by the holder's thread when the connection comes back.
+        self.t_in: float | None = None
+
+    def holder(self) -> str:
+        if self.task_name is not None:
+            return f"task {self.task_name!r} (thread {self.thread_name!r})"
+        return f"thread {self.thread_name!r}"
+
+
+class _ConnRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to the user-facing connection that remembers its lease id."""
+
+    __slots__ = ("lease_id",)
+    lease_id: int
+
+
+_thread_local = threading.local()
+
+
+def _thread_identity() -> tuple[int, str]:
+    try:
+        ident: tuple[int, str] = _thread_local.ident
+    except AttributeError:
+        ident = _thread_local.ident = (threading.get_ident(), threading.current_thread().name)
+    return ident
+
+
+class Core:
+    """The ledger of checkouts, the watchdog's scan, and event delivery to sinks."""
+
+    def __init__(self) -> None:
+        self.settings = Settings(enabled=False)
+        self.leases: dict[int, Lease] = {}
+        self.sinks: list[Sink] = []
+        self._ids = itertools.count(1)
+        # (kind, lease id or Lease, monotonic time): filled by finalizers and checkins, drained
+        # by the watchdog. deque.append is atomic and takes no lock, so a weakref callback that
+        # fires in the middle of anything (even inside the watchdog) cannot deadlock on it.
+        self._pending: collections.deque[tuple[str, Any, float]] = collections.deque()
+        self._pools: dict[int, PoolHandle] = {}
+        self.untracked = 0
+        self._untracked_warned = False
+        from pgleak._watchdog import Watchdog
+
+        self.watchdog = Watchdog(self._tick)
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def configure(self, settings: Settings) -> None:
+        self.settings = settings
+        self.watchdog.wake()
+
+    # -- adapter API: facts in -----------------------------------------------------------------
+
+    def pool(self, obj: Any, kind: str, namer: Callable[[Any], str] | None = None) -> PoolHandle:
+        """The handle for a pool object, created on first sight."""
+        key = id(obj)
+        handle = self._pools.get(key)
+        if handle is not None and handle.ref() is obj:
+            return handle
+        handle = PoolHandle(obj, kind, namer)
+        self._pools[key] = handle
+        with contextlib.suppress(TypeError):
+            weakref.finalize(obj, self._forget_pool, key, handle)
+        return handle
+
+    def _forget_pool(self, key: int, handle: PoolHandle) -> None:
+        if self._pools.get(key) is handle:
+            del self._pools[key]
+
+    def checkout(self, pool: PoolHandle, conn: Any = None) -> Lease | None:
+        """Record that ``conn`` (the object the user holds) was checked out of ``pool``.
+
+        Returns the lease the adapter hands back to :meth:`checkin`, or ``None`` when pgleak is
+        off, suppressed, or at its tracking bound.
+        """
+        settings = self.settings
+        if not settings.enabled or suppressed.get():
+            return None
+        leases = self.leases
+        if len(leases) >= settings.max_tracked:
+            self._over_bound()
+            return None
+        threshold = settings.leak_threshold
+        extra = allowance.get()
+        threshold = max(threshold, extra)
+        task = _current_task() if _get_running_loop() is not None else None
+        lease = Lease(
+            next(self._ids),
+            pool,
+            _monotonic(),
+            threshold,
+            _thread_identity(),
+            _stack.capture(settings.stack_depth, 2, task) if settings.capture_stack else (),
+        )
+        if task is not None:
+            lease.task_ref = weakref.ref(task)
+            lease.task_name = task.get_name()
+        if conn is not None:
+            try:
+                ref = _ConnRef(conn, self._on_collected)
+            except TypeError:
+                pass
+            else:
+                ref.lease_id = lease.id
+                lease.ref = ref
+        leases[lease.id] = lease
+        if self.watchdog.thread is None:
+            self.watchdog.start()
+        return lease
+
+    def checkin(self, lease: Lease) -> None:
+        """The connection of ``lease`` came back to its pool (or the user closed it)."""
+        ref = lease.ref
+        if ref is not None and ref() is None:
+            # The pool is returning a connection whose user-facing object was garbage
+            # collected (SQLAlchemy's sync pools do this from a weakref callback): that is a
+            # leak the pool papered over, not a return.
+            self._on_collected(ref)
+            return
+        now = _monotonic()
+        lease.t_in = now
+        self.leases.pop(lease.id, None)
+        if lease.flagged:
+            self._pending.append((RETURNED, lease, now))
+
+    def discard(self, lease: Lease) -> None:
+        """The pool threw the connection away (broken, terminated, detached): no report."""
+        ref = lease.ref
+        if ref is not None and ref() is None:
+            self._on_collected(ref)
+            return
+        lease.t_in = _monotonic()
+        self.leases.pop(lease.id, None)
+
+    def _on_collected(self, ref: Any) -> None:
+        # Runs inside a weakref callback, possibly in the middle of any code on any thread
+        # (including the watchdog's own): only an atomic append here.
+        self._pending.append((COLLECTED, ref.lease_id, _monotonic()))
+
+    def exhausted(
+        self, pool: PoolHandle, waited_s: float | None = None, detail: str | None = None
+    ) -> None:
+        """A checkout from ``pool`` gave up waiting: report every current holder, now.
+
+        Runs on the thread that waited, before the pool's exception reaches the user, so the
+        report is in the log just above the traceback that sent the user looking.
+        """
+        if not self.settings.enabled or suppressed.get():
+            return
+        now = _monotonic()
+        holders = tuple(
+            self._snapshot(lease, now, with_holder_stack=True)
+            for lease in list(self.leases.values())
+            if lease.pool is pool and _alive(lease)
+        )
+        ident = _thread_identity()
+        task = _current_task() if _get_running_loop() is not None else None
+        waiter_raw = _stack.capture(self.settings.stack_depth, 2, task)
+        waiter = Checkout(
+            checkout_id=0,
+            pool=pool.name,
+            held_s=waited_s if waited_s is not None else math.nan,
+            holder=_task_prefix() + f"thread {ident[1]!r}" + (")" if _task_prefix() else ""),
+            stack=_stack.format_raw(waiter_raw),
+        )
+        self.emit(LeakEvent(EXHAUSTED, pool.name, holders=holders, waiter=waiter, detail=detail))
+
+    def pool_closed(self, pool: PoolHandle, detail: str = "pool closed") -> None:
+        """``pool`` is being closed or disposed: whatever it still lends out is reported now."""
+        now = _monotonic()
+        for lease in list(self.leases.values()):
+            if lease.pool is pool:
+                self._report_at_exit(lease, now, detail)
+
+    def at_exit(self) -> None:
+        """The process is exiting: report collected connections, then everything still out."""
+        self.watchdog.stop()
+        now = _monotonic()
+        self._drain(now)
+        for lease in list(self.leases.values()):
+            self._report_at_exit(lease, now, "process exit")
+        for sink in list(self.sinks):
+            flush = getattr(sink, "flush", None)
+            if flush is not None:
+                try:
+                    flush(force=True)
+                except Exception as exc:
+                    internal_error("sink.flush", exc)
+
+    def _report_at_exit(self, lease: Lease, now: float, detail: str) -> None:
+        if self.leases.pop(lease.id, None) is None:
+            return
+        lease.flagged = lease.reported = True
+        self.emit(
+            LeakEvent(
+                AT_EXIT,
+                lease.pool.name,
+                checkout=self._snapshot(lease, now, with_holder_stack=True),
+                threshold_s=lease.threshold,
+                detail=detail,
+            )
+        )
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def checked_out(self, with_holder_stack: bool = False) -> list[Checkout]:
+        now = _monotonic()
+        return [
+            self._snapshot(lease, now, with_holder_stack)
+            for lease in list(self.leases.values())
+            if _alive(lease)
+        ]
+
+    def current_holder_leases(self) -> list[Lease]:
+        thread_id = threading.get_ident()
+        task = _current_task() if _get_running_loop() is not None else None
+        return [
+            lease
+            for lease in list(self.leases.values())
+            if lease.thread_id == thread_id
+            and (lease.task_ref is None or task is None or lease.task_ref() is task)
+        ]
+
+    # -- watchdog side -------------------------------------------------------------------------
+
+    def _tick(self) -> float:
+        """One watchdog pass; returns the seconds until the next deadline."""
+        now = _monotonic()
+        self._drain(now)
+        next_deadline = self._scan(now)
+        self._drain(_monotonic())
+        for sink in list(self.sinks):
+            flush = getattr(sink, "flush", None)
+            if flush is not None:
+                try:
+                    flush()
+                except Exception as exc:
+                    internal_error("sink.flush", exc)
+        # With nothing due, sleep at most half a threshold: a checkout made during the sleep
+        # is then reported at most 1.5 thresholds after it was taken.
+        cap = self.settings.leak_threshold / 2
+        return min(next_deadline - _monotonic(), cap)
+
+    def _scan(self, now: float) -> float:
+        next_deadline = math.inf
+        for lease in list(self.leases.values()):
+            if lease.flagged:
+                continue
+            if lease.deadline > now:
+                next_deadline = min(next_deadline, lease.deadline)
+                continue
+            # Flag first, then look at t_in: if the holder returned the connection before it
+            # saw the flag, t_in is already set and nothing is reported (it came back); if it
+            # returns after, it sees the flag and queues leak.returned, which is emitted only
+            # once this report has been (``reported`` is set here, on this thread).
+            lease.flagged = True
+            if lease.t_in is not None:
+                continue
+            lease.reported = True
+            self.emit(
+                LeakEvent(
+                    SUSPECTED,
+                    lease.pool.name,
+                    checkout=self._snapshot(lease, now, with_holder_stack=True),
+                    threshold_s=lease.threshold,
+                )
+            )
+        return next_deadline
+
+    def _drain(self, now: float) -> None:
+        pending = self._pending
+        while pending:
+            try:
+                kind, item, when = pending.popleft()
+            except IndexError:
+                return
+            if kind == COLLECTED:
+                lease = self.leases.pop(item, None)
+                if lease is None:
+                    continue
+                lease.flagged = lease.reported = True
+                self.emit(
+                    LeakEvent(
+                        COLLECTED,
+                        lease.pool.name,
+                        checkout=self._snapshot(lease, when, with_holder_stack=False),
+                        threshold_s=lease.threshold,
+                        detail="the connection object was garbage-collected without being "
+                        "returned to its pool",
+                    )
+                )
+            elif kind == RETURNED and item.reported:
+                self.emit(
+                    LeakEvent(
+                        RETURNED,
+                        item.pool.name,
+                        checkout=self._snapshot(item, when, with_holder_stack=False),
+                        threshold_s=item.threshold,
+                    )
+                )
+
+    def _snapshot(self, lease: Lease, now: float, with_holder_stack: bool) -> Checkout:
+        end = lease.t_in if lease.t_in is not None and lease.t_in < now else now
+        return Checkout(
+            checkout_id=lease.id,
+            pool=lease.pool.name,
+            held_s=max(0.0, end - lease.t0),
+            holder=lease.holder(),
+            stack=_stack.format_raw(lease.raw),
+            holder_stack=self._holder_stack(lease) if with_holder_stack else None,
+        )
+
+    def _holder_stack(self, lease: Lease) -> list[str] | None:
+        """Where the holder is now: tells "stuck in a slow call" from "forgot to return"."""
+        limit = self.settings.stack_depth
+        try:
+            if lease.task_ref is not None:
+                task = lease.task_ref()
+                if task is None or task.done():
+                    return None
+                if _current_task(task.get_loop()) is not task:
+                    # Suspended at an await: its coroutine chain, oldest first.
+                    return _stack.format_frames(task.get_stack(), limit, newest_first=False)
+                # Running (the loop is blocked inside it): the thread's live stack says where.
+            frame = sys._current_frames().get(lease.thread_id)
+            if frame is None:
+                return None
+            return _stack.format_frames(_stack.walk(frame), limit, newest_first=True)
+        except Exception as exc:
+            internal_error("core.holder_stack", exc)
+            return None
+
+    # -- delivery ------------------------------------------------------------------------------
+
+    def emit(self, event: LeakEvent) -> None:
+        """Give ``event`` to every sink; one failing sink does not silence the others."""
+        for sink in list(self.sinks):
+            try:
+                sink(event)
+            except Exception as exc:
+                internal_error(f"sink {getattr(sink, '__name__', type(sink).__name__)}", exc)
+
+    def _over_bound(self) -> None:
+        self.untracked += 1
+        if not self._untracked_warned:
+            self._untracked_warned = True
+            _log.warning(
+                "pgleak: %d checkouts are tracked (max_tracked); further checkouts are counted "
+                "but not tracked until some come back",
+                self.settings.max_tracked,
+            )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def reset_after_fork(self) -> None:
+        """A forked child inherits none of its parent's checkouts and needs its own watchdog."""
+        self.leases = {}
+        self._pending = collections.deque()
+        self.untracked = 0
+        self._untracked_warned = False
+        _thread_local.__dict__.clear()
+        self.watchdog.reset_after_fork()
+
+    def clear(self) -> None:
+        self.leases.clear()
+        self._pending.clear()
+
+
+def _identity(obj: Any) -> Any:
+    return obj
+
+
+def _alive(lease: Lease) -> bool:
+    """False once the user-facing connection was collected (its report may still be queued)."""
+    return lease.ref is None or lease.ref() is not None
+
+
+def _task_prefix() -> str:
+    if _get_running_loop() is None:
+        return ""
+    task = _current_task()
+    return "" if task is None else f"task {task.get_name()!r} ("
+
+
+#: The process-wide core. Adapters import this object; there is exactly one per process.
+core = Core()
+
+
+def iter_leases() -> Iterator[Lease]:
+    return iter(list(core.leases.values()))

@@ -1,0 +1,133 @@
+"""The events pgleak emits, and the snapshot type of :func:`pgleak.checked_out`.
+
+Event names are API: log pipelines and alert rules match on them, so they never change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Final
+
+__all__ = [
+    "AT_EXIT",
+    "COLLECTED",
+    "EXHAUSTED",
+    "RETURNED",
+    "SUPPRESSED",
+    "SUSPECTED",
+    "Checkout",
+    "LeakEvent",
+    "Sink",
+]
+
+SUSPECTED: Final = "leak.suspected"
+RETURNED: Final = "leak.returned"
+COLLECTED: Final = "leak.collected"
+AT_EXIT: Final = "leak.at_exit"
+EXHAUSTED: Final = "pool.exhausted"
+#: Logged by the logging sink when repeats from one call site were counted instead of logged.
+SUPPRESSED: Final = "report.suppressed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkout:
+    """One connection currently checked out (or, inside an event, the one the event is about).
+
+    Attributes:
+        checkout_id: Process-unique number of this checkout, to match a ``leak.returned`` with
+            its ``leak.suspected``.
+        pool: The pool's readable name (a URL without password, or a class name and id).
+        held_s: Seconds since checkout, when the snapshot or event was made.
+        holder: Who took it: ``thread 'name' (id N)`` or ``task 'name' in thread 'name'``.
+        stack: The checkout stack as ``"file:line in function"``, newest (the user's line) last.
+        holder_stack: Where the holder is *now*, same format; ``None`` when not known (the
+            holder has finished, or the snapshot did not ask for it).
+    """
+
+    checkout_id: int
+    pool: str
+    held_s: float
+    holder: str
+    stack: list[str]
+    holder_stack: list[str] | None = None
+
+    __module__ = "pgleak"
+
+    @property
+    def site(self) -> str | None:
+        """The user's line that checked the connection out, ``file:line in function``."""
+        return self.stack[-1] if self.stack else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "checkout_id": self.checkout_id,
+            "pool": self.pool,
+            "held_s": round(self.held_s, 3),
+            "holder": self.holder,
+            "stack": list(self.stack),
+            "holder_stack": None if self.holder_stack is None else list(self.holder_stack),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class LeakEvent:
+    """Something a developer should know about a connection; see ``docs/events.md``.
+
+    Attributes:
+        event: One of ``leak.suspected``, ``leak.returned``, ``leak.collected``,
+            ``leak.at_exit``, ``pool.exhausted``.
+        pool: The pool's readable name.
+        checkout: The checkout the event is about (``None`` for ``pool.exhausted``).
+        threshold_s: The hold threshold that applied to this checkout.
+        holders: For ``pool.exhausted``: every connection held from the pool, oldest first.
+        waiter: For ``pool.exhausted``: who waited in vain, and where (as a ``Checkout`` whose
+            ``held_s`` is how long it waited, ``None`` if the pool did not say).
+        detail: A short extra sentence (why an at-exit report fired, what the pool said).
+    """
+
+    event: str
+    pool: str
+    checkout: Checkout | None = None
+    threshold_s: float | None = None
+    holders: tuple[Checkout, ...] = ()
+    waiter: Checkout | None = None
+    detail: str | None = None
+
+    __module__ = "pgleak"
+
+    @property
+    def held_s(self) -> float | None:
+        return self.checkout.held_s if self.checkout else None
+
+    @property
+    def stack(self) -> list[str]:
+        """The stack that answers "which line?": the checkout's, or the waiter's."""
+        if self.checkout is not None:
+            return self.checkout.stack
+        return self.waiter.stack if self.waiter is not None else []
+
+    def as_dict(self) -> dict[str, Any]:
+        """The structured form, as attached to log records (``record.pgleak``)."""
+        who = self.checkout or self.waiter
+        data: dict[str, Any] = {
+            "event": self.event,
+            "pool": self.pool,
+            "held_s": None if self.checkout is None else round(self.checkout.held_s, 3),
+            "holder": who.holder if who else None,
+            "stack": list(self.stack),
+            "checkout_id": self.checkout.checkout_id if self.checkout else None,
+            "holder_stack": self.checkout.holder_stack if self.checkout else None,
+            "threshold_s": self.threshold_s,
+        }
+        if self.event == EXHAUSTED:
+            data["holders"] = [holder.as_dict() for holder in self.holders]
+            data["waited_s"] = None if self.waiter is None else round(self.waiter.held_s, 3)
+        if self.detail:
+            data["detail"] = self.detail
+        return data
+
+
+#: A sink receives every event; it runs on pgleak's watchdog thread or the thread that caused the
+#: event, inside pgleak's guard, so it must not block for long and may not raise into the app.
+Sink = Callable[[LeakEvent], None]

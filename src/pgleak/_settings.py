@@ -1,0 +1,136 @@
+"""One frozen settings object, built from ``install()`` kwargs over ``PGLEAK_*`` env vars.
+
+Every knob has one name, used as the kwarg, as the env var (upper-cased, ``PGLEAK_`` prefix) and,
+later, as a key in Django's ``PGLEAK`` dict, so that a team can move a value between code and
+deployment config without renaming it. Values are validated when ``install()`` runs, never at the
+first checkout: a typo in production config should fail the deploy, not hide until 3 a.m.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["ConfigError", "Settings", "build_settings"]
+
+
+class ConfigError(ValueError):
+    """A setting has a value pgleak cannot use; the message names the knob and the value."""
+
+    __module__ = "pgleak"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """pgleak's configuration. Build it with :func:`pgleak.install`, not directly.
+
+    Attributes:
+        enabled: Master switch; ``PGLEAK_ENABLED=0`` turns pgleak off without a code change.
+        leak_threshold: Seconds a connection may be held before it is reported as
+            ``leak.suspected``. HikariCP users pick 2-60 s; 30 s keeps a slow report query quiet.
+        capture_stack: Record the checkout stack. Off, reports still name pool, holder and times.
+        stack_depth: How many of the user's frames (pgleak's and the pool library's frames are
+            not counted) to keep per checkout; the newest ones are kept.
+        report_interval: Seconds during which repeated reports from one call site are counted
+            instead of logged again in full; the count is logged when the interval ends.
+        max_tracked: Upper bound on checkouts tracked at once, so a runaway leak cannot make
+            pgleak itself exhaust memory. Checkouts beyond it are counted, not tracked.
+        integrations: Which adapters to install (``None``: every library that is installed).
+    """
+
+    enabled: bool = True
+    leak_threshold: float = 30.0
+    capture_stack: bool = True
+    stack_depth: int = 32
+    report_interval: float = 60.0
+    max_tracked: int = 10_000
+    integrations: tuple[str, ...] | None = None
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off"}:
+            return False
+    raise ValueError("expected a boolean (true/false, 1/0, yes/no, on/off)")
+
+
+def _positive_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number of seconds")
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError("expected a positive, finite number of seconds")
+    return number
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError("expected a positive whole number")
+    number = int(value)
+    if number < 1:
+        raise ValueError("expected a positive whole number")
+    return number
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = tuple(str(item).strip() for item in items if str(item).strip())
+    if isinstance(value, str) and value.strip().lower() in {"", "all", "auto"}:
+        return None
+    return names
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "enabled": _parse_bool,
+    "leak_threshold": _positive_float,
+    "capture_stack": _parse_bool,
+    "stack_depth": _positive_int,
+    "report_interval": _positive_float,
+    "max_tracked": _positive_int,
+    "integrations": _names,
+}
+
+
+def env_name(knob: str) -> str:
+    """The environment variable that sets ``knob``."""
+    return "PGLEAK_" + knob.upper()
+
+
+def build_settings(
+    overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Merge defaults, ``PGLEAK_*`` env vars and explicit overrides (which win), and validate.
+
+    Raises:
+        ConfigError: an unknown knob, or a value that does not parse; the message says which
+            knob, which source (kwarg or env var) and what was wrong.
+    """
+    env = os.environ if environ is None else environ
+    unknown = sorted(set(overrides) - set(_PARSERS))
+    if unknown:
+        raise ConfigError(
+            f"unknown pgleak setting(s): {', '.join(unknown)}; known: {', '.join(_PARSERS)}"
+        )
+    values: dict[str, Any] = {}
+    for knob, parse in _PARSERS.items():
+        if knob in overrides:
+            source, raw = f"install({knob}=...)", overrides[knob]
+        elif env_name(knob) in env:
+            source, raw = env_name(knob), env[env_name(knob)]
+        else:
+            continue
+        try:
+            values[knob] = parse(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid value for {knob} ({source}): {raw!r}: {exc}") from None
+    return Settings(**values)

@@ -1,0 +1,235 @@
+"""Stack capture: cheap at checkout, formatted only when a report is written.
+
+A checkout happens thousands of times a second; a report almost never. So the hot path keeps
+only ``(code object, f_lasti)`` pairs - no frame objects (which would keep every local alive),
+no line numbers (``f_lineno`` costs a table walk per frame), no strings - and the line is
+recovered from ``co_lines()`` at report time.
+
+Frames are dropped when they belong to pgleak, to a pool library an adapter registered, or to
+stdlib plumbing (``contextlib``, ``asyncio``, ``threading``), so the newest frame kept is the
+user's own line: ``with engine.begin()`` goes through ``contextlib`` and a dozen SQLAlchemy
+frames before it reaches the pool, and none of them answers "which line leaked?".
+
+SQLAlchemy's asyncio mode runs pool code in a greenlet whose stack ends at the greenlet
+boundary; the user's coroutine is on the other side, in the suspended parent greenlet. The walk
+continues into the parent's frame (``gr_frame``) so async checkouts also name the user's line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from collections.abc import Iterable
+from types import CodeType, FrameType
+from typing import Any
+
+__all__ = ["RawStack", "capture", "format_frames", "format_raw", "register_library"]
+
+#: ``(code, lasti, code, lasti, ...)``, newest frame first.
+RawStack = tuple[Any, ...]
+
+_EMPTY: RawStack = ()
+
+_skip_prefixes: list[str] = [os.path.dirname(os.path.abspath(__file__)) + os.sep]
+_stdlib = sysconfig.get_paths().get("stdlib", "")
+_STDLIB_PLUMBING = tuple(
+    os.path.join(_stdlib, name)
+    for name in (
+        "contextlib.py",
+        "asyncio" + os.sep,
+        "threading.py",
+        "concurrent" + os.sep,
+        "runpy.py",
+        "selectors.py",
+    )
+)
+# filename -> drop?  Grows with the number of distinct source files that check out, which is
+# bounded by the program's size; a bool per file keeps the hot path at one dict lookup per frame.
+_skip_cache: dict[str, int] = {}
+
+
+def register_library(path: str | os.PathLike[str]) -> None:
+    """Drop frames from files under ``path`` (a package directory) from every stack.
+
+    Adapters call this with their library's directory: its frames say how the pool works, not
+    who took the connection.
+    """
+    prefix = os.path.abspath(os.fspath(path))
+    prefix = prefix if prefix.endswith(os.sep) else prefix + os.sep
+    if prefix not in _skip_prefixes:
+        _skip_prefixes.append(prefix)
+        _skip_cache.clear()
+
+
+_KEEP, _SKIP, _SKIP_LOOP = 0, 1, 2
+_ASYNCIO_DIR = os.path.join(_stdlib, "asyncio") + os.sep
+
+
+def _classify(filename: str) -> int:
+    absolute = os.path.abspath(filename) if filename and not filename.startswith("<") else filename
+    if absolute.startswith(_ASYNCIO_DIR):
+        verdict = _SKIP_LOOP
+    elif absolute.startswith(tuple(_skip_prefixes)) or absolute.startswith(_STDLIB_PLUMBING):
+        verdict = _SKIP
+    else:
+        verdict = _KEEP
+    if len(_skip_cache) < 100_000:
+        _skip_cache[filename] = verdict
+    return verdict
+
+
+def _parent_greenlet_frame(state: list[Any]) -> FrameType | None:
+    """The suspended frame of the greenlet that switched into the current one, if any."""
+    greenlet_mod = sys.modules.get("greenlet")
+    if greenlet_mod is None:
+        return None
+    current = state[0] if state else greenlet_mod.getcurrent()
+    parent = getattr(current, "parent", None)
+    if parent is None:
+        return None
+    if state:
+        state[0] = parent
+    else:
+        state.append(parent)
+    frame: FrameType | None = getattr(parent, "gr_frame", None)
+    return frame
+
+
+def capture(limit: int, start: int = 1, task: Any = None) -> RawStack:
+    """The newest ``limit`` user frames of the caller's stack, as raw pairs. Never raises.
+
+    Args:
+        limit: How many kept (user) frames to record.
+        start: Frames to skip outright (the caller's own).
+        task: The asyncio task running, if any. A coroutine resumed through a C-level
+            ``send`` (an ``__await__`` wrapper, an async generator's ``asend``) has no Python
+            ``f_back`` link to the coroutine that awaits it, so the walk can miss the user's
+            ``await`` line; the task's coroutine chain fills that gap.
+    """
+    try:
+        frame: FrameType | None = sys._getframe(start)
+    except ValueError:
+        return _EMPTY
+    out: list[Any] = []
+    append = out.append
+    cache = _skip_cache
+    kept = 0
+    loop_at = -1
+    greenlets: list[Any] = []
+    hops = 0
+    # In a task the walk may miss coroutine frames and keep older ones in their place, so it
+    # goes further before the chain is completed and the result cut back to ``limit``.
+    stop = limit if task is None else 4 * limit
+    while frame is not None:
+        code = frame.f_code
+        verdict = cache.get(code.co_filename)
+        if verdict is None:
+            verdict = _classify(code.co_filename)
+        if not verdict:
+            append(code)
+            append(frame.f_lasti)
+            kept += 1
+            if kept >= stop:
+                break
+        elif verdict == _SKIP_LOOP and loop_at < 0:
+            loop_at = len(out)
+        frame = frame.f_back
+        if frame is None and hops < 8:
+            hops += 1
+            frame = _parent_greenlet_frame(greenlets)
+    if task is not None:
+        _add_task_chain(out, task, loop_at)
+        del out[2 * limit :]
+    return tuple(out)
+
+
+def _add_task_chain(out: list[Any], task: Any, loop_at: int) -> None:
+    """Put the task's coroutine frames into ``out`` where the ``f_back`` walk lost them.
+
+    The frames the walk did see are a subset of the chain, in the right order, and everything
+    the walk saw newer than the newest of them was called by the chain's innermost coroutine.
+    So the chain's frames are taken out of ``out`` and the whole chain is put back, newest
+    first, where the newest of them stood (or where the walk met the event loop).
+    """
+    try:
+        coro = task.get_coro()
+        chain: list[tuple[Any, int]] = []
+        depth = 0
+        while coro is not None and depth < 64:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is None:
+                break
+            code = frame.f_code
+            verdict = _skip_cache.get(code.co_filename)
+            if verdict is None:
+                verdict = _classify(code.co_filename)
+            if not verdict:
+                chain.append((code, frame.f_lasti))
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+            depth += 1
+        if not chain:
+            return
+        codes = {code for code, _ in chain}
+        present = [i for i in range(0, len(out), 2) if out[i] in codes]
+        if len(present) >= len(chain):
+            return
+        at = present[0] if present else (loop_at if loop_at >= 0 else len(out))
+        for i in reversed(present):
+            del out[i : i + 2]
+        flat: list[Any] = []
+        for code, lasti in reversed(chain):
+            flat.append(code)
+            flat.append(lasti)
+        out[at:at] = flat
+    except Exception:  # a best-effort completion; the walk's own frames stand
+        return
+
+
+def _lineno(code: CodeType, lasti: int) -> int:
+    if lasti >= 0:
+        for start, end, line in code.co_lines():
+            if start <= lasti < end and line is not None:
+                return line
+    return code.co_firstlineno
+
+
+def _entry(filename: str, lineno: int, name: str) -> str:
+    return f"{filename}:{lineno} in {name}"
+
+
+def format_raw(raw: RawStack) -> list[str]:
+    """``"file:line in function"`` strings, oldest first (newest last, like a traceback)."""
+    entries = [
+        _entry(raw[i].co_filename, _lineno(raw[i], raw[i + 1]), raw[i].co_name)
+        for i in range(0, len(raw) - 1, 2)
+    ]
+    entries.reverse()
+    return entries
+
+
+def format_frames(frames: Iterable[FrameType], limit: int, *, newest_first: bool) -> list[str]:
+    """Format live frames (a holder's current position), dropping the same frames as capture."""
+    kept: list[str] = []
+    for frame in frames:
+        filename = frame.f_code.co_filename
+        verdict = _skip_cache.get(filename)
+        if verdict is None:
+            verdict = _classify(filename)
+        if not verdict:
+            kept.append(_entry(filename, frame.f_lineno, frame.f_code.co_name))
+    if newest_first:
+        kept = kept[:limit]
+        kept.reverse()
+    else:
+        kept = kept[-limit:]
+    return kept
+
+
+def walk(frame: FrameType | None, limit: int = 200) -> list[FrameType]:
+    """A thread's frames from ``frame`` outwards, newest first, bounded."""
+    frames: list[FrameType] = []
+    while frame is not None and len(frames) < limit:
+        frames.append(frame)
+        frame = frame.f_back
+    return frames

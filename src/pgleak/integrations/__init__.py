@@ -1,0 +1,24 @@
+"""The adapters pgleak knows, by name, and the module whose import enables each.
+
+Adding a driver is one module in this package and one line in :data:`ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from pgleak._adapter import Adapter
+
+__all__ = ["ADAPTERS", "load"]
+
+#: adapter name -> (module that must be imported, "module:Class" of the adapter)
+ADAPTERS: dict[str, tuple[str, str]] = {
+    "sqlalchemy": ("sqlalchemy", "pgleak.integrations.sqlalchemy:SQLAlchemyAdapter"),
+}
+
+
+def load(name: str) -> type[Adapter]:
+    """Import and return an adapter class; raises ``AdapterUnavailable`` if its library is not."""
+    module_name, _, cls_name = ADAPTERS[name][1].partition(":")
+    cls: type[Adapter] = getattr(importlib.import_module(module_name), cls_name)
+    return cls

@@ -1,0 +1,119 @@
+"""Stack capture: the newest kept frame is the caller's line; library frames are dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from pgleak import _stack
+from tests.helpers import assert_site
+
+
+def _recurse(depth: int, limit: int) -> _stack.RawStack:
+    if depth == 0:
+        return _stack.capture(limit)  # CAPTURED
+    return _recurse(depth - 1, limit)
+
+
+def test_capture_names_the_calling_line_and_keeps_order() -> None:
+    stack = _stack.format_raw(_recurse(3, 10))
+    assert_site(stack, "CAPTURED")
+    assert [entry.rsplit(" in ", 1)[1] for entry in stack[-4:]] == ["_recurse"] * 4
+    assert stack[-5].rsplit(" in ", 1)[1] == "test_capture_names_the_calling_line_and_keeps_order"
+
+
+def test_capture_keeps_only_the_newest_frames_up_to_the_limit() -> None:
+    stack = _stack.format_raw(_recurse(30, 5))
+    assert len(stack) == 5
+    assert_site(stack, "CAPTURED")
+
+
+@contextlib.contextmanager
+def _managed() -> Iterator[_stack.RawStack]:
+    yield _stack.capture(10)
+
+
+def test_contextlib_frames_are_dropped() -> None:
+    with _managed() as raw:  # WITH-LINE
+        pass
+    stack = _stack.format_raw(raw)
+    # contextlib's __enter__ is not shown; the generator's own line and the with line are.
+    assert not any("contextlib.py" in entry for entry in stack)
+    assert stack[-2].startswith(stack[-2].split(":")[0])
+    assert any(entry.endswith("in test_contextlib_frames_are_dropped") for entry in stack)
+
+
+def test_registered_library_frames_are_dropped(tmp_path: object) -> None:
+    import importlib.util
+    import pathlib
+
+    libdir = pathlib.Path(str(tmp_path)) / "fakelib"
+    libdir.mkdir()
+    (libdir / "__init__.py").write_text(
+        "from pgleak import _stack\n\ndef pool_checkout(limit):\n    return _stack.capture(limit)\n"
+    )
+    spec = importlib.util.spec_from_file_location("fakelib", libdir / "__init__.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    before = _stack.format_raw(module.pool_checkout(10))
+    assert "fakelib" in before[-1]
+    _stack.register_library(libdir)
+    try:
+        after = _stack.format_raw(module.pool_checkout(10))  # LIB-CALLER
+        assert_site(after, "LIB-CALLER")
+    finally:
+        _stack._skip_prefixes.remove(str(libdir) + "/")
+        _stack._skip_cache.clear()
+
+
+def test_capture_keeps_no_frame_objects_alive() -> None:
+    raw = _recurse(2, 10)
+    assert not any(type(item).__name__ == "frame" for item in raw)
+
+
+def test_greenlet_boundary_is_crossed_to_the_parent_stack() -> None:
+    greenlet = __import__("greenlet")
+
+    def in_child() -> _stack.RawStack:
+        return _stack.capture(20)
+
+    child = greenlet.greenlet(in_child)
+    raw = child.switch()  # SWITCH
+    stack = _stack.format_raw(raw)
+    assert stack[-1].endswith("in in_child")
+    assert_site(stack[:-1], "SWITCH")
+
+
+def test_task_chain_fills_frames_lost_behind_a_c_level_send() -> None:
+    """An ``__await__`` wrapper hides the awaiting coroutine from f_back; the task shows it."""
+
+    class Awaitable:
+        def __await__(self):  # type: ignore[no-untyped-def]
+            return inner().__await__()
+
+    async def inner() -> _stack.RawStack:
+        await asyncio.sleep(0)
+        return _stack.capture(20, 1, asyncio.current_task())
+
+    async def outer() -> _stack.RawStack:
+        result: _stack.RawStack = await Awaitable()  # AWAITED
+        return result
+
+    async def main() -> _stack.RawStack:
+        result: _stack.RawStack = await outer()
+        return result
+
+    stack = _stack.format_raw(asyncio.run(main()))
+    assert stack[-1].endswith("in inner")
+    assert_site(stack[:-1], "AWAITED")
+    assert stack[-3].endswith("in main")
+
+
+def test_format_frames_of_a_live_thread_drops_pgleak_frames() -> None:
+    frame = sys._getframe()
+    stack = _stack.format_frames(_stack.walk(frame), 10, newest_first=True)
+    assert stack[-1].endswith("in test_format_frames_of_a_live_thread_drops_pgleak_frames")

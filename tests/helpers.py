@@ -1,0 +1,31 @@
+"""Assertions shared by the tests: "the report names this line of this test"."""
+
+from __future__ import annotations
+
+import linecache
+import sys
+
+
+def site_of(marker: str, depth: int = 1) -> str:
+    """``"file:line"`` of the line in the caller's file that carries ``# <marker>``.
+
+    Tests compare it with the ``file:line`` prefix of a reported stack entry, so a report that
+    names any other line (pgleak's, SQLAlchemy's, the fixture's) fails the test.
+    """
+    frame = sys._getframe(depth)
+    filename = frame.f_code.co_filename
+    lines = linecache.getlines(filename)
+    hits = [n for n, text in enumerate(lines, 1) if text.rstrip().endswith(f"# {marker}")]
+    if len(hits) > 1:
+        # The same marker in several tests: take the one inside the calling function.
+        own = {line for _, _, line in frame.f_code.co_lines() if line is not None}
+        hits = [n for n in hits if n in own]
+    assert len(hits) == 1, f"marker {marker!r} found {len(hits)} times in {filename}"
+    return f"{filename}:{hits[0]}"
+
+
+def assert_site(stack: list[str], marker: str) -> None:
+    """The newest frame of ``stack`` is the line marked ``# <marker>`` in the calling file."""
+    expected = site_of(marker, depth=2)
+    assert stack, "empty stack"
+    assert stack[-1].startswith(expected + " in "), f"{stack[-1]!r} is not {expected}"

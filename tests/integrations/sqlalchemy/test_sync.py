@@ -1,0 +1,320 @@
+"""SQLAlchemy sync engines against the real server: every event names the test's own line."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+import pgleak
+from pgleak import _guard
+from pgleak._core import core
+from pgleak.testing import EventCapture, capture_events
+from tests.conftest import Server
+from tests.helpers import assert_site, site_of
+
+
+@pytest.fixture
+def engine(pg: Server, installed: pgleak.Settings) -> Iterator[sa.Engine]:
+    # A password the trust-auth server ignores: it must never appear in a report.
+    url = pg.url("psycopg").replace(f"{pg.user}@", f"{pg.user}:s3cret-pw@")
+    eng = sa.create_engine(url, pool_size=3, max_overflow=0, pool_timeout=0.5)
+    yield eng
+    eng.dispose()
+
+
+def test_held_past_threshold_is_suspected_with_checkout_and_current_line(
+    engine: sa.Engine, events: EventCapture
+) -> None:
+    """A connection held past leak_threshold is reported once, naming where it was taken and
+    where its holder is now."""
+    conn = engine.connect()  # CHECKOUT
+    try:
+        [event] = events.wait_for("leak.suspected")  # HOLDER-NOW
+    finally:
+        conn.close()
+    assert event.checkout is not None
+    assert_site(event.stack, "CHECKOUT")
+    assert event.checkout.holder_stack is not None
+    assert_site(event.checkout.holder_stack, "HOLDER-NOW")
+    assert event.checkout.held_s >= 0.2
+    assert event.checkout.holder == f"thread {threading.current_thread().name!r}"
+    assert "s3cret" not in event.pool
+    assert event.pool.startswith("postgresql+psycopg://postgres:***@")
+
+
+def test_a_flagged_connection_that_comes_back_gets_a_follow_up(
+    engine: sa.Engine, events: EventCapture
+) -> None:
+    conn = engine.connect()  # CHECKOUT
+    [suspected] = events.wait_for("leak.suspected")
+    conn.close()
+    [returned] = events.wait_for("leak.returned")
+    assert suspected.checkout is not None
+    assert returned.checkout is not None
+    assert returned.checkout.checkout_id == suspected.checkout.checkout_id
+    assert returned.checkout.held_s >= suspected.checkout.held_s
+    assert_site(returned.stack, "CHECKOUT")
+    assert pgleak.checked_out() == []
+
+
+def test_a_short_hold_is_not_reported(engine: sa.Engine, events: EventCapture) -> None:
+    with engine.connect() as conn:
+        conn.exec_driver_sql("select 1")
+    # A second, held connection is reported; by then the first one's deadline has passed too.
+    held = engine.connect()  # HELD
+    try:
+        [event] = events.wait_for("leak.suspected")
+    finally:
+        held.close()
+    assert_site(event.stack, "HELD")
+    assert len(events.of("leak.suspected")) == 1
+
+
+def test_log_record_carries_the_structured_event(
+    engine: sa.Engine, events: EventCapture, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pgleak")
+    conn = engine.connect()  # CHECKOUT
+    events.wait_for("leak.suspected")
+    conn.close()
+    events.wait_for("leak.returned")
+    records = [r for r in caplog.records if r.name == "pgleak" and hasattr(r, "pgleak")]
+    data = [r.pgleak for r in records]
+    assert [d["event"] for d in data] == ["leak.suspected", "leak.returned"]
+    first = data[0]
+    assert {"event", "pool", "held_s", "holder", "stack"} <= set(first)
+    assert first["stack"][-1].startswith(site_of("CHECKOUT") + " in ")
+    assert records[0].levelno == logging.WARNING
+    assert site_of("CHECKOUT") in records[0].getMessage()
+    assert "s3cret" not in records[0].getMessage()
+
+
+def test_garbage_collected_without_return_is_reported(
+    engine: sa.Engine, events: EventCapture
+) -> None:
+    conn = engine.connect()  # COLLECTED
+    del conn
+    gc.collect()
+    [event] = events.wait_for("leak.collected")
+    assert_site(event.stack, "COLLECTED")
+    assert pgleak.checked_out() == []
+    assert events.of("leak.returned") == []
+
+
+def test_still_out_at_dispose_is_reported_then_followed_up(
+    engine: sa.Engine, events: EventCapture
+) -> None:
+    conn = engine.connect()  # AT-DISPOSE
+    engine.dispose()
+    [event] = events.of("leak.at_exit")
+    assert_site(event.stack, "AT-DISPOSE")
+    assert event.detail == "engine.dispose()"
+    conn.close()
+    [returned] = events.wait_for("leak.returned")
+    assert returned.checkout is not None
+    assert event.checkout is not None
+    assert returned.checkout.checkout_id == event.checkout.checkout_id
+
+
+def test_still_out_at_process_exit_is_reported(pg: Server, tmp_path: Path) -> None:
+    script = tmp_path / "leaky_app.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""\
+            import logging, sys
+            import pgleak
+            import sqlalchemy as sa
+            logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(message)s")
+            pgleak.install()
+            engine = sa.create_engine({pg.url("psycopg")!r})
+            held = engine.connect()
+            held.exec_driver_sql("select 1")
+            print("exiting")
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "leak.at_exit" in result.stdout
+    assert f"{script}:7 in <module>" in result.stdout
+    assert result.stdout.index("exiting") < result.stdout.index("leak.at_exit")
+
+
+def _hold_until(engine: sa.Engine, release: threading.Event, ready: threading.Barrier) -> None:
+    conn = engine.connect()  # THREAD-CHECKOUT
+    ready.wait(10)
+    release.wait(30)  # THREAD-WAITING
+    conn.close()
+
+
+def test_pool_exhausted_lists_every_holder_oldest_first(
+    engine: sa.Engine, events: EventCapture
+) -> None:
+    release = threading.Event()
+    ready = threading.Barrier(4)
+    threads = [
+        threading.Thread(target=_hold_until, args=(engine, release, ready), name=f"holder-{n}")
+        for n in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        ready.wait(10)
+        with pytest.raises(sa.exc.TimeoutError):
+            engine.connect()  # WAITER
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(10)
+    [event] = events.of("pool.exhausted")
+    assert len(event.holders) == 3
+    ids = [holder.checkout_id for holder in event.holders]
+    assert ids == sorted(ids)
+    assert [h.held_s for h in event.holders] == sorted(
+        (h.held_s for h in event.holders), reverse=True
+    )
+    assert {h.holder for h in event.holders} == {f"thread 'holder-{n}'" for n in range(3)}
+    for holder in event.holders:
+        assert_site(holder.stack, "THREAD-CHECKOUT")
+        assert holder.holder_stack is not None
+        assert_site(holder.holder_stack, "THREAD-WAITING")
+    assert event.waiter is not None
+    assert_site(event.waiter.stack, "WAITER")
+    assert event.waiter.held_s >= 0.4
+    assert "QueuePool limit" in (event.detail or "")
+
+
+def test_checked_out_is_a_snapshot_oldest_first(engine: sa.Engine, events: EventCapture) -> None:
+    first = engine.connect()  # FIRST
+    second = engine.connect()  # SECOND
+    snapshot = pgleak.checked_out()
+    assert [c.checkout_id for c in snapshot] == sorted(c.checkout_id for c in snapshot)
+    assert_site(snapshot[0].stack, "FIRST")
+    assert_site(snapshot[1].stack, "SECOND")
+    first.close()
+    second.close()
+    assert pgleak.checked_out() == []
+
+
+def test_allow_long_hold_covers_new_and_held_connections(
+    engine: sa.Engine, events: EventCapture
+) -> None:
+    already = engine.connect()  # ALREADY-HELD
+    with pgleak.allow_long_hold(seconds=30):
+        inside = engine.connect()  # INSIDE
+        control_thread_conn: list[sa.Connection] = []
+        # A checkout from another thread is not covered: its report proves the deadlines of
+        # the two covered connections (taken earlier) have passed unreported.
+        worker = threading.Thread(target=lambda: control_thread_conn.append(engine.connect()))
+        worker.start()
+        worker.join(10)
+        [event] = events.wait_for("leak.suspected")
+    control_thread_conn[0].close()
+    inside.close()
+    already.close()
+    assert event.checkout is not None
+    assert event.checkout.holder != f"thread {threading.current_thread().name!r}"
+    assert len(events.of("leak.suspected")) == 1
+
+
+def test_many_threads_leave_the_ledger_empty(engine: sa.Engine, installed: object) -> None:
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(40):
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("select 1")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with engine.connect():
+        pass
+    engine.pool._timeout = 30  # type: ignore[attr-defined]
+    threads = [threading.Thread(target=work) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert pgleak.checked_out() == []
+    assert core.leases == {}
+
+
+class _RaisingHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        raise RuntimeError("log shipper is down")
+
+
+@pytest.mark.internal_errors
+def test_a_raising_log_handler_does_not_break_the_app(
+    engine: sa.Engine, events: EventCapture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    logger = logging.getLogger("pgleak")
+    handler = _RaisingHandler()
+    logger.addHandler(handler)
+    try:
+        held = [engine.connect() for _ in range(3)]
+        # The user's own exception comes through, unchanged, past the failing report.
+        with pytest.raises(sa.exc.TimeoutError):
+            engine.connect()
+        events.wait_for("leak.suspected", count=3)
+        for conn in held:
+            conn.close()
+        events.wait_for("leak.returned", count=1)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("select 42").scalar() == 42
+    finally:
+        logger.removeHandler(handler)
+    assert any(isinstance(exc, RuntimeError) for _, exc in _guard.swallowed)
+    assert core.watchdog.thread is not None
+    assert core.watchdog.thread.is_alive()
+    err = capfd.readouterr().err
+    assert err.count("pgleak: internal error") <= 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_a_forked_child_starts_with_an_empty_ledger_and_its_own_watchdog(
+    pg: Server, engine: sa.Engine, events: EventCapture
+) -> None:
+    parent_conn = engine.connect()
+    assert len(pgleak.checked_out()) == 1
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report back through the pipe, never return into pytest
+        code = 1
+        try:
+            empty = pgleak.checked_out() == []
+            child_engine = sa.create_engine(pg.url("psycopg"))
+            with capture_events() as child_events:
+                conn = child_engine.connect()  # CHILD-CHECKOUT
+                [event] = child_events.wait_for("leak.suspected", timeout=10)
+                conn.close()
+            ok = empty and event.stack[-1].startswith(site_of("CHILD-CHECKOUT") + " in ")
+            os.write(write_fd, b"ok" if ok else f"bad {empty} {event.stack}".encode())
+            code = 0
+        except BaseException as exc:
+            os.write(write_fd, f"error {exc!r}".encode())
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        answer = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    parent_conn.close()
+    assert answer == "ok"
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's own ledger is untouched by the child.
+    assert pgleak.checked_out() == []
