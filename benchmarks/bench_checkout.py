@@ -24,12 +24,20 @@ is the median over rounds of the per-iteration time. The garbage collector is di
 each timed block. The timed loops run at the bottom of a helper that first recurses
 ``--depth`` (default 20) Python frames deep, so that stack capture walks a stack the size of a
 web application's rather than a script's.
+
+On Linux the benchmark process and the PostgreSQL backends serving its two pooled connections
+are pinned to one CPU (``--no-pin`` turns this off). On a small VM a round trip otherwise takes
+~220 us or ~400 us depending on whether the scheduler happens to put client and backend on the
+same vCPU, which makes the query loops bimodal from block to block, a spread far wider than the
+effect being measured. Pinned, client and server time add up on one CPU, so the query-loop
+percentages are, if anything, pessimistic compared with a database across a network.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import json
@@ -85,9 +93,9 @@ class Plan:
     max_iterations: int
 
 
-FULL = Plan(rounds=15, round_seconds=0.4, calibrate_iterations=300, warmup_iterations=30,
+FULL = Plan(rounds=15, round_seconds=0.3, calibrate_iterations=300, warmup_iterations=30,
             min_iterations=50, max_iterations=20_000)
-QUICK = Plan(rounds=3, round_seconds=0.08, calibrate_iterations=60, warmup_iterations=10,
+QUICK = Plan(rounds=5, round_seconds=0.1, calibrate_iterations=60, warmup_iterations=10,
              min_iterations=20, max_iterations=2_000)
 
 
@@ -100,6 +108,8 @@ class Result:
     per_round_ns: dict[str, list[float]]
     #: config key -> frames in the stack pgleak recorded for one checkout (None: not tracked).
     captured_frames: dict[str, int | None]
+    #: wall seconds of each round's timed blocks (all configurations).
+    round_seconds: list[float]
 
     def median_ns(self, key: str) -> float:
         return statistics.median(self.per_round_ns[key])
@@ -238,6 +248,47 @@ def stack_len() -> int | None:
     return len(out[0].stack) if out else None
 
 
+# -- CPU pinning ---------------------------------------------------------------------------------
+
+
+class Pinning:
+    """Put this process and the backends of its pooled connections on one CPU (Linux only)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.cpu: int | None = None
+        self.note = "off (--no-pin)"
+        self.backends: dict[str, int] = {}
+        self._saved: set[int] | None = None
+        if not enabled:
+            return
+        if not hasattr(os, "sched_setaffinity"):
+            self.note = "not available on this platform"
+            return
+        try:
+            self._saved = os.sched_getaffinity(0)
+            self.cpu = max(self._saved)
+            os.sched_setaffinity(0, {self.cpu})
+        except OSError as exc:
+            self.note = f"failed: {exc}"
+            self.cpu = None
+            return
+        self.note = f"process and its PostgreSQL backends on CPU {self.cpu}"
+
+    def backend(self, name: str, pid: int) -> None:
+        self.backends[name] = pid
+        if self.cpu is None:
+            return
+        try:
+            os.sched_setaffinity(pid, {self.cpu})
+        except OSError as exc:
+            self.note = f"process on CPU {self.cpu}; backend {pid} not pinned: {exc}"
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, self._saved)
+
+
 # -- running -------------------------------------------------------------------------------------
 
 
@@ -245,8 +296,19 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_sync(engine: Engine, plan: Plan, depth: int) -> list[Result]:
+def backend_pid_sync(engine: Engine) -> int:
+    with engine.connect() as c:
+        return int(c.exec_driver_sql("select pg_backend_pid()").scalar_one())
+
+
+async def backend_pid_async(engine: AsyncEngine) -> int:
+    async with engine.connect() as c:
+        return int((await c.exec_driver_sql("select pg_backend_pid()")).scalar_one())
+
+
+def run_sync(engine: Engine, plan: Plan, depth: int, pinning: Pinning) -> list[Result]:
     pools = [engine.pool]
+    pinning.backend("sync", backend_pid_sync(engine))
     results = []
     for name, description, loop in SYNC_WORKLOADS:
         # Calibrate N on bare SQLAlchemy (warms the pool, the dialect and the caches too).
@@ -264,23 +326,30 @@ def run_sync(engine: Engine, plan: Plan, depth: int) -> list[Result]:
             frames[config.key] = at_depth(depth, probe)
             leave(config, pools)
         per_round: dict[str, list[float]] = {c.key: [] for c in CONFIGS}
+        rounds: list[float] = []
         log(f"{name}: {plan.rounds} rounds x {len(CONFIGS)} configs x {n} iterations")
         for _ in range(plan.rounds):
+            total = 0
             for config in CONFIGS:
                 enter(config)
                 at_depth(depth, partial(time_sync, loop, engine, plan.warmup_iterations))
                 spent = at_depth(depth, partial(time_sync, loop, engine, n))
                 leave(config, pools)
                 per_round[config.key].append(spent / n)
-        results.append(Result(name, description, n, per_round, frames))
+                total += spent
+            rounds.append(total / 1e9)
+        results.append(Result(name, description, n, per_round, frames, rounds))
+    if backend_pid_sync(engine) != pinning.backends["sync"]:
+        pinning.note += "; WARNING: the sync pool replaced its connection during the run"
     return results
 
 
-async def run_async(url: str, plan: Plan, depth: int) -> list[Result]:
+async def run_async(url: str, plan: Plan, depth: int, pinning: Pinning) -> list[Result]:
     engine = create_async_engine(url, pool_size=1, max_overflow=0)
     pools = [engine.sync_engine.pool]
     results = []
     try:
+        pinning.backend("async", await backend_pid_async(engine))
         for name, description, loop in ASYNC_WORKLOADS:
             await at_depth_async(depth, partial(time_async, loop, engine, plan.warmup_iterations))
             spent = await at_depth_async(
@@ -297,8 +366,10 @@ async def run_async(url: str, plan: Plan, depth: int) -> list[Result]:
                 frames[config.key] = await at_depth_async(depth, probe)
                 leave(config, pools)
             per_round: dict[str, list[float]] = {c.key: [] for c in CONFIGS}
+            rounds: list[float] = []
             log(f"{name}: {plan.rounds} rounds x {len(CONFIGS)} configs x {n} iterations")
             for _ in range(plan.rounds):
+                total = 0
                 for config in CONFIGS:
                     enter(config)
                     await at_depth_async(
@@ -306,7 +377,11 @@ async def run_async(url: str, plan: Plan, depth: int) -> list[Result]:
                     spent = await at_depth_async(depth, partial(time_async, loop, engine, n))
                     leave(config, pools)
                     per_round[config.key].append(spent / n)
-            results.append(Result(name, description, n, per_round, frames))
+                    total += spent
+                rounds.append(total / 1e9)
+            results.append(Result(name, description, n, per_round, frames, rounds))
+        if await backend_pid_async(engine) != pinning.backends["async"]:
+            pinning.note += "; WARNING: the async pool replaced its connection during the run"
     finally:
         await engine.dispose()
     return results
@@ -404,9 +479,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="few rounds, small N: a smoke run (< 30 s)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved rounds per workload (default: 15, --quick: 3)")
+                        help="interleaved rounds per workload (default: 15, --quick: 5)")
     parser.add_argument("--depth", type=int, default=20,
                         help="extra Python frames under which the loops run (default: 20)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin this process and its PostgreSQL backends to one CPU")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
@@ -419,14 +496,18 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     pgleak.uninstall()
-    with EmbeddedPostgres(max_connections=10) as server:
-        engine = create_engine(server.url("psycopg"), pool_size=1, max_overflow=0)
-        try:
-            pg_version = server_version(engine)
-            results = run_sync(engine, plan, args.depth)
-        finally:
-            engine.dispose()
-        results += asyncio.run(run_async(server.url("asyncpg"), plan, args.depth))
+    pinning = Pinning(not args.no_pin)
+    try:
+        with EmbeddedPostgres(max_connections=10) as server:
+            engine = create_engine(server.url("psycopg"), pool_size=1, max_overflow=0)
+            try:
+                pg_version = server_version(engine)
+                results = run_sync(engine, plan, args.depth, pinning)
+            finally:
+                engine.dispose()
+            results += asyncio.run(run_async(server.url("asyncpg"), plan, args.depth, pinning))
+    finally:
+        pinning.restore()
     elapsed = time.monotonic() - started
 
     python = f"{platform.python_implementation()} {platform.python_version()}"
@@ -441,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
           f"per-iteration time over rounds; pool_size=1 warmed up; gc disabled during each "
           f"timed block; loops run {args.depth} Python frames deep (to look like a web app's "
           f"stack); {plan.warmup_iterations} untimed warm-up iterations after each install()")
+    print(f"cpu pinning: {pinning.note}")
     print(f"wall time:   {elapsed:.1f} s")
     print()
     print("columns: us/cycle = median over rounds; IQR = interquartile range over rounds; added/"
@@ -476,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": plan.rounds,
             "depth": args.depth,
             "gc_disabled_while_timing": True,
+            "pinned_cpu": pinning.cpu,
+            "pinning": pinning.note,
             "wall_seconds": round(elapsed, 2),
             "configs": {c.key: {"label": c.label, "install": c.settings} for c in CONFIGS},
             "targets": verdicts,

@@ -167,6 +167,12 @@ def uninstall() -> None:
 
 def _uninstall_locked() -> None:
     global _installed
+    if _installed:
+        # Deliver what is already known (queued reports, counted repeats) before going quiet.
+        try:
+            core.flush()
+        except Exception as exc:
+            _guard.internal_error("uninstall.flush", exc)
     _finder.hooks.clear()
     _finder.unregister()
     for adapter in reversed(list(_adapters.values())):

@@ -117,6 +117,7 @@ class Lease:
         "task_ref",
         "thread_id",
         "thread_name",
+        "thread_ref",
         "threshold",
     )
 
@@ -126,7 +127,7 @@ class Lease:
         pool: PoolHandle,
         t0: float,
         threshold: float,
-        thread: tuple[int, str],
+        thread: tuple[int, str, Callable[[], threading.Thread | None]],
         raw: _stack.RawStack,
     ) -> None:
         self.id = lease_id
@@ -134,7 +135,7 @@ class Lease:
         self.t0 = t0
         self.threshold = threshold
         self.deadline = t0 + threshold
-        self.thread_id, self.thread_name = thread
+        self.thread_id, self.thread_name, self.thread_ref = thread
         self.raw = raw
         self.task_ref: weakref.ref[asyncio.Task[Any]] | None = None
         self.task_name: str | None = None
@@ -162,11 +163,13 @@ class _ConnRef(weakref.ref):  # type: ignore[type-arg]
 _thread_local = threading.local()
 
 
-def _thread_identity() -> tuple[int, str]:
+def _thread_identity() -> tuple[int, str, Callable[[], threading.Thread | None]]:
+    """Who is running: computed once per thread, so a checkout pays one attribute lookup."""
     try:
-        ident: tuple[int, str] = _thread_local.ident
+        ident: tuple[int, str, Callable[[], threading.Thread | None]] = _thread_local.ident
     except AttributeError:
-        ident = _thread_local.ident = (threading.get_ident(), threading.current_thread().name)
+        thread = threading.current_thread()
+        ident = _thread_local.ident = (threading.get_ident(), thread.name, weakref.ref(thread))
     return ident
 
 
@@ -306,7 +309,9 @@ class Core:
             checkout_id=0,
             pool=pool.name,
             held_s=waited_s if waited_s is not None else math.nan,
-            holder=_task_prefix() + f"thread {ident[1]!r}" + (")" if _task_prefix() else ""),
+            holder=f"task {task.get_name()!r} (thread {ident[1]!r})"
+            if task is not None
+            else f"thread {ident[1]!r}",
             stack=_stack.format_raw(waiter_raw),
         )
         self.emit(LeakEvent(EXHAUSTED, pool.name, holders=holders, waiter=waiter, detail=detail))
@@ -325,6 +330,11 @@ class Core:
         self._drain(now)
         for lease in list(self.leases.values()):
             self._report_at_exit(lease, now, "process exit")
+        self.flush()
+
+    def flush(self) -> None:
+        """Deliver queued reports and every sink's pending counts now."""
+        self._drain(_monotonic())
         for sink in list(self.sinks):
             flush = getattr(sink, "flush", None)
             if flush is not None:
@@ -447,34 +457,43 @@ class Core:
 
     def _snapshot(self, lease: Lease, now: float, with_holder_stack: bool) -> Checkout:
         end = lease.t_in if lease.t_in is not None and lease.t_in < now else now
+        holder_stack, finished = self._holder_now(lease) if with_holder_stack else (None, False)
         return Checkout(
             checkout_id=lease.id,
             pool=lease.pool.name,
             held_s=max(0.0, end - lease.t0),
             holder=lease.holder(),
             stack=_stack.format_raw(lease.raw),
-            holder_stack=self._holder_stack(lease) if with_holder_stack else None,
+            holder_stack=holder_stack,
+            holder_finished=finished,
         )
 
-    def _holder_stack(self, lease: Lease) -> list[str] | None:
-        """Where the holder is now: tells "stuck in a slow call" from "forgot to return"."""
+    def _holder_now(self, lease: Lease) -> tuple[list[str] | None, bool]:
+        """Where the holder is now, and whether it has finished.
+
+        "Stuck in a slow call" and "forgot to return" look alike from the ledger; the holder's
+        current line tells them apart, and a finished holder settles it: nothing is left that
+        could give the connection back.
+        """
         limit = self.settings.stack_depth
         try:
             if lease.task_ref is not None:
                 task = lease.task_ref()
                 if task is None or task.done():
-                    return None
+                    return None, True
                 if _current_task(task.get_loop()) is not task:
                     # Suspended at an await: its coroutine chain, oldest first.
-                    return _stack.format_frames(task.get_stack(), limit, newest_first=False)
+                    stack = _stack.format_frames(task.get_stack(), limit, newest_first=False)
+                    return stack, False
                 # Running (the loop is blocked inside it): the thread's live stack says where.
+            thread = lease.thread_ref()
             frame = sys._current_frames().get(lease.thread_id)
-            if frame is None:
-                return None
-            return _stack.format_frames(_stack.walk(frame), limit, newest_first=True)
+            if thread is None or not thread.is_alive() or frame is None:
+                return None, True
+            return _stack.format_frames(_stack.walk(frame), limit, newest_first=True), False
         except Exception as exc:
             internal_error("core.holder_stack", exc)
-            return None
+            return None, False
 
     # -- delivery ------------------------------------------------------------------------------
 
@@ -519,13 +538,6 @@ def _identity(obj: Any) -> Any:
 def _alive(lease: Lease) -> bool:
     """False once the user-facing connection was collected (its report may still be queued)."""
     return lease.ref is None or lease.ref() is not None
-
-
-def _task_prefix() -> str:
-    if _get_running_loop() is None:
-        return ""
-    task = _current_task()
-    return "" if task is None else f"task {task.get_name()!r} ("
 
 
 #: The process-wide core. Adapters import this object; there is exactly one per process.

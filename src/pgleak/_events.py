@@ -43,6 +43,8 @@ class Checkout:
         stack: The checkout stack as ``"file:line in function"``, newest (the user's line) last.
         holder_stack: Where the holder is *now*, same format; ``None`` when not known (the
             holder has finished, or the snapshot did not ask for it).
+        holder_finished: The holding thread or task has ended while the connection is still
+            out: nothing is left that could return it.
     """
 
     checkout_id: int
@@ -51,6 +53,7 @@ class Checkout:
     holder: str
     stack: list[str]
     holder_stack: list[str] | None = None
+    holder_finished: bool = False
 
     __module__ = "pgleak"
 
@@ -67,6 +70,7 @@ class Checkout:
             "holder": self.holder,
             "stack": list(self.stack),
             "holder_stack": None if self.holder_stack is None else list(self.holder_stack),
+            "holder_finished": self.holder_finished,
         }
 
 
@@ -118,6 +122,7 @@ class LeakEvent:
             "stack": list(self.stack),
             "checkout_id": self.checkout.checkout_id if self.checkout else None,
             "holder_stack": self.checkout.holder_stack if self.checkout else None,
+            "holder_finished": self.checkout.holder_finished if self.checkout else None,
             "threshold_s": self.threshold_s,
         }
         if self.event == EXHAUSTED:

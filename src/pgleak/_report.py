@@ -60,6 +60,10 @@ def _holder_lines(checkout: Checkout, indent: str) -> list[str]:
     lines = _frames("checked out at", checkout.stack, indent)
     if checkout.holder_stack is not None:
         lines += _frames("holder is now at", checkout.holder_stack, indent)
+    elif checkout.holder_finished:
+        lines.append(
+            f"{indent}the holder has finished: nothing is left that could return this connection"
+        )
     return lines
 
 

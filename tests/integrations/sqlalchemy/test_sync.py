@@ -67,6 +67,22 @@ def test_a_flagged_connection_that_comes_back_gets_a_follow_up(
     assert pgleak.checked_out() == []
 
 
+def test_a_holder_that_finished_without_returning_is_called_out(
+    engine: sa.Engine, events: EventCapture, caplog: pytest.LogCaptureFixture
+) -> None:
+    leaked: list[sa.Connection] = []
+    worker = threading.Thread(target=lambda: leaked.append(engine.connect()), name="request-7")
+    worker.start()
+    worker.join(10)
+    [event] = events.wait_for("leak.suspected")
+    leaked[0].close()
+    assert event.checkout is not None
+    assert event.checkout.holder == "thread 'request-7'"
+    assert event.checkout.holder_finished is True
+    assert event.checkout.holder_stack is None
+    assert any("the holder has finished" in r.getMessage() for r in caplog.records)
+
+
 def test_a_short_hold_is_not_reported(engine: sa.Engine, events: EventCapture) -> None:
     with engine.connect() as conn:
         conn.exec_driver_sql("select 1")

@@ -1,0 +1,45 @@
+"""``pgleak demo`` runs end to end and its reports name the demo app's leaking line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pgleak_demo.shop
+
+
+def _leaking_line() -> str:
+    path = Path(pgleak_demo.shop.__file__)
+    lines = path.read_text().splitlines()
+    [number] = [n for n, text in enumerate(lines, 1) if text.endswith("# <- the leaking line")]
+    return f"{path}:{number} in order_history"
+
+
+def test_demo_exits_zero_within_a_minute_and_names_the_leaking_line() -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pgleak", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    site = _leaking_line()
+    for event in (
+        "leak.suspected",
+        "leak.returned",
+        "leak.collected",
+        "pool.exhausted",
+        "leak.at_exit",
+        "report.suppressed",
+    ):
+        assert event in out, f"{event} missing from the demo's output"
+    exhausted = out[out.index("pool.exhausted") : out.index("the request failed")]
+    assert exhausted.count(f"checked out at {site}") == 5
+    assert out.rstrip().splitlines()[-2].endswith(site)
+    assert elapsed < 60
