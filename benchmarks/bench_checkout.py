@@ -13,11 +13,12 @@ One process, one throwaway server (``pgleak.embedded.EmbeddedPostgres``), four w
 * ``async bare``  ``async with engine.connect(): pass``           (AsyncEngine + asyncpg, size 1)
 * ``async query`` ``async with engine.connect() as c: await c.exec_driver_sql("select 1")``
 
-each under four configurations: pgleak not installed, ``install(capture_stack=False)``,
-``install()`` (stack capture on, depth 32) and ``install(stack_depth=64)``; ``uninstall()`` runs
-after every configuration, so "not installed" is measured again in every round.
+each under five configurations: pgleak not installed, ``install(capture_stack=False)``,
+``install(stack_depth=8)``, ``install()`` (stack capture on, the default depth) and
+``install(stack_depth=32)``; ``uninstall()`` runs after every configuration, so "not installed"
+is measured again in every round.
 
-Method, chosen for small shared machines: configurations are interleaved (A B C D, A B C D,
+Method, chosen for small shared machines: configurations are interleaved (A B C D E, A B C D E,
 ...) so that drift in machine load hits all of them alike; each round times N iterations per
 configuration, N calibrated so that a round takes a few tenths of a second; the reported figure
 is the median over rounds of the per-iteration time. The garbage collector is disabled during
@@ -74,29 +75,42 @@ class Config:
 CONFIGS: tuple[Config, ...] = (
     Config("bare", "not installed (bare SQLAlchemy)", None),
     Config("no_stack", "install(capture_stack=False)", {"capture_stack": False}),
-    Config("default", "install() (stack on, depth 32)", {}),
-    Config("depth64", "install(stack_depth=64)", {"stack_depth": 64}),
+    Config("depth8", "install(stack_depth=8)", {"stack_depth": 8}),
+    Config("default", f"install() (stack_depth={pgleak.Settings().stack_depth})", {}),
+    Config("depth32", "install(stack_depth=32)", {"stack_depth": 32}),
 )
 
 TARGET_QUERY_PCT = 2.0  # <= 2 % added on the sync query loop
 TARGET_BARE_US = 3.0  # <= 3 us added per bare sync cycle with stack capture on
-STACK_CONFIGS = ("default", "depth64")
+STACK_CONFIGS = ("depth8", "default", "depth32")
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     rounds: int
-    round_seconds: float  # wall time one round (all four configurations) should take
+    round_seconds: float  # wall time one round (all configurations) should take
     calibrate_iterations: int
     warmup_iterations: int
     min_iterations: int
     max_iterations: int
 
 
-FULL = Plan(rounds=15, round_seconds=0.3, calibrate_iterations=300, warmup_iterations=30,
-            min_iterations=50, max_iterations=20_000)
-QUICK = Plan(rounds=5, round_seconds=0.1, calibrate_iterations=60, warmup_iterations=10,
-             min_iterations=20, max_iterations=2_000)
+FULL = Plan(
+    rounds=15,
+    round_seconds=0.3,
+    calibrate_iterations=300,
+    warmup_iterations=30,
+    min_iterations=50,
+    max_iterations=20_000,
+)
+QUICK = Plan(
+    rounds=5,
+    round_seconds=0.1,
+    calibrate_iterations=60,
+    warmup_iterations=10,
+    min_iterations=20,
+    max_iterations=2_000,
+)
 
 
 @dataclasses.dataclass
@@ -116,8 +130,9 @@ class Result:
 
     def paired_delta_ns(self, key: str) -> list[float]:
         """Per round: config minus bare of the same round (cancels drift between rounds)."""
-        return [c - b for c, b in zip(self.per_round_ns[key], self.per_round_ns["bare"],
-                                      strict=True)]
+        return [
+            c - b for c, b in zip(self.per_round_ns[key], self.per_round_ns["bare"], strict=True)
+        ]
 
 
 # -- the workloads -------------------------------------------------------------------------------
@@ -160,8 +175,11 @@ SYNC_WORKLOADS: tuple[tuple[str, str, SyncLoop], ...] = (
 )
 ASYNC_WORKLOADS: tuple[tuple[str, str, AsyncLoop], ...] = (
     ("async bare", "async with engine.connect(): pass", async_bare),
-    ("async query", 'async with engine.connect() as c: await c.exec_driver_sql("select 1")',
-     async_query),
+    (
+        "async query",
+        'async with engine.connect() as c: await c.exec_driver_sql("select 1")',
+        async_query,
+    ),
 )
 
 
@@ -353,7 +371,8 @@ async def run_async(url: str, plan: Plan, depth: int, pinning: Pinning) -> list[
         for name, description, loop in ASYNC_WORKLOADS:
             await at_depth_async(depth, partial(time_async, loop, engine, plan.warmup_iterations))
             spent = await at_depth_async(
-                depth, partial(time_async, loop, engine, plan.calibrate_iterations))
+                depth, partial(time_async, loop, engine, plan.calibrate_iterations)
+            )
             n = iterations_for(spent / plan.calibrate_iterations, plan)
             frames: dict[str, int | None] = {}
             for config in CONFIGS:
@@ -373,7 +392,8 @@ async def run_async(url: str, plan: Plan, depth: int, pinning: Pinning) -> list[
                 for config in CONFIGS:
                     enter(config)
                     await at_depth_async(
-                        depth, partial(time_async, loop, engine, plan.warmup_iterations))
+                        depth, partial(time_async, loop, engine, plan.warmup_iterations)
+                    )
                     spent = await at_depth_async(depth, partial(time_async, loop, engine, n))
                     leave(config, pools)
                     per_round[config.key].append(spent / n)
@@ -402,8 +422,10 @@ def us(ns: float) -> float:
 
 
 def print_table(results: list[Result]) -> None:
-    header = (f"{'workload':<12} {'configuration':<32} {'us/cycle':>9} {'IQR (us)':>15} "
-              f"{'added us':>9} {'overhead':>9} {'paired':>8} {'frames':>6}")
+    header = (
+        f"{'workload':<12} {'configuration':<32} {'us/cycle':>9} {'IQR (us)':>15} "
+        f"{'added us':>9} {'overhead':>9} {'paired':>8} {'frames':>6}"
+    )
     print(header)
     print("-" * len(header))
     for result in results:
@@ -420,8 +442,10 @@ def print_table(results: list[Result]) -> None:
                 added = f"{us(med - bare):+.2f}"
                 pct = f"{(med / bare - 1) * 100:+.1f}%"
                 paired = f"{us(statistics.median(result.paired_delta_ns(config.key))):+.2f}"
-            print(f"{result.workload:<12} {config.label:<32} {us(med):>9.2f} {iqr:>15} "
-                  f"{added:>9} {pct:>9} {paired:>8} {frames_text:>6}")
+            print(
+                f"{result.workload:<12} {config.label:<32} {us(med):>9.2f} {iqr:>15} "
+                f"{added:>9} {pct:>9} {paired:>8} {frames_text:>6}"
+            )
         print()
 
 
@@ -434,8 +458,9 @@ def print_markdown(results: list[Result]) -> None:
         cells = [f"{us(bare):.2f} µs"]
         for key in keys[1:]:
             med = result.median_ns(key)
-            cells.append(f"{us(med):.2f} µs ({us(med - bare):+.2f} µs, "
-                         f"{(med / bare - 1) * 100:+.1f}%)")
+            cells.append(
+                f"{us(med):.2f} µs ({us(med - bare):+.2f} µs, {(med / bare - 1) * 100:+.1f}%)"
+            )
         print(f"| {result.workload} | " + " | ".join(cells) + " |")
 
 
@@ -445,13 +470,25 @@ def print_targets(results: list[Result]) -> list[dict[str, Any]]:
     query = by_name["sync query"]
     for key in keys_with_pgleak():
         pct = (query.median_ns(key) / query.median_ns("bare") - 1) * 100
-        verdicts.append({"target": f"sync query, {key}: added <= {TARGET_QUERY_PCT:g}%",
-                         "value": round(pct, 2), "unit": "%", "met": pct <= TARGET_QUERY_PCT})
+        verdicts.append(
+            {
+                "target": f"sync query, {key}: added <= {TARGET_QUERY_PCT:g}%",
+                "value": round(pct, 2),
+                "unit": "%",
+                "met": pct <= TARGET_QUERY_PCT,
+            }
+        )
     bare = by_name["sync bare"]
     for key in STACK_CONFIGS:
         added = us(bare.median_ns(key) - bare.median_ns("bare"))
-        verdicts.append({"target": f"sync bare, {key}: added <= {TARGET_BARE_US:g} us",
-                         "value": round(added, 2), "unit": "us", "met": added <= TARGET_BARE_US})
+        verdicts.append(
+            {
+                "target": f"sync bare, {key}: added <= {TARGET_BARE_US:g} us",
+                "value": round(added, 2),
+                "unit": "us",
+                "met": added <= TARGET_BARE_US,
+            }
+        )
     for v in verdicts:
         status = "met" if v["met"] else "NOT MET"
         print(f"  {v['target']:<42} measured {v['value']:+.2f} {v['unit']:<3} -> {status}")
@@ -476,14 +513,26 @@ def version_of(distribution: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true",
-                        help="few rounds, small N: a smoke run (< 30 s)")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved rounds per workload (default: 15, --quick: 5)")
-    parser.add_argument("--depth", type=int, default=20,
-                        help="extra Python frames under which the loops run (default: 20)")
-    parser.add_argument("--no-pin", action="store_true",
-                        help="do not pin this process and its PostgreSQL backends to one CPU")
+    parser.add_argument(
+        "--quick", action="store_true", help="few rounds, small N: a smoke run (< 30 s)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds per workload (default: 15, --quick: 5)",
+    )
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=20,
+        help="extra Python frames under which the loops run (default: 20)",
+    )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin this process and its PostgreSQL backends to one CPU",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
@@ -511,23 +560,47 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
 
     python = f"{platform.python_implementation()} {platform.python_version()}"
+    versions = (
+        f"{python}, SQLAlchemy {sqlalchemy.__version__}, psycopg {version_of('psycopg')}, "
+        f"asyncpg {version_of('asyncpg')}, PostgreSQL {pg_version}, "
+        f"pgleak {pgleak.__version__}"
+    )
+    method = (
+        f"median of {plan.rounds} interleaved rounds (one block per configuration each); "
+        f"pool_size=1, "
+        f"warmed up; gc disabled during each timed block; loops run {args.depth} Python "
+        f"frames deep (to look like a web app's stack)"
+    )
     print()
     print(f"pgleak checkout benchmark ({'quick' if args.quick else 'full'} run)")
     print(f"command:     {command}")
-    print(f"python:      {python} ({sys.platform}, {os.cpu_count()} CPUs)")
-    print(f"sqlalchemy:  {sqlalchemy.__version__}; psycopg {version_of('psycopg')}; "
-          f"asyncpg {version_of('asyncpg')}; pgleak {pgleak.__version__}")
-    print(f"postgresql:  {pg_version} (pgleak.embedded, 127.0.0.1 TCP)")
-    print(f"method:      {plan.rounds} interleaved rounds (A B C D per round), median of "
-          f"per-iteration time over rounds; pool_size=1 warmed up; gc disabled during each "
-          f"timed block; loops run {args.depth} Python frames deep (to look like a web app's "
-          f"stack); {plan.warmup_iterations} untimed warm-up iterations after each install()")
+    print(
+        f"python:      {sys.version.split()[0]} ({platform.python_implementation()}, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs)"
+    )
+    print(
+        f"sqlalchemy:  {sqlalchemy.__version__} (psycopg {version_of('psycopg')}, asyncpg "
+        f"{version_of('asyncpg')}); pgleak {pgleak.__version__}"
+    )
+    print(f"postgresql:  {pg_version} (pgleak.embedded.EmbeddedPostgres, TCP on 127.0.0.1)")
+    print(
+        f"method:      {method}; {plan.warmup_iterations} untimed warm-up iterations after "
+        f"each install()"
+    )
     print(f"cpu pinning: {pinning.note}")
+    for result in results:
+        print(
+            f"rounds:      {result.workload}: {result.iterations} iterations per config, "
+            f"median round {statistics.median(result.round_seconds):.2f} s"
+        )
     print(f"wall time:   {elapsed:.1f} s")
     print()
-    print("columns: us/cycle = median over rounds; IQR = interquartile range over rounds; added/"
-          "overhead = median vs bare median; paired = median over rounds of (config - bare in "
-          "the same round); frames = stack frames pgleak recorded per checkout")
+    print(
+        "us/cycle = median over rounds of the per-iteration time; IQR = its interquartile "
+        "range;\nadded, overhead = median vs the bare median; paired = median over rounds of "
+        "(config - bare of the same round);\nframes = stack frames pgleak recorded for one "
+        "checkout at this depth"
+    )
     print()
     print_table(results)
     print("targets (reported, not asserted):")
@@ -537,12 +610,6 @@ def main(argv: list[str] | None = None) -> int:
         print("WARNING: pgleak.uninstall() did not restore SQLAlchemy exactly:")
         for failure in restore_failures:
             print(f"  {failure}")
-    print()
-    print(f"markdown ({python}, SQLAlchemy {sqlalchemy.__version__}, PostgreSQL {pg_version}; "
-          f"`{command}`):")
-    print()
-    print_markdown(results)
-    print()
 
     if args.json:
         data = {
@@ -572,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
                     "captured_frames": r.captured_frames,
                     "median_ns": {k: r.median_ns(k) for k in r.per_round_ns},
                     "per_round_ns": r.per_round_ns,
+                    "round_seconds": r.round_seconds,
                 }
                 for r in results
             ],
@@ -579,7 +647,16 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2)
             fh.write("\n")
+        print()
         print(f"raw numbers written to {args.json}")
+
+    print()
+    print("markdown (for docs/performance.md):")
+    print()
+    print_markdown(results)
+    print()
+    print(f"{versions}; {os.cpu_count()} CPUs, {pinning.note}; {method}.")
+    print(f"Command: `{command}`")
     return 0
 
 

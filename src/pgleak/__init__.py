@@ -224,18 +224,16 @@ def allow_long_hold(seconds: float) -> Iterator[None]:
     start = time.monotonic()
     extended = []
     for lease in core.current_holder_leases():
-        extended.append((lease, lease.deadline, lease.threshold))
+        extended.append((lease, lease.deadline))
         lease.deadline = max(lease.deadline, start + seconds)
-        lease.threshold = max(lease.threshold, seconds)
     try:
         yield
     finally:
         allowance.reset(token)
         end = time.monotonic()
         threshold = core.settings.leak_threshold
-        for lease, deadline, old_threshold in extended:
+        for lease, deadline in extended:
             lease.deadline = max(deadline, end + threshold)
-            lease.threshold = old_threshold
 
 
 @contextlib.contextmanager

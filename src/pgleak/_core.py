@@ -101,11 +101,16 @@ class PoolHandle:
 
 
 class Lease:
-    """One checkout, from the moment a connection is handed out until it is back or gone."""
+    """One checkout, from the moment a connection is handed out until it is back or gone.
+
+    Built on every checkout, so it holds only what a report needs later, as cheaply as
+    possible: the raw stack, the holder's identity tuples, two clock readings.
+    """
 
     __slots__ = (
         "deadline",
         "flagged",
+        "generation",
         "id",
         "pool",
         "raw",
@@ -113,12 +118,8 @@ class Lease:
         "reported",
         "t0",
         "t_in",
-        "task_name",
-        "task_ref",
-        "thread_id",
-        "thread_name",
-        "thread_ref",
-        "threshold",
+        "task",
+        "thread",
     )
 
     def __init__(
@@ -126,19 +127,19 @@ class Lease:
         lease_id: int,
         pool: PoolHandle,
         t0: float,
-        threshold: float,
+        deadline: float,
         thread: tuple[int, str, Callable[[], threading.Thread | None]],
         raw: _stack.RawStack,
+        task: tuple[weakref.ref[asyncio.Task[Any]], str] | None,
     ) -> None:
         self.id = lease_id
+        self.generation = _generation
         self.pool = pool
         self.t0 = t0
-        self.threshold = threshold
-        self.deadline = t0 + threshold
-        self.thread_id, self.thread_name, self.thread_ref = thread
+        self.deadline = deadline
+        self.thread = thread
         self.raw = raw
-        self.task_ref: weakref.ref[asyncio.Task[Any]] | None = None
-        self.task_name: str | None = None
+        self.task = task
         self.ref: weakref.ref[Any] | None = None
         # Written by the watchdog before it decides to report (see Core._scan).
         self.flagged = False
@@ -147,10 +148,15 @@ class Lease:
         # Written by the holder's thread when the connection comes back.
         self.t_in: float | None = None
 
+    @property
+    def threshold(self) -> float:
+        """The hold allowed before a report: ``leak_threshold`` or an ``allow_long_hold``."""
+        return self.deadline - self.t0
+
     def holder(self) -> str:
-        if self.task_name is not None:
-            return f"task {self.task_name!r} (thread {self.thread_name!r})"
-        return f"thread {self.thread_name!r}"
+        if self.task is not None:
+            return f"task {self.task[1]!r} (thread {self.thread[1]!r})"
+        return f"thread {self.thread[1]!r}"
 
 
 class _ConnRef(weakref.ref):  # type: ignore[type-arg]
@@ -161,6 +167,8 @@ class _ConnRef(weakref.ref):  # type: ignore[type-arg]
 
 
 _thread_local = threading.local()
+#: Bumped in a forked child, so leases inherited from the parent are recognised and ignored.
+_generation = 0
 
 
 def _thread_identity() -> tuple[int, str, Callable[[], threading.Thread | None]]:
@@ -206,10 +214,15 @@ class Core:
         handle = self._pools.get(key)
         if handle is not None and handle.ref() is obj:
             return handle
-        handle = PoolHandle(obj, kind, namer)
-        self._pools[key] = handle
-        with contextlib.suppress(TypeError):
-            weakref.finalize(obj, self._forget_pool, key, handle)
+        # setdefault: two threads meeting a new pool at once must end up with one handle, or
+        # "every holder of this pool" would miss the other thread's checkouts.
+        new = PoolHandle(obj, kind, namer)
+        handle = self._pools.setdefault(key, new)
+        if handle.ref() is not obj:  # a dead pool's entry whose id was reused
+            self._pools[key] = handle = new
+        if handle is new:
+            with contextlib.suppress(TypeError):
+                weakref.finalize(obj, self._forget_pool, key, handle)
         return handle
 
     def _forget_pool(self, key: int, handle: PoolHandle) -> None:
@@ -233,21 +246,20 @@ class Core:
         extra = allowance.get()
         threshold = max(threshold, extra)
         task = _current_task() if _get_running_loop() is not None else None
+        t0 = _monotonic()
         lease = Lease(
             next(self._ids),
             pool,
-            _monotonic(),
-            threshold,
+            t0,
+            t0 + threshold,
             _thread_identity(),
             _stack.capture(settings.stack_depth, 2, task) if settings.capture_stack else (),
+            None if task is None else (weakref.ref(task), task.get_name()),
         )
-        if task is not None:
-            lease.task_ref = weakref.ref(task)
-            lease.task_name = task.get_name()
         if conn is not None:
             try:
                 ref = _ConnRef(conn, self._on_collected)
-            except TypeError:
+            except TypeError:  # not weak-referenceable: "collected" cannot happen to it anyway
                 pass
             else:
                 ref.lease_id = lease.id
@@ -266,6 +278,8 @@ class Core:
             # leak the pool papered over, not a return.
             self._on_collected(ref)
             return
+        if lease.generation != _generation:
+            return  # checked out before a fork, in the parent: not this process's to report
         now = _monotonic()
         lease.t_in = now
         self.leases.pop(lease.id, None)
@@ -373,8 +387,8 @@ class Core:
         return [
             lease
             for lease in list(self.leases.values())
-            if lease.thread_id == thread_id
-            and (lease.task_ref is None or task is None or lease.task_ref() is task)
+            if lease.thread[0] == thread_id
+            and (lease.task is None or task is None or lease.task[0]() is task)
         ]
 
     # -- watchdog side -------------------------------------------------------------------------
@@ -477,8 +491,8 @@ class Core:
         """
         limit = self.settings.stack_depth
         try:
-            if lease.task_ref is not None:
-                task = lease.task_ref()
+            if lease.task is not None:
+                task = lease.task[0]()
                 if task is None or task.done():
                     return None, True
                 if _current_task(task.get_loop()) is not task:
@@ -486,8 +500,8 @@ class Core:
                     stack = _stack.format_frames(task.get_stack(), limit, newest_first=False)
                     return stack, False
                 # Running (the loop is blocked inside it): the thread's live stack says where.
-            thread = lease.thread_ref()
-            frame = sys._current_frames().get(lease.thread_id)
+            thread = lease.thread[2]()
+            frame = sys._current_frames().get(lease.thread[0])
             if thread is None or not thread.is_alive() or frame is None:
                 return None, True
             return _stack.format_frames(_stack.walk(frame), limit, newest_first=True), False
@@ -519,6 +533,8 @@ class Core:
 
     def reset_after_fork(self) -> None:
         """A forked child inherits none of its parent's checkouts and needs its own watchdog."""
+        global _generation
+        _generation += 1
         self.leases = {}
         self._pending = collections.deque()
         self.untracked = 0

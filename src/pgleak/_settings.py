@@ -44,7 +44,7 @@ class Settings:
     enabled: bool = True
     leak_threshold: float = 30.0
     capture_stack: bool = True
-    stack_depth: int = 32
+    stack_depth: int = 16
     report_interval: float = 60.0
     max_tracked: int = 10_000
     integrations: tuple[str, ...] | None = None

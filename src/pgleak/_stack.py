@@ -96,51 +96,77 @@ def _parent_greenlet_frame(state: list[Any]) -> FrameType | None:
     return frame
 
 
+def _verdict(filename: str) -> int:
+    verdict = _skip_cache.get(filename)
+    return _classify(filename) if verdict is None else verdict
+
+
 def capture(limit: int, start: int = 1, task: Any = None) -> RawStack:
-    """The newest ``limit`` user frames of the caller's stack, as raw pairs. Never raises.
+    """Up to ``limit`` frames from the user's checkout line outwards, as raw pairs.
+
+    Library and pgleak frames *newer* than the user's line are skipped here; any met further
+    out are kept raw and dropped by :func:`format_raw`, because classifying every frame costs
+    as much again as recording it, and this runs on every checkout.
 
     Args:
-        limit: How many kept (user) frames to record.
+        limit: How many frames to record, starting at the user's line.
         start: Frames to skip outright (the caller's own).
-        task: The asyncio task running, if any. A coroutine resumed through a C-level
-            ``send`` (an ``__await__`` wrapper, an async generator's ``asend``) has no Python
-            ``f_back`` link to the coroutine that awaits it, so the walk can miss the user's
-            ``await`` line; the task's coroutine chain fills that gap.
+        task: The asyncio task running, if any. SQLAlchemy's asyncio mode runs pool code in a
+            greenlet whose stack ends at the greenlet boundary, so the walk continues in the
+            suspended parent greenlet. And a coroutine resumed through a C-level ``send`` (an
+            ``__await__`` wrapper, an async generator's ``asend``) has no ``f_back`` link to the
+            coroutine awaiting it; the task's coroutine chain fills that gap.
     """
     try:
         frame: FrameType | None = sys._getframe(start)
     except ValueError:
         return _EMPTY
+    if task is not None:
+        return _capture_in_task(frame, limit, task)
+    cache = _skip_cache
+    while frame is not None:
+        verdict = cache.get(frame.f_code.co_filename)
+        if verdict is None:
+            verdict = _classify(frame.f_code.co_filename)
+        if not verdict:
+            break
+        frame = frame.f_back
     out: list[Any] = []
     append = out.append
-    cache = _skip_cache
+    while frame is not None and limit > 0:
+        append(frame.f_code)
+        append(frame.f_lasti)
+        limit -= 1
+        frame = frame.f_back
+    return tuple(out)
+
+
+def _capture_in_task(frame: FrameType | None, limit: int, task: Any) -> RawStack:
+    out: list[Any] = []
+    append = out.append
     kept = 0
     loop_at = -1
     greenlets: list[Any] = []
     hops = 0
-    # In a task the walk may miss coroutine frames and keep older ones in their place, so it
-    # goes further before the chain is completed and the result cut back to ``limit``.
-    stop = limit if task is None else 4 * limit
     while frame is not None:
-        code = frame.f_code
-        verdict = cache.get(code.co_filename)
-        if verdict is None:
-            verdict = _classify(code.co_filename)
+        verdict = _verdict(frame.f_code.co_filename)
         if not verdict:
-            append(code)
+            append(frame.f_code)
             append(frame.f_lasti)
             kept += 1
-            if kept >= stop:
-                break
-        elif verdict == _SKIP_LOOP and loop_at < 0:
+            if kept >= limit:
+                return tuple(out)
+        elif verdict == _SKIP_LOOP:
+            # Below the loop are only asyncio.run() and its callers; the coroutines the loop
+            # is running come from the task itself.
             loop_at = len(out)
+            break
         frame = frame.f_back
         if frame is None and hops < 8:
             hops += 1
             frame = _parent_greenlet_frame(greenlets)
-    if task is not None:
-        _add_task_chain(out, task, loop_at)
-        del out[2 * limit :]
+    _add_task_chain(out, task, loop_at)
+    del out[2 * limit :]
     return tuple(out)
 
 
@@ -150,37 +176,37 @@ def _add_task_chain(out: list[Any], task: Any, loop_at: int) -> None:
     The frames the walk did see are a subset of the chain, in the right order, and everything
     the walk saw newer than the newest of them was called by the chain's innermost coroutine.
     So the chain's frames are taken out of ``out`` and the whole chain is put back, newest
-    first, where the newest of them stood (or where the walk met the event loop).
+    first, where the newest of them stood (or where the walk met the event loop). Code objects
+    are compared by identity: hashing or comparing them walks their bytecode.
     """
     try:
         coro = task.get_coro()
-        chain: list[tuple[Any, int]] = []
+        chain: list[Any] = []
+        ids: set[int] = set()
         depth = 0
         while coro is not None and depth < 64:
             frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
             if frame is None:
                 break
             code = frame.f_code
-            verdict = _skip_cache.get(code.co_filename)
-            if verdict is None:
-                verdict = _classify(code.co_filename)
-            if not verdict:
-                chain.append((code, frame.f_lasti))
+            if not _verdict(code.co_filename):
+                chain.append(code)
+                chain.append(frame.f_lasti)
+                ids.add(id(code))
             coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
             depth += 1
         if not chain:
             return
-        codes = {code for code, _ in chain}
-        present = [i for i in range(0, len(out), 2) if out[i] in codes]
-        if len(present) >= len(chain):
+        present = [i for i in range(0, len(out), 2) if id(out[i]) in ids]
+        if 2 * len(present) >= len(chain):
             return
         at = present[0] if present else (loop_at if loop_at >= 0 else len(out))
         for i in reversed(present):
             del out[i : i + 2]
         flat: list[Any] = []
-        for code, lasti in reversed(chain):
-            flat.append(code)
-            flat.append(lasti)
+        for i in range(len(chain) - 2, -1, -2):
+            flat.append(chain[i])
+            flat.append(chain[i + 1])
         out[at:at] = flat
     except Exception:  # a best-effort completion; the walk's own frames stand
         return
@@ -199,10 +225,14 @@ def _entry(filename: str, lineno: int, name: str) -> str:
 
 
 def format_raw(raw: RawStack) -> list[str]:
-    """``"file:line in function"`` strings, oldest first (newest last, like a traceback)."""
+    """``"file:line in function"`` strings, oldest first (newest last, like a traceback).
+
+    Library, pgleak and stdlib-plumbing frames recorded among the user's are dropped here.
+    """
     entries = [
         _entry(raw[i].co_filename, _lineno(raw[i], raw[i + 1]), raw[i].co_name)
         for i in range(0, len(raw) - 1, 2)
+        if not _verdict(raw[i].co_filename)
     ]
     entries.reverse()
     return entries
@@ -213,10 +243,7 @@ def format_frames(frames: Iterable[FrameType], limit: int, *, newest_first: bool
     kept: list[str] = []
     for frame in frames:
         filename = frame.f_code.co_filename
-        verdict = _skip_cache.get(filename)
-        if verdict is None:
-            verdict = _classify(filename)
-        if not verdict:
+        if not _verdict(filename):
             kept.append(_entry(filename, frame.f_lineno, frame.f_code.co_name))
     if newest_first:
         kept = kept[:limit]

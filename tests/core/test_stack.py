@@ -7,6 +7,8 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
+import pytest
+
 from pgleak import _stack
 from tests.helpers import assert_site
 
@@ -75,17 +77,32 @@ def test_capture_keeps_no_frame_objects_alive() -> None:
     assert not any(type(item).__name__ == "frame" for item in raw)
 
 
-def test_greenlet_boundary_is_crossed_to_the_parent_stack() -> None:
-    greenlet = __import__("greenlet")
+def test_greenlet_boundary_is_crossed_to_the_parent_stack_in_a_task() -> None:
+    """As in SQLAlchemy's asyncio mode: pool code runs in a greenlet the task switched into."""
+    greenlet = pytest.importorskip("greenlet")
+
+    def in_child() -> _stack.RawStack:
+        return _stack.capture(20, 1, asyncio.current_task())
+
+    async def main() -> _stack.RawStack:
+        result: _stack.RawStack = greenlet.greenlet(in_child).switch()  # SWITCH
+        return result
+
+    stack = _stack.format_raw(asyncio.run(main()))
+    assert stack[-1].endswith("in in_child")
+    assert_site(stack[:-1], "SWITCH")
+
+
+def test_outside_asyncio_the_walk_stays_in_its_greenlet() -> None:
+    """gevent-style greenlets are independent flows: their parent (a hub) is not a caller."""
+    greenlet = pytest.importorskip("greenlet")
 
     def in_child() -> _stack.RawStack:
         return _stack.capture(20)
 
-    child = greenlet.greenlet(in_child)
-    raw = child.switch()  # SWITCH
-    stack = _stack.format_raw(raw)
+    stack = _stack.format_raw(greenlet.greenlet(in_child).switch())
     assert stack[-1].endswith("in in_child")
-    assert_site(stack[:-1], "SWITCH")
+    assert not any("test_outside_asyncio" in entry for entry in stack)
 
 
 def test_task_chain_fills_frames_lost_behind_a_c_level_send() -> None:

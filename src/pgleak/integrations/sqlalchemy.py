@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from typing import Any
 
 try:
@@ -43,7 +42,6 @@ __all__ = ["SQLAlchemyAdapter"]
 
 _KEY = "_pgleak_lease"
 _KIND = "sqlalchemy"
-_monotonic = time.monotonic
 
 
 def _pool_name(pool: Any) -> str:
@@ -109,12 +107,13 @@ class SQLAlchemyAdapter(Adapter):
 
         def make_connect(original: Any) -> Any:
             def connect(self: Any) -> Any:
-                started = _monotonic()
                 try:
                     return original(self)
                 except exc.TimeoutError as err:
                     try:
-                        core.exhausted(_handle(self), _monotonic() - started, str(err))
+                        # The pool waited its whole timeout; no clock is read on the hot path.
+                        waited = getattr(self, "_timeout", None)
+                        core.exhausted(_handle(self), waited, str(err))
                     except Exception as inner:
                         internal_error("sqlalchemy.exhausted", inner)
                     raise
