@@ -318,7 +318,7 @@ class Core:
         )
         ident = _thread_identity()
         task = _current_task() if _get_running_loop() is not None else None
-        waiter_raw = _stack.capture(self.settings.stack_depth, 2, task)
+        waiter_raw = _stack.capture(self.settings.stack_depth, 2, task, thorough=True)
         waiter = Checkout(
             checkout_id=0,
             pool=pool.name,

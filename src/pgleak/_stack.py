@@ -17,6 +17,7 @@ continues into the parent's frame (``gr_frame``) so async checkouts also name th
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import sysconfig
@@ -101,7 +102,7 @@ def _verdict(filename: str) -> int:
     return _classify(filename) if verdict is None else verdict
 
 
-def capture(limit: int, start: int = 1, task: Any = None) -> RawStack:
+def capture(limit: int, start: int = 1, task: Any = None, thorough: bool = False) -> RawStack:
     """Up to ``limit`` frames from the user's checkout line outwards, as raw pairs.
 
     Library and pgleak frames *newer* than the user's line are skipped here; any met further
@@ -116,13 +117,16 @@ def capture(limit: int, start: int = 1, task: Any = None) -> RawStack:
             suspended parent greenlet. And a coroutine resumed through a C-level ``send`` (an
             ``__await__`` wrapper, an async generator's ``asend``) has no ``f_back`` link to the
             coroutine awaiting it; the task's coroutine chain fills that gap.
+        thorough: Also follow the task's chain where Python 3.12+ hides it (see
+            :func:`_awaited`); costs a few ``gc.get_referents`` calls, so only rare reports
+            (a pool that ran dry) ask for it.
     """
     try:
         frame: FrameType | None = sys._getframe(start)
     except ValueError:
         return _EMPTY
     if task is not None:
-        return _capture_in_task(frame, limit, task)
+        return _capture_in_task(frame, limit, task, thorough)
     cache = _skip_cache
     while frame is not None:
         verdict = cache.get(frame.f_code.co_filename)
@@ -141,7 +145,7 @@ def capture(limit: int, start: int = 1, task: Any = None) -> RawStack:
     return tuple(out)
 
 
-def _capture_in_task(frame: FrameType | None, limit: int, task: Any) -> RawStack:
+def _capture_in_task(frame: FrameType | None, limit: int, task: Any, thorough: bool) -> RawStack:
     out: list[Any] = []
     append = out.append
     kept = 0
@@ -165,12 +169,44 @@ def _capture_in_task(frame: FrameType | None, limit: int, task: Any) -> RawStack
         if frame is None and hops < 8:
             hops += 1
             frame = _parent_greenlet_frame(greenlets)
-    _add_task_chain(out, task, loop_at)
+    _add_task_chain(out, task, loop_at, thorough)
     del out[2 * limit :]
     return tuple(out)
 
 
-def _add_task_chain(out: list[Any], task: Any, loop_at: int) -> None:
+def _awaited(coro: Any, thorough: bool) -> Any:
+    """What ``coro`` is awaiting, or ``None``.
+
+    ``cr_await`` answers for a suspended coroutine. A coroutine that is running - as every
+    coroutine in the current task's chain is, at a checkout - answers ``None`` on Python 3.12+,
+    although the object it delegates to sits on its value stack, which ``gc.get_referents``
+    shows: the running coroutine among them is the next link. Wrappers without a frame of their
+    own (``__await__`` objects) are looked through the same way.
+    """
+    nxt = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    if nxt is not None or not thorough:
+        return nxt
+    if not (getattr(coro, "cr_running", False) or getattr(coro, "gi_running", False)):
+        return None
+    for _ in range(3):  # a coroutine, or up to two frameless wrappers around one
+        found = None
+        for ref in gc.get_referents(coro):
+            if ref is coro:
+                continue
+            if getattr(ref, "cr_running", False) or getattr(ref, "gi_running", False):
+                return ref
+            if found is None and type(ref).__name__ in _WRAPPERS:
+                found = ref
+        if found is None:
+            return None
+        coro = found
+    return None
+
+
+_WRAPPERS = frozenset({"coroutine_wrapper", "async_generator_asend", "async_generator_athrow"})
+
+
+def _add_task_chain(out: list[Any], task: Any, loop_at: int, thorough: bool = False) -> None:
     """Put the task's coroutine frames into ``out`` where the ``f_back`` walk lost them.
 
     The frames the walk did see are a subset of the chain, in the right order, and everything
@@ -193,7 +229,7 @@ def _add_task_chain(out: list[Any], task: Any, loop_at: int) -> None:
                 chain.append(code)
                 chain.append(frame.f_lasti)
                 ids.add(id(code))
-            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+            coro = _awaited(coro, thorough)
             depth += 1
         if not chain:
             return

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from pgleak._core import core
 from pgleak._events import LeakEvent
@@ -38,6 +38,25 @@ class EventCapture:
         with self._cond:
             return [event for event in self.events if event.event == kind]
 
+    def wait_until(
+        self, predicate: Callable[[list[LeakEvent]], bool], timeout: float = 10.0
+    ) -> list[LeakEvent]:
+        """Wait until ``predicate(events so far)`` is true; return the events so far.
+
+        Raises:
+            AssertionError: it did not become true within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(list(self.events)):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    seen = [event.event for event in self.events]
+                    raise AssertionError(f"condition not met within {timeout}s; events: {seen}")
+                core.watchdog.wake()
+                self._cond.wait(min(remaining, 0.05))
+            return list(self.events)
+
     def wait_for(self, kind: str, count: int = 1, timeout: float = 10.0) -> list[LeakEvent]:
         """Wait until ``count`` events of ``kind`` have arrived; return them.
 
@@ -47,20 +66,14 @@ class EventCapture:
         Raises:
             AssertionError: they did not arrive within ``timeout`` seconds.
         """
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                found = [event for event in self.events if event.event == kind]
-                if len(found) >= count:
-                    return found
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    seen = [event.event for event in self.events]
-                    raise AssertionError(
-                        f"expected {count} {kind} event(s) within {timeout}s, got {seen}"
-                    )
-                core.watchdog.wake()
-                self._cond.wait(min(remaining, 0.05))
+        try:
+            self.wait_until(lambda events: sum(e.event == kind for e in events) >= count, timeout)
+        except AssertionError:
+            seen = [event.event for event in self.events]
+            raise AssertionError(
+                f"expected {count} {kind} event(s) within {timeout}s, got {seen}"
+            ) from None
+        return self.of(kind)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ from pgleak import _stack
 from pgleak._adapter import Adapter
 from pgleak._core import PoolHandle, core
 from pgleak._guard import internal_error
+from pgleak._redact import redact_dsn
 
 __all__ = ["SQLAlchemyAdapter"]
 
@@ -56,7 +57,7 @@ def _handle(pool: Any) -> PoolHandle:
 
 
 def _engine_name(engine: Any) -> str:
-    return str(engine.url.render_as_string(hide_password=True))
+    return redact_dsn(str(engine.url.render_as_string(hide_password=True)))
 
 
 def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -171,15 +170,15 @@ def test_tasks_in_several_threads_each_named_as_holder(pg: Server, events: Event
             engine = create_async_engine(pg.url("asyncpg"))
             try:
                 conn = await engine.connect()
-                started = time.monotonic()
-                while (
-                    not any(
+                # Hold it until this thread's own report has arrived.
+                await asyncio.to_thread(
+                    events.wait_until,
+                    lambda evs: any(
                         e.checkout and e.checkout.holder.endswith(f"(thread 'loop-{n}')")
-                        for e in events.of("leak.suspected")
-                    )
-                    and time.monotonic() - started < 10
-                ):
-                    await asyncio.sleep(0.02)
+                        for e in evs
+                        if e.event == "leak.suspected"
+                    ),
+                )
                 await conn.close()
             finally:
                 await engine.dispose()

@@ -302,6 +302,8 @@ def test_a_raising_log_handler_does_not_break_the_app(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+# Forking while pgleak's watchdog thread runs is the very case under test (3.12+ warns about it).
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_starts_with_an_empty_ledger_and_its_own_watchdog(
     pg: Server, engine: sa.Engine, events: EventCapture
 ) -> None:
