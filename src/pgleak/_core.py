@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from pgleak import _stack
@@ -349,11 +349,15 @@ class Core:
     def flush(self) -> None:
         """Deliver queued reports and every sink's pending counts now."""
         self._drain(_monotonic())
+        self._flush_sinks(force=True)
+
+    def _flush_sinks(self, force: bool) -> None:
+        """Let sinks that count repeats log their counts (all of them, if ``force``)."""
         for sink in list(self.sinks):
             flush = getattr(sink, "flush", None)
             if flush is not None:
                 try:
-                    flush(force=True)
+                    flush(force=force)
                 except Exception as exc:
                     internal_error("sink.flush", exc)
 
@@ -361,15 +365,7 @@ class Core:
         if self.leases.pop(lease.id, None) is None:
             return
         lease.flagged = lease.reported = True
-        self.emit(
-            LeakEvent(
-                AT_EXIT,
-                lease.pool.name,
-                checkout=self._snapshot(lease, now, with_holder_stack=True),
-                threshold_s=lease.threshold,
-                detail=detail,
-            )
-        )
+        self._emit_about(AT_EXIT, lease, now, with_holder_stack=True, detail=detail)
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -399,13 +395,7 @@ class Core:
         self._drain(now)
         next_deadline = self._scan(now)
         self._drain(_monotonic())
-        for sink in list(self.sinks):
-            flush = getattr(sink, "flush", None)
-            if flush is not None:
-                try:
-                    flush()
-                except Exception as exc:
-                    internal_error("sink.flush", exc)
+        self._flush_sinks(force=False)
         # With nothing due, sleep at most half a threshold: a checkout made during the sleep
         # is then reported at most 1.5 thresholds after it was taken.
         cap = self.settings.leak_threshold / 2
@@ -427,14 +417,7 @@ class Core:
             if lease.t_in is not None:
                 continue
             lease.reported = True
-            self.emit(
-                LeakEvent(
-                    SUSPECTED,
-                    lease.pool.name,
-                    checkout=self._snapshot(lease, now, with_holder_stack=True),
-                    threshold_s=lease.threshold,
-                )
-            )
+            self._emit_about(SUSPECTED, lease, now, with_holder_stack=True)
         return next_deadline
 
     def _drain(self, now: float) -> None:
@@ -449,25 +432,27 @@ class Core:
                 if lease is None:
                     continue
                 lease.flagged = lease.reported = True
-                self.emit(
-                    LeakEvent(
-                        COLLECTED,
-                        lease.pool.name,
-                        checkout=self._snapshot(lease, when, with_holder_stack=False),
-                        threshold_s=lease.threshold,
-                        detail="the connection object was garbage-collected without being "
-                        "returned to its pool",
-                    )
-                )
+                self._emit_about(COLLECTED, lease, when, with_holder_stack=False)
             elif kind == RETURNED and item.reported:
-                self.emit(
-                    LeakEvent(
-                        RETURNED,
-                        item.pool.name,
-                        checkout=self._snapshot(item, when, with_holder_stack=False),
-                        threshold_s=item.threshold,
-                    )
-                )
+                self._emit_about(RETURNED, item, when, with_holder_stack=False)
+
+    def _emit_about(
+        self,
+        kind: str,
+        lease: Lease,
+        now: float,
+        with_holder_stack: bool,
+        detail: str | None = None,
+    ) -> None:
+        self.emit(
+            LeakEvent(
+                kind,
+                lease.pool.name,
+                checkout=self._snapshot(lease, now, with_holder_stack),
+                threshold_s=lease.threshold,
+                detail=detail,
+            )
+        )
 
     def _snapshot(self, lease: Lease, now: float, with_holder_stack: bool) -> Checkout:
         end = lease.t_in if lease.t_in is not None and lease.t_in < now else now
@@ -558,7 +543,3 @@ def _alive(lease: Lease) -> bool:
 
 #: The process-wide core. Adapters import this object; there is exactly one per process.
 core = Core()
-
-
-def iter_leases() -> Iterator[Lease]:
-    return iter(list(core.leases.values()))

@@ -336,3 +336,22 @@ def test_a_forked_child_starts_with_an_empty_ledger_and_its_own_watchdog(
     assert os.waitstatus_to_exitcode(status) == 0
     # The parent's own ledger is untouched by the child.
     assert pgleak.checked_out() == []
+
+
+def test_tracking_is_bounded_by_max_tracked(
+    pg: Server, installed: pgleak.Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A runaway leak cannot make pgleak itself grow without bound."""
+    pgleak.install(max_tracked=2)
+    engine = sa.create_engine(pg.url("psycopg"), pool_size=4, max_overflow=0)
+    try:
+        held = [engine.connect() for _ in range(4)]
+        assert len(pgleak.checked_out()) == 2
+        assert core.untracked == 2
+        warnings = [r for r in caplog.records if "max_tracked" in r.getMessage()]
+        assert len(warnings) == 1
+        for conn in held:
+            conn.close()
+        assert pgleak.checked_out() == []
+    finally:
+        engine.dispose()
