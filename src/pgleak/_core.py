@@ -528,8 +528,11 @@ class Core:
         self.watchdog.reset_after_fork()
 
     def clear(self) -> None:
+        """Forget every checkout (``uninstall()``): nothing is tracked or counted any more."""
         self.leases.clear()
         self._pending.clear()
+        self.untracked = 0
+        self._untracked_warned = False
 
 
 def _identity(obj: Any) -> Any:
