@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any, ClassVar
+
+from pgleak._core import allowance, core
+from pgleak._guard import internal_error
 
 __all__ = ["Adapter", "AdapterUnavailable"]
 
@@ -133,3 +137,226 @@ class Adapter:
     def originals(self) -> list[tuple[Any, str, Any]]:
         """``(owner, attribute, original)`` for every patch in place; for tests."""
         return [(owner, attr, original) for owner, attr, original, _ in self._patches]
+
+    # -- the shapes most pools have: acquire / release / close -------------------------------
+    #
+    # A pool that lends out the connection object itself (psycopg_pool, psycopg2, asyncpg)
+    # needs the same three wrappers; they live here, once, with the rule they all follow: the
+    # user's call runs outside pgleak's guard and its result or exception passes through
+    # untouched; pgleak's bookkeeping runs inside the guard.
+
+    def track_acquire(
+        self,
+        owner: Any,
+        attr: str,
+        *,
+        namer: Callable[[Any], str],
+        is_timeout: Callable[[BaseException], bool],
+        timeout_arg: int | None = 0,
+        is_async: bool = False,
+    ) -> None:
+        """Wrap ``owner.attr(pool, ...) -> connection``: a checkout, or a timed-out wait.
+
+        Args:
+            owner: The pool class.
+            attr: The acquiring method.
+            namer: Gives a pool its readable name, at report time.
+            is_timeout: Whether an exception from the method means the wait ran out.
+            timeout_arg: Position of the method's ``timeout`` argument (also looked up by
+                name, then as ``pool.timeout``), to say how long the wait was; ``None``: the
+                method does not wait.
+            is_async: The method is a coroutine function.
+        """
+        kind = self.name
+
+        def checked_out(pool: Any, conn: Any) -> None:
+            try:
+                core.checkout(core.pool(pool, kind, namer), conn, index=True)
+            except Exception as exc:
+                internal_error(f"{kind}.checkout", exc)
+
+        def gave_up(
+            pool: Any, err: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> None:
+            try:
+                if is_timeout(err):
+                    waited: Any = None
+                    if timeout_arg is not None:
+                        waited = kwargs.get("timeout")
+                        if waited is None and len(args) > timeout_arg:
+                            waited = args[timeout_arg]
+                        if waited is None:
+                            waited = getattr(pool, "timeout", None)
+                    if isinstance(waited, bool) or not isinstance(waited, (int, float)):
+                        waited = None
+                    core.exhausted(
+                        core.pool(pool, kind, namer), waited, f"{type(err).__name__}: {err}"
+                    )
+            except Exception as exc:
+                internal_error(f"{kind}.exhausted", exc)
+
+        if is_async:
+
+            def make(original: Any) -> Any:
+                async def acquire(pool: Any, *args: Any, **kwargs: Any) -> Any:
+                    try:
+                        conn = await original(pool, *args, **kwargs)
+                    except BaseException as err:
+                        gave_up(pool, err, args, kwargs)
+                        raise
+                    checked_out(pool, conn)
+                    return conn
+
+                return acquire
+
+        else:
+
+            def make(original: Any) -> Any:
+                def acquire(pool: Any, *args: Any, **kwargs: Any) -> Any:
+                    try:
+                        conn = original(pool, *args, **kwargs)
+                    except BaseException as err:
+                        gave_up(pool, err, args, kwargs)
+                        raise
+                    checked_out(pool, conn)
+                    return conn
+
+                return acquire
+
+        self.patch(owner, attr, make)
+
+    def track_release(
+        self,
+        owner: Any,
+        attr: str,
+        *,
+        conn_param: str = "conn",
+        refused: tuple[type[BaseException], ...] = (),
+        is_async: bool = False,
+    ) -> None:
+        """Wrap ``owner.attr(pool, conn, ...)``: the connection is back.
+
+        It counts as back when the call returns, and also when it fails for any reason but
+        one in ``refused`` (the pool's "not my connection"): the user has let go of it, and a
+        failed reset is the pool's business, not a leak.
+        """
+        kind = self.name
+
+        def checked_in(conn: Any) -> None:
+            try:
+                core.checkin_conn(conn)
+            except Exception as exc:
+                internal_error(f"{kind}.checkin", exc)
+
+        def conn_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return args[0] if args else kwargs.get(conn_param)
+
+        if is_async:
+
+            def make(original: Any) -> Any:
+                async def release(pool: Any, *args: Any, **kwargs: Any) -> Any:
+                    conn = conn_of(args, kwargs)
+                    try:
+                        result = await original(pool, *args, **kwargs)
+                    except refused:
+                        raise
+                    except BaseException:
+                        checked_in(conn)
+                        raise
+                    checked_in(conn)
+                    return result
+
+                return release
+
+        else:
+
+            def make(original: Any) -> Any:
+                def release(pool: Any, *args: Any, **kwargs: Any) -> Any:
+                    conn = conn_of(args, kwargs)
+                    try:
+                        result = original(pool, *args, **kwargs)
+                    except refused:
+                        raise
+                    except BaseException:
+                        checked_in(conn)
+                        raise
+                    checked_in(conn)
+                    return result
+
+                return release
+
+        self.patch(owner, attr, make)
+
+    def track_close(
+        self,
+        owner: Any,
+        attr: str,
+        *,
+        namer: Callable[[Any], str],
+        detail: str,
+        is_async: bool = False,
+    ) -> None:
+        """Wrap ``owner.attr(pool, ...)``: report what the pool still lends out, then close."""
+        kind = self.name
+
+        def closing(pool: Any) -> None:
+            try:
+                core.pool_closed(core.pool(pool, kind, namer), detail)
+            except Exception as exc:
+                internal_error(f"{kind}.close", exc)
+
+        if is_async:
+
+            def make(original: Any) -> Any:
+                async def close(pool: Any, *args: Any, **kwargs: Any) -> Any:
+                    closing(pool)
+                    return await original(pool, *args, **kwargs)
+
+                return close
+
+        else:
+
+            def make(original: Any) -> Any:
+                def close(pool: Any, *args: Any, **kwargs: Any) -> Any:
+                    closing(pool)
+                    return original(pool, *args, **kwargs)
+
+                return close
+
+        self.patch(owner, attr, make)
+
+    def hold_unlimited(self, owner: Any, attrs: tuple[str, ...], *, is_async: bool) -> None:
+        """Wrap pool methods that check out and return a connection by themselves.
+
+        ``asyncpg.Pool.fetch()`` and its kin acquire, query and release inside one call: the
+        pool is never the user's to leak, so such checkouts are tracked (they hold a slot, and
+        a ``pool.exhausted`` report must list them) but never reported as held too long.
+        """
+        for attr in attrs:
+            if attr not in owner.__dict__:
+                continue
+            if is_async:
+
+                def make(original: Any) -> Any:
+                    async def shortcut(*args: Any, **kwargs: Any) -> Any:
+                        token = allowance.set(math.inf)
+                        try:
+                            return await original(*args, **kwargs)
+                        finally:
+                            allowance.reset(token)
+
+                    return shortcut
+
+            else:
+
+                def make(original: Any) -> Any:
+                    def shortcut(*args: Any, **kwargs: Any) -> Any:
+                        token = allowance.set(math.inf)
+                        try:
+                            return original(*args, **kwargs)
+                        finally:
+                            allowance.reset(token)
+
+                    return shortcut
+
+            self.patch(owner, attr, make)

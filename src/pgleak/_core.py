@@ -112,6 +112,7 @@ class Lease:
         "flagged",
         "generation",
         "id",
+        "key",
         "pool",
         "raw",
         "ref",
@@ -141,6 +142,8 @@ class Lease:
         self.raw = raw
         self.task = task
         self.ref: weakref.ref[Any] | None = None
+        # id() of the connection when the lease is found by connection (Core.lease_of).
+        self.key: int | None = None
         # Written by the watchdog before it decides to report (see Core._scan).
         self.flagged = False
         # Written by whoever emitted a report about this lease (watchdog or pool close).
@@ -187,6 +190,9 @@ class Core:
     def __init__(self) -> None:
         self.settings = Settings(enabled=False)
         self.leases: dict[int, Lease] = {}
+        # id(connection) -> lease, for pools that hand out the connection itself and keep no
+        # object of their own per checkout (psycopg_pool, psycopg2, asyncpg).
+        self.by_conn: dict[int, Lease] = {}
         self.sinks: list[Sink] = []
         self._ids = itertools.count(1)
         # (kind, lease id or Lease, monotonic time): filled by finalizers and checkins, drained
@@ -229,11 +235,18 @@ class Core:
         if self._pools.get(key) is handle:
             del self._pools[key]
 
-    def checkout(self, pool: PoolHandle, conn: Any = None) -> Lease | None:
+    def checkout(self, pool: PoolHandle, conn: Any = None, index: bool = False) -> Lease | None:
         """Record that ``conn`` (the object the user holds) was checked out of ``pool``.
 
-        Returns the lease the adapter hands back to :meth:`checkin`, or ``None`` when pgleak is
-        off, suppressed, or at its tracking bound.
+        Args:
+            pool: The pool's handle (:meth:`pool`).
+            conn: The object the user holds; weakly referenced, to see it collected.
+            index: Also file the lease under ``conn``, for :meth:`lease_of` / :meth:`checkin_conn`,
+                when the adapter has no per-checkout object of its own to keep it in.
+
+        Returns:
+            The lease the adapter hands back to :meth:`checkin`, or ``None`` when pgleak is off,
+            suppressed, or at its tracking bound.
         """
         settings = self.settings
         if not settings.enabled or suppressed.get():
@@ -264,6 +277,9 @@ class Core:
             else:
                 ref.lease_id = lease.id
                 lease.ref = ref
+                if index:
+                    lease.key = id(conn)
+                    self.by_conn[lease.key] = lease
         leases[lease.id] = lease
         if self.watchdog.thread is None:
             self.watchdog.start()
@@ -282,7 +298,7 @@ class Core:
             return  # checked out before a fork, in the parent: not this process's to report
         now = _monotonic()
         lease.t_in = now
-        self.leases.pop(lease.id, None)
+        self._forget(lease)
         if lease.flagged:
             self._pending.append((RETURNED, lease, now))
 
@@ -293,7 +309,27 @@ class Core:
             self._on_collected(ref)
             return
         lease.t_in = _monotonic()
-        self.leases.pop(lease.id, None)
+        self._forget(lease)
+
+    def lease_of(self, conn: Any) -> Lease | None:
+        """The open lease filed under ``conn`` by ``checkout(..., index=True)``, if any."""
+        lease = self.by_conn.get(id(conn))
+        if lease is None or lease.ref is None or lease.ref() is not conn:
+            return None  # not tracked, or an id reused after its connection died
+        return lease
+
+    def checkin_conn(self, conn: Any) -> None:
+        """:meth:`checkin` for the lease filed under ``conn``; nothing if there is none."""
+        lease = self.lease_of(conn)
+        if lease is not None:
+            self.checkin(lease)
+
+    def _forget(self, lease: Lease) -> bool:
+        """Take ``lease`` out of the ledger; False if it was not there (already reported)."""
+        key = lease.key
+        if key is not None and self.by_conn.get(key) is lease:
+            self.by_conn.pop(key, None)
+        return self.leases.pop(lease.id, None) is not None
 
     def _on_collected(self, ref: Any) -> None:
         # Runs inside a weakref callback, possibly in the middle of any code on any thread
@@ -333,6 +369,7 @@ class Core:
     def pool_closed(self, pool: PoolHandle, detail: str = "pool closed") -> None:
         """``pool`` is being closed or disposed: whatever it still lends out is reported now."""
         now = _monotonic()
+        self._drain(now)  # a connection already collected is reported as that, not as "out"
         for lease in list(self.leases.values()):
             if lease.pool is pool:
                 self._report_at_exit(lease, now, detail)
@@ -362,7 +399,7 @@ class Core:
                     internal_error("sink.flush", exc)
 
     def _report_at_exit(self, lease: Lease, now: float, detail: str) -> None:
-        if self.leases.pop(lease.id, None) is None:
+        if not self._forget(lease):
             return
         lease.flagged = lease.reported = True
         self._emit_about(AT_EXIT, lease, now, with_holder_stack=True, detail=detail)
@@ -428,8 +465,8 @@ class Core:
             except IndexError:
                 return
             if kind == COLLECTED:
-                lease = self.leases.pop(item, None)
-                if lease is None:
+                lease = self.leases.get(item)
+                if lease is None or not self._forget(lease):
                     continue
                 lease.flagged = lease.reported = True
                 self._emit_about(COLLECTED, lease, when, with_holder_stack=False)
@@ -521,6 +558,7 @@ class Core:
         global _generation
         _generation += 1
         self.leases = {}
+        self.by_conn = {}
         self._pending = collections.deque()
         self.untracked = 0
         self._untracked_warned = False
@@ -530,6 +568,7 @@ class Core:
     def clear(self) -> None:
         """Forget every checkout (``uninstall()``): nothing is tracked or counted any more."""
         self.leases.clear()
+        self.by_conn.clear()
         self._pending.clear()
         self.untracked = 0
         self._untracked_warned = False

@@ -14,6 +14,9 @@ __all__ = ["ADAPTERS", "load"]
 #: adapter name -> (module that must be imported, "module:Class" of the adapter)
 ADAPTERS: dict[str, tuple[str, str]] = {
     "sqlalchemy": ("sqlalchemy", "pgleak.integrations.sqlalchemy:SQLAlchemyAdapter"),
+    "psycopg_pool": ("psycopg_pool", "pgleak.integrations.psycopg_pool:PsycopgPoolAdapter"),
+    "psycopg2": ("psycopg2", "pgleak.integrations.psycopg2:Psycopg2Adapter"),
+    "asyncpg": ("asyncpg", "pgleak.integrations.asyncpg:AsyncpgAdapter"),
 }
 
 
