@@ -144,6 +144,13 @@ def _install_one(name: str, explicit: bool) -> None:
                 raise
             _log.debug("pgleak: integration %s skipped: %s", name, exc)
             return
+        except Exception as exc:
+            # A library version that breaks an adapter must not break the application: an
+            # adapter found automatically is skipped (and logged once); one the user named fails.
+            if explicit:
+                raise AdapterUnavailable(f"integration {name!r} failed to install: {exc}") from exc
+            _guard.internal_error(f"install {name}", exc)
+            return
         _adapters[name] = adapter
 
 

@@ -44,7 +44,7 @@ def test_install_three_times_uninstall_once_restores_the_originals(clean: None) 
     originals = _patched_objects()
     for _ in range(3):
         pgleak.install()
-    assert pgleak.installed() == ["sqlalchemy"]
+    assert "sqlalchemy" in pgleak.installed()
     assert Pool.__dict__["connect"] is not originals[(Pool, "connect")]
     assert _listening() == [True, True, True]
     pgleak.uninstall()
@@ -86,7 +86,7 @@ def test_second_install_applies_new_settings(clean: None) -> None:
     assert pgleak.settings().leak_threshold == 5
     pgleak.install(leak_threshold=7)
     assert pgleak.settings().leak_threshold == 7
-    assert pgleak.installed() == ["sqlalchemy"]
+    assert "sqlalchemy" in pgleak.installed()
 
 
 @pytest.mark.parametrize(
