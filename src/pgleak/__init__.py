@@ -17,6 +17,7 @@ import contextlib
 import functools
 import importlib.util
 import logging
+import math
 import os
 import sys
 import threading
@@ -222,9 +223,15 @@ def allow_long_hold(seconds: float) -> Iterator[None]:
 
     .. versionadded:: 0.1
     """
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not math.isfinite(seconds)
+        or seconds <= 0
+    ):
         raise ConfigError(
-            f"allow_long_hold(seconds=...): expected a positive number, got {seconds!r}"
+            "allow_long_hold(seconds=...): expected a positive, finite number of seconds, "
+            f"got {seconds!r}"
         )
     seconds = float(seconds)
     token = allowance.set(seconds)

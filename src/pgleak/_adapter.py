@@ -242,9 +242,20 @@ class Adapter:
         """
         kind = self.name
 
-        def checked_in(conn: Any) -> None:
+        def lease_of(conn: Any) -> Any:
+            # Looked up before the pool has the connection back: a pool may lend the same
+            # object to a waiting thread at once, whose new lease must not be the one closed.
             try:
-                core.checkin_conn(conn)
+                return core.lease_of(conn)
+            except Exception as exc:
+                internal_error(f"{kind}.checkin", exc)
+                return None
+
+        def checked_in(lease: Any) -> None:
+            if lease is None:
+                return
+            try:
+                core.checkin(lease)
             except Exception as exc:
                 internal_error(f"{kind}.checkin", exc)
 
@@ -255,15 +266,15 @@ class Adapter:
 
             def make(original: Any) -> Any:
                 async def release(pool: Any, *args: Any, **kwargs: Any) -> Any:
-                    conn = conn_of(args, kwargs)
+                    lease = lease_of(conn_of(args, kwargs))
                     try:
                         result = await original(pool, *args, **kwargs)
                     except refused:
                         raise
                     except BaseException:
-                        checked_in(conn)
+                        checked_in(lease)
                         raise
-                    checked_in(conn)
+                    checked_in(lease)
                     return result
 
                 return release
@@ -272,15 +283,15 @@ class Adapter:
 
             def make(original: Any) -> Any:
                 def release(pool: Any, *args: Any, **kwargs: Any) -> Any:
-                    conn = conn_of(args, kwargs)
+                    lease = lease_of(conn_of(args, kwargs))
                     try:
                         result = original(pool, *args, **kwargs)
                     except refused:
                         raise
                     except BaseException:
-                        checked_in(conn)
+                        checked_in(lease)
                         raise
-                    checked_in(conn)
+                    checked_in(lease)
                     return result
 
                 return release

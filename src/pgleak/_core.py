@@ -59,6 +59,8 @@ suppressed: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "pgleak_suppressed", default=False
 )
 #: Set inside ``pgleak.allow_long_hold()``: the hold allowance in seconds for new checkouts.
+#: ``math.inf`` (never set by users: ``allow_long_hold`` takes finite values) marks checkouts a
+#: pool makes and returns by itself (``asyncpg.Pool.fetch()``): holders, never leaks.
 allowance: contextvars.ContextVar[float] = contextvars.ContextVar("pgleak_allowance", default=0.0)
 
 
@@ -165,8 +167,9 @@ class Lease:
 class _ConnRef(weakref.ref):  # type: ignore[type-arg]
     """A weak reference to the user-facing connection that remembers its lease id."""
 
-    __slots__ = ("lease_id",)
+    __slots__ = ("key", "lease_id")
     lease_id: int
+    key: int
 
 
 _thread_local = threading.local()
@@ -276,9 +279,15 @@ class Core:
                 pass
             else:
                 ref.lease_id = lease.id
+                ref.key = id(conn)
                 lease.ref = ref
                 if index:
                     lease.key = id(conn)
+                    stale = self.by_conn.get(lease.key)
+                    if stale is not None and stale.ref is not None and stale.ref() is conn:
+                        # The pool lent this connection again, so it had it back; the old
+                        # lease's checkin went unseen (a path the adapter does not hook).
+                        self._forget(stale)
                     self.by_conn[lease.key] = lease
         leases[lease.id] = lease
         if self.watchdog.thread is None:
@@ -334,7 +343,7 @@ class Core:
     def _on_collected(self, ref: Any) -> None:
         # Runs inside a weakref callback, possibly in the middle of any code on any thread
         # (including the watchdog's own): only an atomic append here.
-        self._pending.append((COLLECTED, ref.lease_id, _monotonic()))
+        self._pending.append((COLLECTED, (ref.lease_id, ref.key), _monotonic()))
 
     def exhausted(
         self, pool: PoolHandle, waited_s: float | None = None, detail: str | None = None
@@ -399,7 +408,11 @@ class Core:
                     internal_error("sink.flush", exc)
 
     def _report_at_exit(self, lease: Lease, now: float, detail: str) -> None:
-        if not self._forget(lease):
+        if lease.deadline == math.inf:
+            return  # a checkout the pool returns by itself (a shortcut still running)
+        # Out of the ledger, but still found by its connection: if it does come back after
+        # all, its checkin sees the flag and a leak.returned follows.
+        if self.leases.pop(lease.id, None) is None:
             return
         lease.flagged = lease.reported = True
         self._emit_about(AT_EXIT, lease, now, with_holder_stack=True, detail=detail)
@@ -465,7 +478,11 @@ class Core:
             except IndexError:
                 return
             if kind == COLLECTED:
-                lease = self.leases.get(item)
+                lease_id, key = item
+                indexed = self.by_conn.get(key)
+                if indexed is not None and indexed.id == lease_id:
+                    del self.by_conn[key]  # also for a lease already reported at close
+                lease = self.leases.get(lease_id)
                 if lease is None or not self._forget(lease):
                     continue
                 lease.flagged = lease.reported = True

@@ -93,7 +93,12 @@ def format_event(event: LeakEvent) -> str:
         )
     elif event.event == EXHAUSTED:
         waiter = event.waiter
-        waited = f" after waiting {_seconds(waiter.held_s)}" if waiter else ""
+        waited_s = waiter.held_s if waiter is not None else math.nan
+        waited = (
+            " (the pool does not wait)"
+            if math.isnan(waited_s)
+            else f" after waiting {_seconds(waited_s)}"
+        )
         head = (
             f"pool.exhausted: no connection available from pool {event.pool}{waited}; "
             f"{len(event.holders)} connection(s) held, oldest first:"
@@ -106,7 +111,7 @@ def format_event(event: LeakEvent) -> str:
             )
             lines += _holder_lines(holder, "    ")
         if waiter is not None:
-            lines += _frames(f"the checkout that timed out ({waiter.holder})", waiter.stack)
+            lines += _frames(f"the checkout that failed ({waiter.holder})", waiter.stack)
         if event.detail:
             lines.append(f"  pool said: {event.detail}")
         return "\n".join(lines)

@@ -246,21 +246,35 @@ def psycopg_pool_kits() -> list[Kit]:
 
 def _p2_open(threaded: bool) -> Callable[[Server, int, float], Any]:
     def open_pool(pg: Server, size: int, timeout: float) -> Any:
+        import threading
+
         from psycopg2 import pool
 
         cls = pool.ThreadedConnectionPool if threaded else pool.SimpleConnectionPool
-        return cls(0, size, pg.dsn)
+        opened = cls(0, size, pg.dsn)
+        # psycopg2's getconn() never waits: it raises PoolError at once when all ``size``
+        # connections are out. Applications that share a pool between more threads than it has
+        # connections bound them with a semaphore, and so does ``use``: the shared tests that
+        # run more threads than connections test pgleak, not psycopg2's refusal.
+        opened.kit_slots = threading.BoundedSemaphore(size)
+        opened.kit_timeout = timeout
+        return opened
 
     return open_pool
 
 
 @contextlib.contextmanager
 def _p2_use(pool: Any) -> Iterator[Any]:
-    conn = pool.getconn()
+    slot = pool.kit_slots.acquire(timeout=pool.kit_timeout)  # the wait psycopg2 does not have
     try:
-        yield conn
+        conn = pool.getconn()  # without a slot, the pool's own PoolError says "exhausted"
+        try:
+            yield conn
+        finally:
+            pool.putconn(conn)
     finally:
-        pool.putconn(conn)
+        if slot:
+            pool.kit_slots.release()
 
 
 def _p2_query(conn: Any) -> Any:

@@ -18,7 +18,7 @@ import pgleak
 from pgleak._core import core
 from pgleak.testing import EventCapture
 from tests.conftest import Server
-from tests.helpers import assert_site
+from tests.helpers import assert_site, site_of
 from tests.integrations.kits import SYNC_KITS, Kit
 
 pytestmark = pytest.mark.parametrize("kit", SYNC_KITS, ids=str)
@@ -100,6 +100,13 @@ def _hold(kit: Kit, pool: Any, ready: threading.Barrier, release: threading.Even
     kit.give(pool, conn)
 
 
+def _holders_parked_at(site: str) -> bool:
+    held = pgleak.checked_out(with_holder_stack=True)
+    return len(held) == POOL_SIZE and all(
+        h.holder_stack and _outside_kits(h.holder_stack)[-1].startswith(f"{site} in ") for h in held
+    )
+
+
 def test_exhausted_pool_lists_every_holder_oldest_first(
     kit: Kit, pool: Any, events: EventCapture
 ) -> None:
@@ -113,6 +120,10 @@ def test_exhausted_pool_lists_every_holder_oldest_first(
         thread.start()
     try:
         ready.wait(10)
+        # Past the barrier a holder is still on its way to HOLDER-WAITING; a pool that refuses
+        # at once (psycopg2) would list it one line early. Wait until all are parked there.
+        parked_at = site_of("HOLDER-WAITING")
+        events.wait_until(lambda _: _holders_parked_at(parked_at))
         with pytest.raises(kit.exhausted):
             kit.take(pool)  # WAITER
     finally:

@@ -1,0 +1,224 @@
+"""asyncpg pools: ``asyncpg.Pool`` / ``asyncpg.create_pool()``.
+
+Hooks, and why each:
+
+* ``Pool._acquire``: the checkout. ``pool.acquire()`` returns a ``PoolAcquireContext`` whose
+  ``__aenter__`` (``async with``) and ``__await__`` (``await``) both call it, in the caller's
+  task. With ``acquire(timeout=...)`` it raises ``asyncio.TimeoutError`` when the wait runs out
+  (the builtin ``TimeoutError`` on 3.11+, another class on 3.10): the moment to list every
+  holder. Without a timeout it waits for as long as it takes, and nothing is reported; nor
+  when the ``TimeoutError`` is a connection attempt's (the server is down), not the wait's.
+* ``PoolConnectionHolder._release``: the checkin, at the moment the slot goes back into the
+  pool's queue. ``Pool.release()`` gets there through a shielded task (so a cancelled
+  ``release()`` still returns the connection, a little later), and the next waiter can take the
+  very same connection before ``release()`` returns to its caller: checking in when
+  ``release()`` returns would, in between, find the new checkout instead. ``release()`` of a
+  connection from another pool raises ``InterfaceError`` before reaching it, and releasing
+  twice is a no-op: neither touches the ledger.
+* ``PoolConnectionHolder._release_on_close``: the pool discards a lent connection (closed by the
+  server, ``pg_terminate_backend``, broken, a failed reset, ``close()`` / ``terminate()`` called
+  on the connection itself). asyncpg then puts the slot back by itself and detaches the proxy,
+  whether or not the application ever calls ``release()``: the checkout leaves the ledger as
+  discarded, with no report.
+* ``Pool.close`` (which waits until every connection is released) and ``Pool.terminate``:
+  whatever is still out is reported as ``leak.at_exit`` at once, before ``close()`` waits.
+* The shortcuts ``execute``, ``executemany``, ``fetch``, ``fetchval``, ``fetchrow``,
+  ``fetchmany`` and ``copy_*``: they acquire and release inside one call, so their checkouts are
+  tracked (they hold a slot, and ``pool.exhausted`` lists them) but never held "too long".
+
+The object the application holds is a ``PoolConnectionProxy`` (a new one per checkout), which
+cannot be weakly referenced (``__slots__`` without ``__weakref__``). The ledger therefore files
+each checkout under the proxy's ``asyncpg.Connection``: one physical connection is lent to one
+holder at a time, it is what the holder's ``_con`` names until the slot is back, and it can be
+weakly referenced. That is why acquire and release have their own wrappers here rather than the
+shared ``Adapter.track_acquire`` / ``track_release``, whose rules they follow: the library's
+call runs outside pgleak's guard, and its result or exception passes through untouched.
+
+A lent connection is referenced by its holder inside the pool, so it is never
+garbage-collected: a connection the application never releases is reported by
+``leak.suspected`` and, at ``close()`` / ``terminate()`` / process exit, by ``leak.at_exit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+try:
+    import asyncpg
+    from asyncpg.pool import Pool, PoolConnectionHolder, PoolConnectionProxy
+except ImportError as _exc:  # pragma: no cover - exercised by users without asyncpg
+    from pgleak._adapter import AdapterUnavailable
+
+    raise AdapterUnavailable("asyncpg is not installed") from _exc
+
+from pgleak import _stack
+from pgleak._adapter import Adapter
+from pgleak._core import core
+from pgleak._guard import internal_error
+from pgleak._redact import redact_dsn
+
+__all__ = ["SHORTCUTS", "AsyncpgAdapter"]
+
+_KIND = "asyncpg"
+
+#: ``Pool`` methods that acquire, run one command and release (those the version has).
+SHORTCUTS = (
+    "execute",
+    "executemany",
+    "fetch",
+    "fetchval",
+    "fetchrow",
+    "fetchmany",
+    "copy_from_table",
+    "copy_from_query",
+    "copy_to_table",
+    "copy_records_to_table",
+)
+
+# Two classes on 3.10, one on 3.11+.
+_TIMEOUTS = (asyncio.TimeoutError, TimeoutError)
+_TARGET_KEYS = ("host", "port", "user", "database")
+
+
+def _pool_name(pool: Any) -> str:
+    """``asyncpg Pool (host=db port=5432 user=app database=shop)``, no password.
+
+    asyncpg keeps what ``create_pool`` was given: a DSN (positional or ``dsn=``), keyword
+    arguments, or both (keywords override the DSN's parts).
+    """
+    args = tuple(getattr(pool, "_connect_args", None) or ())
+    kwargs: dict[str, Any] = dict(getattr(pool, "_connect_kwargs", None) or {})
+    parts: list[str] = []
+    dsn = args[0] if args else kwargs.get("dsn")
+    if isinstance(dsn, str) and dsn:
+        parts.append(redact_dsn(dsn))
+    for key in _TARGET_KEYS:
+        value = kwargs.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        parts.append(f"{key}={value}")
+    target = f" ({' '.join(parts)})" if parts else ""
+    return f"asyncpg {type(pool).__name__}{target}"
+
+
+def _connection_of(proxy: Any) -> Any:
+    """The ``asyncpg.Connection`` behind a lent proxy; ``None`` once released (or foreign)."""
+    if isinstance(proxy, PoolConnectionProxy):
+        return proxy._con
+    return None
+
+
+def _checked_out(pool: Any, proxy: Any) -> None:
+    try:
+        con = _connection_of(proxy)
+        if con is not None:
+            core.checkout(core.pool(pool, _KIND, _pool_name), con, index=True)
+    except Exception as exc:
+        internal_error("asyncpg.checkout", exc)
+
+
+def _gave_up(pool: Any, err: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Report ``pool.exhausted`` if ``err`` means the wait for a free slot ran out.
+
+    ``_acquire`` also raises ``TimeoutError`` when *connecting* takes too long (the ``timeout``
+    connect argument; the server is down or unreachable), with or without ``acquire(timeout=)``.
+    That is no exhaustion: after a timed-out connection attempt, the slot it had taken is back
+    in the pool's queue, while a wait for a slot leaves the queue empty.
+    """
+    try:
+        if not isinstance(err, _TIMEOUTS):
+            return
+        waited = kwargs.get("timeout", args[0] if args else None)
+        if isinstance(waited, bool) or not isinstance(waited, (int, float)):
+            return  # no acquire(timeout=): the timeout was the connection attempt's
+        queue = getattr(pool, "_queue", None)
+        if queue is not None and not queue.empty():
+            return  # a slot was free: connecting to the server timed out
+        core.exhausted(core.pool(pool, _KIND, _pool_name), waited, f"{type(err).__name__}: {err}")
+    except Exception as exc:
+        internal_error("asyncpg.exhausted", exc)
+
+
+def _lease_lent_by(holder: Any) -> Any:
+    """The open lease of the connection ``holder`` lends out, if it is lent and tracked."""
+    if getattr(holder, "_in_use", None) is None:  # idle: nothing was checked out
+        return None
+    con = getattr(holder, "_con", None)
+    return None if con is None else core.lease_of(con)
+
+
+def _wrap_acquire(original: Any) -> Any:
+    """``Pool._acquire(timeout)``: a checkout, or a wait that ran out."""
+
+    async def _acquire(pool: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            proxy = await original(pool, *args, **kwargs)
+        except BaseException as err:
+            _gave_up(pool, err, args, kwargs)
+            raise
+        _checked_out(pool, proxy)
+        return proxy
+
+    return _acquire
+
+
+def _wrap_release(original: Any) -> Any:
+    """``PoolConnectionHolder._release()``: the slot is back in the pool's queue.
+
+    The lease is looked up before the call: once the holder is back in the queue, the next
+    checkout may take the very same connection.
+    """
+
+    def _release(holder: Any, *args: Any, **kwargs: Any) -> Any:
+        lease = None
+        try:
+            lease = _lease_lent_by(holder)
+        except Exception as exc:
+            internal_error("asyncpg.checkin", exc)
+        result = original(holder, *args, **kwargs)
+        if lease is not None:
+            try:
+                core.checkin(lease)
+            except Exception as exc:
+                internal_error("asyncpg.checkin", exc)
+        return result
+
+    return _release
+
+
+def _wrap_release_on_close(original: Any) -> Any:
+    """``PoolConnectionHolder._release_on_close()``: the lent connection is gone.
+
+    Discarded before the call, so that the ``_release()`` inside it finds nothing to check in.
+    """
+
+    def _release_on_close(holder: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            lease = _lease_lent_by(holder)
+            if lease is not None:
+                core.discard(lease)
+        except Exception as exc:
+            internal_error("asyncpg.discard", exc)
+        return original(holder, *args, **kwargs)
+
+    return _release_on_close
+
+
+class AsyncpgAdapter(Adapter):
+    name = "asyncpg"
+    module = "asyncpg"
+    distribution = "asyncpg"
+    min_version = (0, 29)
+
+    def _install(self) -> None:
+        _stack.register_library(os.path.dirname(asyncpg.__file__ or ""))
+        self.patch(Pool, "_acquire", _wrap_acquire)
+        self.patch(PoolConnectionHolder, "_release", _wrap_release)
+        self.patch(PoolConnectionHolder, "_release_on_close", _wrap_release_on_close)
+        self.track_close(Pool, "close", namer=_pool_name, detail="pool.close()", is_async=True)
+        self.track_close(Pool, "terminate", namer=_pool_name, detail="pool.terminate()")
+        self.hold_unlimited(Pool, SHORTCUTS, is_async=True)

@@ -1,0 +1,144 @@
+"""psycopg2 pools: ``SimpleConnectionPool``, ``ThreadedConnectionPool`` and their subclasses.
+
+Hooks, and why each:
+
+* ``AbstractConnectionPool._getconn`` / ``_putconn`` / ``_closeall``: where every pool does the
+  work. ``ThreadedConnectionPool.getconn``/``putconn``/``closeall`` take the pool's lock and
+  call these through ``self``, as do subclasses written the same way; so checkout, checkin and
+  close are recorded inside the lock, in the pool's own order: a connection is checked in
+  before another thread can be lent it (checkouts are filed under the connection object, which
+  the pool lends again and again). The rare reports written at these moments (exhausted,
+  closed) are written inside the lock too.
+* ``SimpleConnectionPool.getconn`` / ``putconn`` / ``closeall``: class attributes bound at
+  import to those same three functions, so patching the underscore names does not reach them;
+  they are wrapped on their own. They call the original functions directly, never
+  ``self._getconn``, so each public call is recorded exactly once on either class. (A user
+  subclass that binds names the same way, defined before ``install()``, keeps the unwrapped
+  functions; one defined after binds the wrappers.)
+
+What each call means:
+
+* ``getconn`` is the checkout. It never waits: at ``maxconn`` it raises
+  ``PoolError("connection pool exhausted")`` at once, the moment to list every holder (and only
+  that ``PoolError``: "connection pool is closed" is no exhaustion).
+* ``getconn(key)`` for a key that is out already returns the same connection again and takes no
+  slot: not a new checkout. The checkout that took the slot stays on record, with its line, and
+  the ``putconn`` that releases the key checks it in.
+* ``putconn`` is the checkin, ``close=True`` included (the user gave it back; the pool closes
+  it). The two ``PoolError`` it raises ("trying to put unkeyed connection": another pool's
+  connection, or one returned already; "connection pool is closed") come before the pool takes
+  anything back: no checkin. Anything else comes after the user let go: a checkin. (With
+  ``minconn`` > 0 that can be a failed ``rollback()`` of a connection whose server died in a
+  transaction; psycopg2 then keeps it in ``_used`` and the slot is lost until ``closeall()``:
+  psycopg2's loss, not the user's leak.)
+* ``closeall`` closes every connection, lent or not: whatever is still out is reported.
+
+The pool keeps strong references to lent connections (``_used``, ``_rused``), so a dropped
+connection is never garbage-collected: it stays out until ``closeall()`` or process exit, where
+it is reported with the line that took it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from importlib import metadata
+from typing import Any
+
+try:
+    import psycopg2
+    from psycopg2.extensions import make_dsn
+    from psycopg2.pool import AbstractConnectionPool, PoolError, SimpleConnectionPool
+except ImportError as _exc:  # pragma: no cover - exercised by users without psycopg2
+    from pgleak._adapter import AdapterUnavailable
+
+    raise AdapterUnavailable("psycopg2 is not installed") from _exc
+
+from pgleak import _stack
+from pgleak._adapter import Adapter
+from pgleak._core import suppressed
+from pgleak._redact import redact_dsn
+
+__all__ = ["Psycopg2Adapter"]
+
+#: ``psycopg2.connect()`` arguments that are not connection parameters.
+_NOT_CONNINFO = ("dsn", "connection_factory", "cursor_factory", "async", "async_")
+
+
+def _installed_distribution() -> str:
+    """psycopg2 is published as ``psycopg2`` (built from source) and ``psycopg2-binary``
+    (wheels): the same module under two names; the version check reads the one installed."""
+    for name in ("psycopg2", "psycopg2-binary"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            metadata.version(name)
+            return name
+    return "psycopg2"
+
+
+def _pool_name(pool: Any) -> str:
+    """``psycopg2 ThreadedConnectionPool (host=db user=app dbname=shop)``, password hidden.
+
+    The pool keeps what it passes to ``psycopg2.connect()``: a DSN (``key=value`` or URL) and
+    keyword parameters, merged here the way ``connect`` merges them.
+    """
+    args = getattr(pool, "_args", ())
+    kwargs = dict(getattr(pool, "_kwargs", {}))
+    dsn = args[0] if args else kwargs.get("dsn")
+    params = {key: value for key, value in kwargs.items() if key not in _NOT_CONNINFO}
+    try:
+        conninfo = make_dsn(dsn, **params)
+    except Exception:  # a DSN libpq cannot parse: the pool cannot connect with it either
+        conninfo = dsn if isinstance(dsn, str) else ""
+    target = f" ({redact_dsn(conninfo)})" if conninfo else ""
+    return f"psycopg2 {type(pool).__name__}{target}"
+
+
+def _is_exhausted(err: BaseException) -> bool:
+    return isinstance(err, PoolError) and err.args == ("connection pool exhausted",)
+
+
+def _lends_again(pool: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """``getconn(key)`` for a key already out: the pool will return that same connection."""
+    key = args[0] if args else kwargs.get("key")
+    if key is None:
+        return False
+    try:
+        return key in pool._used
+    except Exception:  # an unhashable key, a pool without ``_used``: the call itself decides
+        return False
+
+
+def _relend_untracked(tracked: Any) -> Any:
+    """Wraps the tracked ``getconn``: a re-lend of a key's connection runs untracked."""
+
+    def getconn(pool: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _lends_again(pool, args, kwargs):
+            return tracked(pool, *args, **kwargs)
+        token = suppressed.set(True)
+        try:
+            return tracked(pool, *args, **kwargs)
+        finally:
+            suppressed.reset(token)
+
+    return getconn
+
+
+class Psycopg2Adapter(Adapter):
+    name = "psycopg2"
+    module = "psycopg2"
+    distribution = _installed_distribution()
+    min_version = (2, 8)
+
+    def _install(self) -> None:
+        _stack.register_library(os.path.dirname(psycopg2.__file__ or ""))
+        for cls, acquire, release, close in (
+            (AbstractConnectionPool, "_getconn", "_putconn", "_closeall"),
+            (SimpleConnectionPool, "getconn", "putconn", "closeall"),
+        ):
+            self.track_acquire(
+                cls, acquire, namer=_pool_name, is_timeout=_is_exhausted, timeout_arg=None
+            )
+            # Outside the checkout wrapper: a keyed re-lend runs it with tracking suppressed.
+            self.patch(cls, acquire, _relend_untracked)
+            self.track_release(cls, release, refused=(PoolError,))
+            self.track_close(cls, close, namer=_pool_name, detail="pool.closeall()")
