@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from pgleak import _guard
+from pgleak import _guard, _retry
 from pgleak._adapter import Adapter, AdapterUnavailable
 from pgleak._core import allowance, core, suppressed
 from pgleak._events import Checkout, LeakEvent, Sink
@@ -188,6 +188,7 @@ def _uninstall_locked() -> None:
     _adapters.clear()
     core.watchdog.stop()
     core.clear()
+    _retry.BUDGET.reset()
     if _logging_sink in core.sinks:
         core.sinks.remove(_logging_sink)
     core.configure(Settings(enabled=False))
@@ -282,6 +283,7 @@ def _at_exit() -> None:
 def _after_fork_in_child() -> None:
     try:
         core.reset_after_fork()
+        _retry.BUDGET.reset()
         _guard.reset()
     except Exception as exc:  # pragma: no cover
         _guard.internal_error("after_fork", exc)

@@ -6,12 +6,14 @@ Event names are API: log pipelines and alert rules match on them, so they never 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 __all__ = [
     "AT_EXIT",
     "COLLECTED",
+    "CONNECT_GAVE_UP",
+    "CONNECT_RETRY",
     "EXHAUSTED",
     "RETURNED",
     "SUPPRESSED",
@@ -26,6 +28,10 @@ RETURNED: Final = "leak.returned"
 COLLECTED: Final = "leak.collected"
 AT_EXIT: Final = "leak.at_exit"
 EXHAUSTED: Final = "pool.exhausted"
+#: A connection attempt the server refused (full, starting up) is retried after a backoff sleep.
+CONNECT_RETRY: Final = "connect.retry"
+#: pgleak stopped retrying a refused connection attempt; the driver's error goes to the caller.
+CONNECT_GAVE_UP: Final = "connect.gave_up"
 #: Logged by the logging sink when repeats from one call site were counted instead of logged.
 SUPPRESSED: Final = "report.suppressed"
 
@@ -80,14 +86,18 @@ class LeakEvent:
 
     Attributes:
         event: One of ``leak.suspected``, ``leak.returned``, ``leak.collected``,
-            ``leak.at_exit``, ``pool.exhausted``.
+            ``leak.at_exit``, ``pool.exhausted``, ``connect.retry``, ``connect.gave_up``.
         pool: The pool's readable name.
         checkout: The checkout the event is about (``None`` for ``pool.exhausted``).
         threshold_s: The hold threshold that applied to this checkout.
         holders: For ``pool.exhausted``: every connection held from the pool, oldest first.
         waiter: For ``pool.exhausted``: who waited in vain, and where (as a ``Checkout`` whose
             ``held_s`` is how long it waited, ``None`` if the pool did not say).
-        detail: A short extra sentence (why an at-exit report fired, what the pool said).
+        detail: A short extra sentence (why an at-exit report fired, what the pool said, the
+            driver's error of a refused connection attempt).
+        extra: Event-specific fields, merged into :meth:`as_dict`; for ``connect.*``:
+            ``attempt``, ``sleep_s``, ``sqlstate``, ``held`` (connections this process holds),
+            ``held_over_threshold``, ``elapsed_s``, ``reason`` (why pgleak gave up).
     """
 
     event: str
@@ -97,6 +107,7 @@ class LeakEvent:
     holders: tuple[Checkout, ...] = ()
     waiter: Checkout | None = None
     detail: str | None = None
+    extra: Mapping[str, Any] | None = None
 
     __module__ = "pgleak"
 
@@ -130,6 +141,8 @@ class LeakEvent:
             data["waited_s"] = None if self.waiter is None else round(self.waiter.held_s, 3)
         if self.detail:
             data["detail"] = self.detail
+        if self.extra:
+            data.update(self.extra)
         return data
 
 

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pgleak._events import (
     AT_EXIT,
     COLLECTED,
+    CONNECT_GAVE_UP,
+    CONNECT_RETRY,
     EXHAUSTED,
     RETURNED,
     SUPPRESSED,
@@ -38,7 +40,15 @@ LEVELS = {
     COLLECTED: logging.ERROR,
     AT_EXIT: logging.ERROR,
     EXHAUSTED: logging.ERROR,
+    CONNECT_RETRY: logging.WARNING,
+    CONNECT_GAVE_UP: logging.ERROR,
 }
+
+#: Events about a pool as a whole, not a call site: throttled per pool (a storm of refused
+#: connection attempts gives one full record per pool per interval, then a count).
+_PER_POOL = frozenset({EXHAUSTED, CONNECT_RETRY, CONNECT_GAVE_UP})
+#: From this many connections held in this process, a refused connection suggests a leak here.
+_MANY_HELD = 10
 
 _MAX_KEYS = 1024
 _MAX_FULL_IDS = 10_000
@@ -67,8 +77,57 @@ def _holder_lines(checkout: Checkout, indent: str) -> list[str]:
     return lines
 
 
+def _format_connect(event: LeakEvent) -> str:
+    """``connect.retry`` / ``connect.gave_up``: what the server said, and what this process holds.
+
+    The server is full either because it is too small or because someone holds connections
+    they do not use. The count of connections held *here* tells the reader which, for this
+    process: many held, or held past the threshold, points at a leak here.
+    """
+    x = dict(event.extra or {})
+    attempt = x.get("attempt", "?")
+    state = x.get("sqlstate") or "?"
+    held = x.get("held")
+    held_long = x.get("held_over_threshold") or 0
+    said = f": {event.detail}" if event.detail else ""
+    if event.event == CONNECT_RETRY:
+        head = (
+            f"connect.retry: server refused a connection for pool {event.pool} (SQLSTATE "
+            f"{state}) on attempt {attempt}; retrying in {_seconds_ms(x.get('sleep_s'))}{said}"
+        )
+    else:
+        why = {
+            "deadline": "the retry deadline has passed",
+            "max_attempts": "no attempts are left",
+            "budget": "most recent connection attempts in this process failed (retry budget "
+            "spent): failing fast",
+        }.get(str(x.get("reason")), str(x.get("reason")))
+        head = (
+            f"connect.gave_up: server refused a connection for pool {event.pool} (SQLSTATE "
+            f"{state}) {attempt} time(s) in {_seconds(x.get('elapsed_s'))}; {why}{said}"
+        )
+    if isinstance(held, int):
+        over = f", {held_long} of them longer than the leak threshold" if held_long else ""
+        line = f"  this process holds {held} checked-out connection(s){over}"
+        if held_long or held >= _MANY_HELD:
+            line += (
+                "; a leak here may be why the server is full: see pgleak.checked_out() or the "
+                "leak.suspected reports"
+            )
+        return f"{head}\n{line}"
+    return head
+
+
+def _seconds_ms(value: object) -> str:
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return "?"
+    return f"{value * 1000:.0f}ms" if value < 1 else _seconds(float(value))
+
+
 def format_event(event: LeakEvent) -> str:
     """The readable message: one summary line a log search can match, then the stacks."""
+    if event.event in (CONNECT_RETRY, CONNECT_GAVE_UP):
+        return _format_connect(event)
     c = event.checkout
     site = f", checked out at {c.site}" if c is not None and c.site else ""
     if event.event == SUSPECTED and c is not None:
@@ -164,7 +223,9 @@ class LoggingSink:
             or (event.waiter.site if event.waiter is not None else None)
             or "?"
         )
-        key = (event.event, event.pool, site if event.event != EXHAUSTED else "")
+        if event.event in (CONNECT_RETRY, CONNECT_GAVE_UP):
+            site = ""  # no call site: the summary line names the pool only
+        key = (event.event, event.pool, site if event.event not in _PER_POOL else "")
         now = self._clock()
         with self._lock:
             window = self._windows.get(key)

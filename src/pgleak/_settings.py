@@ -32,13 +32,31 @@ class Settings:
         leak_threshold: Seconds a connection may be held before it is reported as
             ``leak.suspected``. HikariCP users pick 2-60 s; 30 s keeps a slow report query quiet.
         capture_stack: Record the checkout stack. Off, reports still name pool, holder and times.
-        stack_depth: How many of the user's frames (pgleak's and the pool library's frames are
-            not counted) to keep per checkout; the newest ones are kept.
+        stack_depth: How many frames to record per checkout, from the user's checkout line
+            outwards (pgleak's and the pool library's frames newer than that line are skipped
+            first; any met further out are recorded but not shown).
         report_interval: Seconds during which repeated reports from one call site are counted
             instead of logged again in full; the count is logged when the interval ends.
         max_tracked: Upper bound on checkouts tracked at once, so a runaway leak cannot make
             pgleak itself exhaust memory. Checkouts beyond it are counted, not tracked.
         integrations: Which adapters to install (``None``: every library that is installed).
+        retry_connect: Retry opening a server connection refused because the server (or
+            PgBouncer) is full or starting up, with backoff; never a statement.
+        retry_deadline: Seconds, from the first attempt, after which no retry starts.
+        retry_max_attempts: Attempts in all, the first included.
+        retry_base_delay: Backoff base: attempt n sleeps U(0, min(max_delay, base * 2**n)).
+        retry_max_delay: Backoff cap, seconds.
+        retry_budget: Tokens of the process-wide retry budget (gRPC retry throttling's
+            ``maxTokens``): each refused attempt spends one, each success refunds
+            ``retry_budget_ratio``; below half, nothing is retried, so that many processes
+            facing a full server fail fast instead of hammering it. 300: 150 refused attempts
+            beyond the successes before retries stop - what 30 requests at once against a full
+            5-slot server spend riding it out (``benchmarks/bench_retry_storm.py``); an outage
+            costs the server at most that many extra attempts per process before fail-fast.
+        retry_budget_ratio: Tokens a successful connection gives back. 1.0: the budget drains
+            only while refused attempts outnumber successful connections, i.e. when *most*
+            attempts fail. (gRPC's 0.1 suits per-RPC counting; connections are opened rarely
+            in a pooled application, so refills would take far too long.)
     """
 
     enabled: bool = True
@@ -48,6 +66,13 @@ class Settings:
     report_interval: float = 60.0
     max_tracked: int = 10_000
     integrations: tuple[str, ...] | None = None
+    retry_connect: bool = True
+    retry_deadline: float = 10.0
+    retry_max_attempts: int = 8
+    retry_base_delay: float = 0.05
+    retry_max_delay: float = 2.0
+    retry_budget: float = 300.0
+    retry_budget_ratio: float = 1.0
 
 
 def _parse_bool(value: Any) -> bool:
@@ -98,6 +123,13 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "report_interval": _positive_float,
     "max_tracked": _positive_int,
     "integrations": _names,
+    "retry_connect": _parse_bool,
+    "retry_deadline": _positive_float,
+    "retry_max_attempts": _positive_int,
+    "retry_base_delay": _positive_float,
+    "retry_max_delay": _positive_float,
+    "retry_budget": _positive_float,
+    "retry_budget_ratio": _positive_float,
 }
 
 

@@ -22,6 +22,13 @@ Hooks, and why each:
   discarded, with no report.
 * ``Pool.close`` (which waits until every connection is released) and ``Pool.terminate``:
   whatever is still out is reported as ``leak.at_exit`` at once, before ``close()`` waits.
+* ``Pool._get_new_connection``: where the pool opens a server connection, in the caller's task
+  (from ``acquire()``, and for ``min_size`` at ``create_pool()``). A connection the server
+  refuses for being full (``TooManyConnectionsError``, SQLSTATE 53300) or not ready
+  (``CannotConnectNowError``, 57P03) is retried with backoff by
+  :func:`pgleak._retry.aretry_connect`, sleeping with ``asyncio.sleep``; a refused attempt
+  raises before the pool's ``init`` callback runs, so calling the method again is the same as
+  the first call. ``acquire(timeout=)`` still bounds the whole wait, retries included.
 * The shortcuts ``execute``, ``executemany``, ``fetch``, ``fetchval``, ``fetchrow``,
   ``fetchmany`` and ``copy_*``: they acquire and release inside one call, so their checkouts are
   tracked (they hold a slot, and ``pool.exhausted`` lists them) but never held "too long".
@@ -53,7 +60,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without asy
 
     raise AdapterUnavailable("asyncpg is not installed") from _exc
 
-from pgleak import _stack
+from pgleak import _retry, _stack
 from pgleak._adapter import Adapter
 from pgleak._core import core
 from pgleak._guard import internal_error
@@ -208,6 +215,17 @@ def _wrap_release_on_close(original: Any) -> Any:
     return _release_on_close
 
 
+def _wrap_get_new_connection(original: Any) -> Any:
+    """``Pool._get_new_connection()``, retried while the server refuses the connection."""
+
+    async def _get_new_connection(pool: Any, *args: Any, **kwargs: Any) -> Any:
+        return await _retry.aretry_connect(
+            lambda: original(pool, *args, **kwargs), pool=core.pool(pool, _KIND, _pool_name)
+        )
+
+    return _get_new_connection
+
+
 class AsyncpgAdapter(Adapter):
     name = "asyncpg"
     module = "asyncpg"
@@ -217,6 +235,7 @@ class AsyncpgAdapter(Adapter):
     def _install(self) -> None:
         _stack.register_library(os.path.dirname(asyncpg.__file__ or ""))
         self.patch(Pool, "_acquire", _wrap_acquire)
+        self.patch(Pool, "_get_new_connection", _wrap_get_new_connection)
         self.patch(PoolConnectionHolder, "_release", _wrap_release)
         self.patch(PoolConnectionHolder, "_release_on_close", _wrap_release_on_close)
         self.track_close(Pool, "close", namer=_pool_name, detail="pool.close()", is_async=True)

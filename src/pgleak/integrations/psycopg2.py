@@ -31,6 +31,14 @@ What each call means:
   ``minconn`` > 0 that can be a failed ``rollback()`` of a connection whose server died in a
   transaction; psycopg2 then keeps it in ``_used`` and the slot is lost until ``closeall()``:
   psycopg2's loss, not the user's leak.)
+* ``SimpleConnectionPool.getconn`` / ``ThreadedConnectionPool.getconn`` (outermost): a
+  ``getconn`` that fails because ``psycopg2.connect()`` inside it was refused by a full server
+  is retried with backoff (:func:`pgleak._retry.retry_connect`). Not ``_connect`` itself:
+  ``ThreadedConnectionPool`` holds its lock around it, and sleeping there would also block
+  every ``putconn`` - the very call that could free a server slot. A refused ``getconn`` has
+  changed nothing in the pool (the connect raised before anything was recorded), so calling it
+  again is the same as the first call; the connections ``minconn`` opens at pool creation are
+  not retried.
 * ``closeall`` closes every connection, lent or not: whatever is still out is reported.
 
 The pool keeps strong references to lent connections (``_used``, ``_rused``), so a dropped
@@ -48,15 +56,20 @@ from typing import Any
 try:
     import psycopg2
     from psycopg2.extensions import make_dsn
-    from psycopg2.pool import AbstractConnectionPool, PoolError, SimpleConnectionPool
+    from psycopg2.pool import (
+        AbstractConnectionPool,
+        PoolError,
+        SimpleConnectionPool,
+        ThreadedConnectionPool,
+    )
 except ImportError as _exc:  # pragma: no cover - exercised by users without psycopg2
     from pgleak._adapter import AdapterUnavailable
 
     raise AdapterUnavailable("psycopg2 is not installed") from _exc
 
-from pgleak import _stack
+from pgleak import _retry, _stack
 from pgleak._adapter import Adapter
-from pgleak._core import suppressed
+from pgleak._core import core, suppressed
 from pgleak._redact import redact_dsn
 
 __all__ = ["Psycopg2Adapter"]
@@ -123,6 +136,17 @@ def _relend_untracked(tracked: Any) -> Any:
     return getconn
 
 
+def _retrying_getconn(original: Any) -> Any:
+    """``getconn``, retried while the server refuses the connection it opens (outside locks)."""
+
+    def getconn(pool: Any, *args: Any, **kwargs: Any) -> Any:
+        return _retry.retry_connect(
+            lambda: original(pool, *args, **kwargs), pool=core.pool(pool, "psycopg2", _pool_name)
+        )
+
+    return getconn
+
+
 class Psycopg2Adapter(Adapter):
     name = "psycopg2"
     module = "psycopg2"
@@ -142,3 +166,5 @@ class Psycopg2Adapter(Adapter):
             self.patch(cls, acquire, _relend_untracked)
             self.track_release(cls, release, refused=(PoolError,))
             self.track_close(cls, close, namer=_pool_name, detail="pool.closeall()")
+        self.patch(SimpleConnectionPool, "getconn", _retrying_getconn)
+        self.patch(ThreadedConnectionPool, "getconn", _retrying_getconn)

@@ -8,6 +8,18 @@ Hooks, and why each:
 * ``putconn``: the checkin. A ``ValueError`` (a connection from another pool) is no checkin.
 * ``close``: whatever is still out when the pool closes is reported.
 
+Retrying a connection refused because the server is full (:mod:`pgleak._retry`):
+
+* ``NullConnectionPool`` / ``AsyncNullConnectionPool`` connect in the caller's thread or task,
+  inside ``_getconn_unchecked`` (under the pool's lock). That method is wrapped on the Null
+  classes only, so the retry and its sleeps run *outside* the lock (a ``putconn`` that closes a
+  connection, freeing a server slot, must not wait behind them) and never after the caller's
+  own ``timeout``: a refused connect raises before the pool has counted anything, so calling
+  the method again is the same as the first call.
+* ``ConnectionPool`` / ``AsyncConnectionPool`` connect in background workers and already retry
+  with their own exponential backoff (``reconnect_timeout``); the caller only waits for a
+  connection and sees ``PoolTimeout``. pgleak adds no second retry loop there.
+
 The pool keeps no reference to a lent connection (only a count), so a connection the
 application drops is garbage-collected and its slot silently lost: pgleak's weak reference to
 it is what turns that into a ``leak.collected`` report. Connections the pool throws away (broken,
@@ -17,19 +29,27 @@ closed by the server) are still handed to ``putconn`` by the application, which 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 try:
     import psycopg
     import psycopg_pool
-    from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+    from psycopg_pool import (
+        AsyncConnectionPool,
+        AsyncNullConnectionPool,
+        ConnectionPool,
+        NullConnectionPool,
+        PoolTimeout,
+    )
 except ImportError as _exc:  # pragma: no cover - exercised by users without psycopg_pool
     from pgleak._adapter import AdapterUnavailable
 
     raise AdapterUnavailable("psycopg_pool is not installed") from _exc
 
-from pgleak import _stack
+from pgleak import _retry, _stack
 from pgleak._adapter import Adapter
+from pgleak._core import core
 from pgleak._redact import redact_dsn
 
 __all__ = ["PsycopgPoolAdapter"]
@@ -44,6 +64,41 @@ def _pool_name(pool: Any) -> str:
 
 def _is_timeout(err: BaseException) -> bool:
     return isinstance(err, PoolTimeout)
+
+
+#: The least ``timeout`` handed to an attempt, so a retry cut at the caller's deadline still
+#: connects instead of failing on a zero wait.
+_MIN_WAIT = 0.05
+
+
+def _retrying_getconn_unchecked(original: Any) -> Any:
+    def _getconn_unchecked(pool: Any, timeout: float, *args: Any, **kwargs: Any) -> Any:
+        start = time.monotonic()
+
+        def attempt() -> Any:
+            left = max(timeout - (time.monotonic() - start), _MIN_WAIT)
+            return original(pool, left, *args, **kwargs)
+
+        return _retry.retry_connect(
+            attempt, pool=core.pool(pool, "psycopg_pool", _pool_name), deadline=timeout
+        )
+
+    return _getconn_unchecked
+
+
+def _aretrying_getconn_unchecked(original: Any) -> Any:
+    async def _getconn_unchecked(pool: Any, timeout: float, *args: Any, **kwargs: Any) -> Any:
+        start = time.monotonic()
+
+        async def attempt() -> Any:
+            left = max(timeout - (time.monotonic() - start), _MIN_WAIT)
+            return await original(pool, left, *args, **kwargs)
+
+        return await _retry.aretry_connect(
+            attempt, pool=core.pool(pool, "psycopg_pool", _pool_name), deadline=timeout
+        )
+
+    return _getconn_unchecked
 
 
 class PsycopgPoolAdapter(Adapter):
@@ -63,3 +118,5 @@ class PsycopgPoolAdapter(Adapter):
             self.track_close(
                 cls, "close", namer=_pool_name, detail="pool.close()", is_async=is_async
             )
+        self.patch(NullConnectionPool, "_getconn_unchecked", _retrying_getconn_unchecked)
+        self.patch(AsyncNullConnectionPool, "_getconn_unchecked", _aretrying_getconn_unchecked)

@@ -13,14 +13,26 @@ Hooks, and why each:
   user-facing fairy is dead and reports ``leak.collected``.
 * ``Pool.connect`` is wrapped only to see ``sqlalchemy.exc.TimeoutError`` (``QueuePool limit of
   size N overflow M reached``), the moment to dump every holder: no pool event exists for it.
+* The ``do_connect`` dialect event, listened on the ``Engine`` class (so engines created before
+  ``install()`` are covered too), is where SQLAlchemy opens a server connection: pgleak opens it
+  there, through :func:`pgleak._retry.retry_connect`, so a connection refused because the
+  server is full is retried with backoff (never a statement). Class-level listeners run before
+  an engine's own ``do_connect`` listeners (which often set a fresh password or token), and the
+  first listener to return a connection ends the chain; so pgleak's listener runs the listeners
+  after it itself, on fresh copies of the arguments at each attempt, exactly as SQLAlchemy
+  would. On an asyncio dialect the sleep awaits ``asyncio.sleep`` through SQLAlchemy's
+  greenlet bridge and does not block the event loop.
 * ``Engine.__init__`` and ``Engine.dispose`` give the pool a readable name (the URL, password
   hidden) and tell the core when a pool is disposed with connections still out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -33,7 +45,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without SQL
 
     raise AdapterUnavailable("SQLAlchemy is not installed") from _exc
 
-from pgleak import _stack
+from pgleak import _retry, _stack
 from pgleak._adapter import Adapter
 from pgleak._core import PoolHandle, core
 from pgleak._guard import internal_error
@@ -87,6 +99,43 @@ def _on_detach(dbapi_connection: Any, record: Any) -> None:
         internal_error("sqlalchemy.detach", err)
 
 
+def _greenlet_sleep() -> Callable[[float], object] | None:
+    """A sleep for code inside SQLAlchemy's asyncio greenlet: awaits, so the loop runs on."""
+    from sqlalchemy.util import concurrency
+
+    await_ = getattr(concurrency, "await_", None) or getattr(concurrency, "await_only", None)
+    in_greenlet = getattr(concurrency, "in_greenlet", None)
+    if await_ is None or in_greenlet is None or not in_greenlet():
+        return None
+
+    def sleep(seconds: float) -> object:
+        return await_(asyncio.sleep(seconds))
+
+    return sleep
+
+
+def _on_do_connect(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> Any:
+    """Open the DBAPI connection (retried while the server refuses it for being full)."""
+    try:
+        listeners = list(dialect.dispatch.do_connect)
+        later = listeners[listeners.index(_on_do_connect) + 1 :]
+    except Exception:  # not found (wrapped by a newer SQLAlchemy): no later listeners known
+        later = []
+    pool: Any = getattr(record, "_ConnectionRecord__pool", None)
+    target = _handle(pool) if pool is not None else f"sqlalchemy {dialect.name}+{dialect.driver}"
+
+    def attempt() -> Any:
+        args, params = list(cargs), dict(cparams)
+        for fn in later:
+            connection = fn(dialect, record, args, params)
+            if connection is not None:
+                return connection
+        return dialect.connect(*args, **params)
+
+    sleep = (_greenlet_sleep() if getattr(dialect, "is_async", False) else None) or time.sleep
+    return _retry.retry_connect(attempt, pool=target, sleep=sleep)
+
+
 class SQLAlchemyAdapter(Adapter):
     name = "sqlalchemy"
     module = "sqlalchemy"
@@ -105,6 +154,8 @@ class SQLAlchemyAdapter(Adapter):
         ):
             event.listen(Pool, name, fn)
             self.on_uninstall(functools.partial(event.remove, Pool, name, fn))
+        event.listen(Engine, "do_connect", _on_do_connect)
+        self.on_uninstall(functools.partial(event.remove, Engine, "do_connect", _on_do_connect))
 
         def make_connect(original: Any) -> Any:
             def connect(self: Any) -> Any:

@@ -559,6 +559,7 @@ def clean() -> Iterator[None]:
 
 PATCHED = [
     (Pool, "_acquire"),
+    (Pool, "_get_new_connection"),
     (Pool, "close"),
     (Pool, "terminate"),
     (PoolConnectionHolder, "_release"),

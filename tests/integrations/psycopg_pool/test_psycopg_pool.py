@@ -9,7 +9,12 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg_pool import AsyncConnectionPool, ConnectionPool, NullConnectionPool
+from psycopg_pool import (
+    AsyncConnectionPool,
+    AsyncNullConnectionPool,
+    ConnectionPool,
+    NullConnectionPool,
+)
 
 import pgleak
 from pgleak._core import core
@@ -25,6 +30,11 @@ PATCHED = [
     (AsyncConnectionPool, "getconn"),
     (AsyncConnectionPool, "putconn"),
     (AsyncConnectionPool, "close"),
+]
+#: Patched on a class that inherits the method: uninstall deletes the attribute again.
+PATCHED_INHERITED = [
+    (NullConnectionPool, "_getconn_unchecked"),
+    (AsyncNullConnectionPool, "_getconn_unchecked"),
 ]
 
 
@@ -45,8 +55,12 @@ def test_uninstall_restores_every_patched_method_exactly() -> None:
         assert "psycopg_pool" in pgleak.installed()
         for cls, attr in PATCHED:
             assert cls.__dict__[attr] is not originals[(cls, attr)], f"{cls.__name__}.{attr}"
+        for cls, attr in PATCHED_INHERITED:
+            assert attr in cls.__dict__, f"{cls.__name__}.{attr}"
     finally:
         pgleak.uninstall()
+    for cls, attr in PATCHED_INHERITED:
+        assert attr not in cls.__dict__, f"{cls.__name__}.{attr}"
     for cls, attr in PATCHED:
         assert cls.__dict__[attr] is originals[(cls, attr)], f"{cls.__name__}.{attr}"
     # The Null pools inherit the methods: nothing was put on them, nothing is left there.

@@ -37,6 +37,7 @@ def _listening() -> list[bool]:
         event.contains(Pool, "checkout", sa_adapter._on_checkout),
         event.contains(Pool, "checkin", sa_adapter._on_checkin),
         event.contains(Pool, "detach", sa_adapter._on_detach),
+        event.contains(Engine, "do_connect", sa_adapter._on_do_connect),
     ]
 
 
@@ -46,11 +47,11 @@ def test_install_three_times_uninstall_once_restores_the_originals(clean: None) 
         pgleak.install()
     assert "sqlalchemy" in pgleak.installed()
     assert Pool.__dict__["connect"] is not originals[(Pool, "connect")]
-    assert _listening() == [True, True, True]
+    assert _listening() == [True, True, True, True]
     pgleak.uninstall()
     for (owner, attr), original in originals.items():
         assert owner.__dict__[attr] is original, f"{owner.__name__}.{attr} not restored"
-    assert _listening() == [False, False, False]
+    assert _listening() == [False, False, False, False]
     pgleak.uninstall()
     assert _patched_objects() == originals
 
