@@ -192,6 +192,9 @@ class RetryBudget:
             self._tokens = max(0.0, self._level(max_tokens) - 1.0)
 
     def succeeded(self, max_tokens: float, ratio: float) -> None:
+        tokens = self._tokens
+        if tokens is None or tokens >= max_tokens:
+            return  # full: the common case, on every connection, takes no lock
         with self._lock:
             level = self._level(max_tokens)
             if level < max_tokens:
@@ -207,6 +210,11 @@ class RetryBudget:
 BUDGET = RetryBudget()
 
 
+#: The pool an attempt is for: its handle, a name, or a callable giving the handle (looked up
+#: only if the attempt is refused, so the common path pays nothing for it).
+PoolRef = PoolHandle | str | Callable[[], PoolHandle]
+
+
 class _Attempts:
     """The decisions of one retry loop, shared by the sync and async versions."""
 
@@ -215,25 +223,23 @@ class _Attempts:
     def __init__(
         self,
         settings: Settings,
-        pool: PoolHandle | str,
+        pool: PoolRef,
         clock: Callable[[], float],
         rand: Callable[[], float],
         budget: RetryBudget,
         deadline: float | None,
+        start: float,
     ) -> None:
         self.settings = settings
         self.deadline = (
             settings.retry_deadline if deadline is None else min(deadline, settings.retry_deadline)
         )
-        self.pool = pool
+        self.pool = pool() if callable(pool) else pool
         self.clock = clock
         self.rand = rand
         self.budget = budget
-        self.start = clock()
+        self.start = start
         self.attempt = 1
-
-    def succeeded(self) -> None:
-        self.budget.succeeded(self.settings.retry_budget, self.settings.retry_budget_ratio)
 
     def refused(self, exc: BaseException) -> float | None:
         """After a failed attempt: seconds to sleep before the next, or ``None`` to re-raise."""
@@ -302,7 +308,7 @@ def _active() -> Settings | None:
 def retry_connect(
     connect: Callable[[], T],
     *,
-    pool: PoolHandle | str,
+    pool: PoolRef,
     sleep: Callable[[float], object] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     rand: Callable[[], float] = random.random,
@@ -328,25 +334,31 @@ def retry_connect(
     settings = _active()
     if settings is None:
         return connect()
-    state = _Attempts(settings, pool, clock, rand, BUDGET if budget is None else budget, deadline)
+    bucket = BUDGET if budget is None else budget
+    start = clock()
+    # The retry state is built only after a refusal: some hooks sit on every checkout
+    # (psycopg2's getconn), most of which open no connection at all.
+    state: _Attempts | None = None
     while True:
         try:
             result = connect()
         except Exception as exc:
+            if state is None:
+                state = _Attempts(settings, pool, clock, rand, bucket, deadline, start)
             delay = state.refused(exc)
             if delay is None:
                 raise
             del exc  # no traceback (and its frames) kept alive across the sleep
             sleep(delay)
             continue
-        state.succeeded()
+        bucket.succeeded(settings.retry_budget, settings.retry_budget_ratio)
         return result
 
 
 async def aretry_connect(
     connect: Callable[[], Awaitable[T]],
     *,
-    pool: PoolHandle | str,
+    pool: PoolRef,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
     rand: Callable[[], float] = random.random,
@@ -357,16 +369,20 @@ async def aretry_connect(
     settings = _active()
     if settings is None:
         return await connect()
-    state = _Attempts(settings, pool, clock, rand, BUDGET if budget is None else budget, deadline)
+    bucket = BUDGET if budget is None else budget
+    start = clock()
+    state: _Attempts | None = None
     while True:
         try:
             result = await connect()
         except Exception as exc:
+            if state is None:
+                state = _Attempts(settings, pool, clock, rand, bucket, deadline, start)
             delay = state.refused(exc)
             if delay is None:
                 raise
             del exc
             await sleep(delay)
             continue
-        state.succeeded()
+        bucket.succeeded(settings.retry_budget, settings.retry_budget_ratio)
         return result

@@ -62,6 +62,15 @@ class Kit:
         return self.name
 
 
+#: Kills every other client backend of the test database: the server-side failure
+#: ("terminating connection due to administrator command") the shared tests inflict mid-load.
+TERMINATE_OTHERS = (
+    "select pg_terminate_backend(pid) from pg_stat_activity "
+    "where backend_type = 'client backend' and pid <> pg_backend_pid() "
+    "and datname = current_database()"
+)
+
+
 def _available(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None

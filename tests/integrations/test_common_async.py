@@ -24,7 +24,7 @@ from pgleak._core import core
 from pgleak.testing import EventCapture
 from tests.conftest import Server
 from tests.helpers import assert_site
-from tests.integrations.kits import ASYNC_KITS, Kit
+from tests.integrations.kits import ASYNC_KITS, TERMINATE_OTHERS, Kit
 
 pytestmark = pytest.mark.parametrize("kit", ASYNC_KITS, ids=str)
 
@@ -213,11 +213,7 @@ def test_backends_terminated_mid_load_leave_no_false_report(
         with pgleak.suppress():
             async with await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True) as admin:
                 for _ in range(5):
-                    await admin.execute(
-                        "select pg_terminate_backend(pid) from pg_stat_activity "
-                        "where backend_type = 'client backend' and pid <> pg_backend_pid() "
-                        "and datname = current_database()"
-                    )
+                    await admin.execute(TERMINATE_OTHERS)
                     await asyncio.sleep(0.02)
         stop.set()
         await asyncio.gather(*tasks)

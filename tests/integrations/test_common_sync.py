@@ -19,7 +19,7 @@ from pgleak._core import core
 from pgleak.testing import EventCapture
 from tests.conftest import Server
 from tests.helpers import assert_site, site_of
-from tests.integrations.kits import SYNC_KITS, Kit
+from tests.integrations.kits import SYNC_KITS, TERMINATE_OTHERS, Kit
 
 pytestmark = pytest.mark.parametrize("kit", SYNC_KITS, ids=str)
 
@@ -195,11 +195,7 @@ def test_backends_terminated_mid_load_leave_no_false_report(
             thread.start()
         with pgleak.suppress(), psycopg.connect(pg.dsn, autocommit=True) as admin:
             for _ in range(5):
-                admin.execute(
-                    "select pg_terminate_backend(pid) from pg_stat_activity "
-                    "where backend_type = 'client backend' and pid <> pg_backend_pid() "
-                    "and datname = current_database()"
-                )
+                admin.execute(TERMINATE_OTHERS)
         stop.set()
         for thread in threads:
             thread.join(60)

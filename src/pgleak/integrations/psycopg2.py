@@ -141,7 +141,8 @@ def _retrying_getconn(original: Any) -> Any:
 
     def getconn(pool: Any, *args: Any, **kwargs: Any) -> Any:
         return _retry.retry_connect(
-            lambda: original(pool, *args, **kwargs), pool=core.pool(pool, "psycopg2", _pool_name)
+            lambda: original(pool, *args, **kwargs),
+            pool=lambda: core.pool(pool, "psycopg2", _pool_name),
         )
 
     return getconn

@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import subprocess
-import sys
-import textwrap
 import threading
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -194,31 +190,3 @@ def test_tasks_in_several_threads_each_named_as_holder(pg: Server, events: Event
     holders = {e.checkout.holder for e in events.of("leak.suspected") if e.checkout}
     assert {h.split("(thread ")[1] for h in holders} == {f"'loop-{n}')" for n in range(3)}
     assert len(results) == 3
-
-
-def test_still_out_at_process_exit_is_reported(pg: Server, tmp_path: Path) -> None:
-    script = tmp_path / "leaky_worker.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""\
-            import asyncio, logging, sys
-            import pgleak
-            from sqlalchemy.ext.asyncio import create_async_engine
-            logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(message)s")
-            pgleak.install()
-            held = []
-            async def main():
-                engine = create_async_engine({pg.url("asyncpg")!r})
-                held.append(await engine.connect())
-            asyncio.run(main())
-            print("exiting")
-            """
-        )
-    )
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert "leak.at_exit" in result.stdout
-    assert f"{script}:9 in main" in result.stdout
-    assert result.stdout.index("exiting") < result.stdout.index("leak.at_exit")

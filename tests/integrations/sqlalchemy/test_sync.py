@@ -5,12 +5,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import subprocess
-import sys
-import textwrap
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -140,32 +136,6 @@ def test_still_out_at_dispose_is_reported_then_followed_up(
     assert returned.checkout is not None
     assert event.checkout is not None
     assert returned.checkout.checkout_id == event.checkout.checkout_id
-
-
-def test_still_out_at_process_exit_is_reported(pg: Server, tmp_path: Path) -> None:
-    script = tmp_path / "leaky_app.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""\
-            import logging, sys
-            import pgleak
-            import sqlalchemy as sa
-            logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(message)s")
-            pgleak.install()
-            engine = sa.create_engine({pg.url("psycopg")!r})
-            held = engine.connect()
-            held.exec_driver_sql("select 1")
-            print("exiting")
-            """
-        )
-    )
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert "leak.at_exit" in result.stdout
-    assert f"{script}:7 in <module>" in result.stdout
-    assert result.stdout.index("exiting") < result.stdout.index("leak.at_exit")
 
 
 def _hold_until(engine: sa.Engine, release: threading.Event, ready: threading.Barrier) -> None:
