@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from pgleak import _guard, _retry
+from pgleak import _appname, _guard, _retry
 from pgleak._adapter import Adapter, AdapterUnavailable
 from pgleak._core import allowance, core, suppressed
 from pgleak._events import Checkout, LeakEvent, Sink
@@ -94,11 +94,11 @@ def install(**settings: Any) -> Settings:
                 raise AdapterUnavailable(
                     f"unknown integration(s) {', '.join(unknown)}; known: {', '.join(ADAPTERS)}"
                 )
-        core.configure(new)
+        _configure(new)
         if not new.enabled:
             if _installed:
                 _uninstall_locked()
-            core.configure(new)
+            _configure(new)
             return new
         if _logging_sink not in core.sinks:
             core.sinks.insert(0, _logging_sink)
@@ -191,8 +191,13 @@ def _uninstall_locked() -> None:
     _retry.BUDGET.reset()
     if _logging_sink in core.sinks:
         core.sinks.remove(_logging_sink)
-    core.configure(Settings(enabled=False))
+    _configure(Settings(enabled=False))
     _installed = False
+
+
+def _configure(new: Settings) -> None:
+    core.configure(new)
+    _appname.tags.configure(new)
 
 
 def installed() -> list[str]:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any, ClassVar
 
+from pgleak._appname import tags
 from pgleak._core import allowance, core
 from pgleak._guard import internal_error
 
@@ -44,6 +45,35 @@ def _version_tuple(text: str) -> tuple[int, ...]:
         if not piece.isdigit():
             break
     return tuple(parts)
+
+
+def tag(conn: Any, lease: Any, kind: str) -> None:
+    """Tag a sync checkout with its line (``app_name_call_site``); never raises an error."""
+    try:
+        tags.tag_checkout(conn, lease)
+    except Exception as exc:
+        internal_error(f"{kind}.application_name", exc)
+
+
+async def atag(
+    pool: Any, conn: Any, lease: Any, give_back: Callable[[Any], Awaitable[Any]], kind: str
+) -> None:
+    """Tag an asyncio checkout with its line; never raises an error of its own.
+
+    A cancellation (``asyncio.timeout()`` around the acquire, say) arrives while the
+    connection is already out: it is given back to the pool before the cancellation goes on,
+    since the caller will never see it to release it.
+    """
+    try:
+        await tags.atag_checkout(conn, lease)
+    except Exception as exc:
+        internal_error(f"{kind}.application_name", exc)
+    except BaseException:
+        try:
+            await give_back(conn)
+        except Exception as exc:
+            internal_error(f"{kind}.application_name", exc)
+        raise
 
 
 class Adapter:
@@ -154,6 +184,7 @@ class Adapter:
         is_timeout: Callable[[BaseException], bool],
         timeout_arg: int | None = 0,
         is_async: bool = False,
+        give_back: str | None = None,
     ) -> None:
         """Wrap ``owner.attr(pool, ...) -> connection``: a checkout, or a timed-out wait.
 
@@ -166,14 +197,19 @@ class Adapter:
                 name, then as ``pool.timeout``), to say how long the wait was; ``None``: the
                 method does not wait.
             is_async: The method is a coroutine function.
+            give_back: The pool's method that takes a connection back (``putconn``); given,
+                checkouts are also tagged with their line when ``app_name_call_site`` is on
+                (outside the pool's locks: the method must not hold one), and a tag cut short
+                by a cancellation gives the connection back before the cancellation goes on.
         """
         kind = self.name
 
-        def checked_out(pool: Any, conn: Any) -> None:
+        def checked_out(pool: Any, conn: Any) -> Any:
             try:
-                core.checkout(core.pool(pool, kind, namer), conn, index=True)
+                return core.checkout(core.pool(pool, kind, namer), conn, index=True)
             except Exception as exc:
                 internal_error(f"{kind}.checkout", exc)
+                return None
 
         def gave_up(
             pool: Any, err: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -204,7 +240,9 @@ class Adapter:
                     except BaseException as err:
                         gave_up(pool, err, args, kwargs)
                         raise
-                    checked_out(pool, conn)
+                    lease = checked_out(pool, conn)
+                    if give_back is not None and tags.call_site and lease is not None:
+                        await atag(pool, conn, lease, getattr(pool, give_back), kind)
                     return conn
 
                 return acquire
@@ -218,7 +256,9 @@ class Adapter:
                     except BaseException as err:
                         gave_up(pool, err, args, kwargs)
                         raise
-                    checked_out(pool, conn)
+                    lease = checked_out(pool, conn)
+                    if give_back is not None and tags.call_site and lease is not None:
+                        tag(conn, lease, kind)
                     return conn
 
                 return acquire

@@ -57,6 +57,23 @@ class Settings:
             only while refused attempts outnumber successful connections, i.e. when *most*
             attempts fail. (gRPC's 0.1 suits per-RPC counting; connections are opened rarely
             in a pooled application, so refills would take far too long.)
+        tag_connections: Give every server connection pgleak sees an ``application_name``
+            naming this process, so that a DBA reading ``pg_stat_activity`` knows who holds
+            each backend.
+        service_name: The service in that tag; unset: ``OTEL_SERVICE_NAME``, else the program
+            name (``sys.argv[0]``'s base name, or the ``-m`` module).
+        app_name_template: The tag, with fields ``{service}``, ``{host}`` (the short host
+            name) and ``{pid}``. Sanitised to what PostgreSQL stores (at most 63 bytes of
+            printable ASCII); when too long, the host is shortened first, then the service.
+        app_name_prefix: When the application sets its own ``application_name``, keep it but
+            put pgleak's tag in front (``tag user-value``). Off: the application's value is
+            used as it is.
+        app_name_call_site: Also tag each checkout with the line of code that made it, by
+            ``app_name_site_template``, so ``pg_stat_activity`` shows which line holds each
+            backend. Costs a round trip on a checkout whose line differs from the one the
+            connection was last tagged with (``docs/performance.md``); off by default.
+        app_name_site_template: The per-checkout tag: fields as ``app_name_template``, plus
+            ``{site}`` (``views.py:42``).
     """
 
     enabled: bool = True
@@ -73,6 +90,12 @@ class Settings:
     retry_max_delay: float = 2.0
     retry_budget: float = 300.0
     retry_budget_ratio: float = 1.0
+    tag_connections: bool = True
+    service_name: str | None = None
+    app_name_template: str = "{service}@{host}:{pid}"
+    app_name_prefix: bool = False
+    app_name_call_site: bool = False
+    app_name_site_template: str = "{service}:{site}"
 
 
 def _parse_bool(value: Any) -> bool:
@@ -115,6 +138,34 @@ def _names(value: Any) -> tuple[str, ...] | None:
     return names
 
 
+_TEMPLATE_FIELDS = ("service", "host", "pid")
+
+
+def _template(*extra: str) -> Callable[[Any], str]:
+    fields = _TEMPLATE_FIELDS + extra
+
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise ValueError("expected a non-empty template string")
+        try:
+            value.format(**{name: name for name in fields})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"not a template of the fields {', '.join('{' + f + '}' for f in fields)}: {exc}"
+            ) from None
+        return value
+
+    return parse
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value.strip() or None
+
+
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "enabled": _parse_bool,
     "leak_threshold": _positive_float,
@@ -130,6 +181,12 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "retry_max_delay": _positive_float,
     "retry_budget": _positive_float,
     "retry_budget_ratio": _positive_float,
+    "tag_connections": _parse_bool,
+    "service_name": _optional_text,
+    "app_name_template": _template(),
+    "app_name_prefix": _parse_bool,
+    "app_name_call_site": _parse_bool,
+    "app_name_site_template": _template("site"),
 }
 
 

@@ -61,7 +61,8 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without asy
     raise AdapterUnavailable("asyncpg is not installed") from _exc
 
 from pgleak import _retry, _stack
-from pgleak._adapter import Adapter
+from pgleak._adapter import Adapter, atag
+from pgleak._appname import tags
 from pgleak._core import core
 from pgleak._guard import internal_error
 from pgleak._redact import redact_dsn
@@ -119,13 +120,14 @@ def _connection_of(proxy: Any) -> Any:
     return None
 
 
-def _checked_out(pool: Any, proxy: Any) -> None:
+def _checked_out(pool: Any, proxy: Any) -> Any:
     try:
         con = _connection_of(proxy)
         if con is not None:
-            core.checkout(core.pool(pool, _KIND, _pool_name), con, index=True)
+            return core.checkout(core.pool(pool, _KIND, _pool_name), con, index=True)
     except Exception as exc:
         internal_error("asyncpg.checkout", exc)
+    return None
 
 
 def _gave_up(pool: Any, err: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -167,7 +169,9 @@ def _wrap_acquire(original: Any) -> Any:
         except BaseException as err:
             _gave_up(pool, err, args, kwargs)
             raise
-        _checked_out(pool, proxy)
+        lease = _checked_out(pool, proxy)
+        if tags.call_site and lease is not None:
+            await atag(pool, proxy._con, lease, lambda _con: pool.release(proxy), _KIND)
         return proxy
 
     return _acquire
@@ -216,9 +220,19 @@ def _wrap_release_on_close(original: Any) -> Any:
 
 
 def _wrap_get_new_connection(original: Any) -> Any:
-    """``Pool._get_new_connection()``, retried while the server refuses the connection."""
+    """``Pool._get_new_connection()``, retried while the server refuses the connection.
+
+    The connect arguments the pool keeps get the ``application_name`` tag here, once, in
+    ``server_settings``.
+    """
 
     async def _get_new_connection(pool: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            saved = getattr(pool, "_connect_args", None) or ()
+            dsn = saved[0] if saved else (pool._connect_kwargs or {}).get("dsn")
+            tags.tag_pool_kwargs(pool, "_connect_kwargs", dsn, tags.asyncpg_kwargs)
+        except Exception as exc:
+            internal_error("asyncpg.application_name", exc)
         return await _retry.aretry_connect(
             lambda: original(pool, *args, **kwargs), pool=core.pool(pool, _KIND, _pool_name)
         )

@@ -40,6 +40,9 @@ What each call means:
   again is the same as the first call; the connections ``minconn`` opens at pool creation are
   not retried.
 * ``closeall`` closes every connection, lent or not: whatever is still out is reported.
+* ``AbstractConnectionPool._connect``: the arguments the pool keeps for ``psycopg2.connect()``
+  get the ``application_name`` tag, once, before the first connection (``minconn`` ones
+  included).
 
 The pool keeps strong references to lent connections (``_used``, ``_rused``), so a dropped
 connection is never garbage-collected: it stays out until ``closeall()`` or process exit, where
@@ -68,8 +71,10 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without psy
     raise AdapterUnavailable("psycopg2 is not installed") from _exc
 
 from pgleak import _retry, _stack
-from pgleak._adapter import Adapter
+from pgleak._adapter import Adapter, tag
+from pgleak._appname import tags, untagged
 from pgleak._core import core, suppressed
+from pgleak._guard import internal_error
 from pgleak._redact import redact_dsn
 
 __all__ = ["Psycopg2Adapter"]
@@ -95,7 +100,7 @@ def _pool_name(pool: Any) -> str:
     keyword parameters, merged here the way ``connect`` merges them.
     """
     args = getattr(pool, "_args", ())
-    kwargs = dict(getattr(pool, "_kwargs", {}))
+    kwargs = dict(untagged(getattr(pool, "_kwargs", None)) or {})
     dsn = args[0] if args else kwargs.get("dsn")
     params = {key: value for key, value in kwargs.items() if key not in _NOT_CONNINFO}
     try:
@@ -137,15 +142,39 @@ def _relend_untracked(tracked: Any) -> Any:
 
 
 def _retrying_getconn(original: Any) -> Any:
-    """``getconn``, retried while the server refuses the connection it opens (outside locks)."""
+    """``getconn``, retried while the server refuses the connection it opens (outside locks).
+
+    Also where a checkout is tagged with its line (``app_name_call_site``): outside the
+    pool's lock, which a round trip must not hold.
+    """
 
     def getconn(pool: Any, *args: Any, **kwargs: Any) -> Any:
-        return _retry.retry_connect(
+        conn = _retry.retry_connect(
             lambda: original(pool, *args, **kwargs),
             pool=lambda: core.pool(pool, "psycopg2", _pool_name),
         )
+        if tags.call_site:
+            lease = core.lease_of(conn)
+            if lease is not None:
+                tag(conn, lease, "psycopg2")
+        return conn
 
     return getconn
+
+
+def _tagging_connect(original: Any) -> Any:
+    """``_connect``: the pool's ``psycopg2.connect()`` arguments get the tag, once."""
+
+    def _connect(pool: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            saved = getattr(pool, "_args", ())
+            dsn = saved[0] if saved else getattr(pool, "_kwargs", {}).get("dsn")
+            tags.tag_pool_kwargs(pool, "_kwargs", dsn, tags.libpq_kwargs)
+        except Exception as exc:
+            internal_error("psycopg2.application_name", exc)
+        return original(pool, *args, **kwargs)
+
+    return _connect
 
 
 class Psycopg2Adapter(Adapter):
@@ -167,5 +196,6 @@ class Psycopg2Adapter(Adapter):
             self.patch(cls, acquire, _relend_untracked)
             self.track_release(cls, release, refused=(PoolError,))
             self.track_close(cls, close, namer=_pool_name, detail="pool.closeall()")
+        self.patch(AbstractConnectionPool, "_connect", _tagging_connect)
         self.patch(SimpleConnectionPool, "getconn", _retrying_getconn)
         self.patch(ThreadedConnectionPool, "getconn", _retrying_getconn)

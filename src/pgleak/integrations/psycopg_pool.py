@@ -7,6 +7,10 @@ Hooks, and why each:
   ``PoolTimeout`` here is the moment to list every holder.
 * ``putconn``: the checkin. A ``ValueError`` (a connection from another pool) is no checkin.
 * ``close``: whatever is still out when the pool closes is reported.
+* ``_connect`` (sync and async): where the pool opens a server connection, from its workers or
+  (Null pools) the caller. The ``kwargs`` the pool keeps get the ``application_name`` tag
+  there, once (:meth:`pgleak._appname.Tags.tag_pool_kwargs`), so pools created before
+  ``install()`` are tagged too; a ``kwargs`` callable (3.3) is wrapped instead.
 
 Retrying a connection refused because the server is full (:mod:`pgleak._retry`):
 
@@ -49,7 +53,9 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without psy
 
 from pgleak import _retry, _stack
 from pgleak._adapter import Adapter
+from pgleak._appname import tags
 from pgleak._core import core
+from pgleak._guard import internal_error
 from pgleak._redact import redact_dsn
 
 __all__ = ["PsycopgPoolAdapter"]
@@ -101,6 +107,29 @@ def _aretrying_getconn_unchecked(original: Any) -> Any:
     return _getconn_unchecked
 
 
+def _tag_kwargs(pool: Any) -> None:
+    try:
+        tags.tag_pool_kwargs(pool, "kwargs", pool.conninfo, tags.libpq_kwargs)
+    except Exception as exc:
+        internal_error("psycopg_pool.application_name", exc)
+
+
+def _tagging_connect(original: Any) -> Any:
+    def _connect(pool: Any, *args: Any, **kwargs: Any) -> Any:
+        _tag_kwargs(pool)
+        return original(pool, *args, **kwargs)
+
+    return _connect
+
+
+def _atagging_connect(original: Any) -> Any:
+    async def _connect(pool: Any, *args: Any, **kwargs: Any) -> Any:
+        _tag_kwargs(pool)
+        return await original(pool, *args, **kwargs)
+
+    return _connect
+
+
 class PsycopgPoolAdapter(Adapter):
     name = "psycopg_pool"
     module = "psycopg_pool"
@@ -112,11 +141,18 @@ class PsycopgPoolAdapter(Adapter):
         _stack.register_library(os.path.dirname(psycopg.__file__ or ""))
         for cls, is_async in ((ConnectionPool, False), (AsyncConnectionPool, True)):
             self.track_acquire(
-                cls, "getconn", namer=_pool_name, is_timeout=_is_timeout, is_async=is_async
+                cls,
+                "getconn",
+                namer=_pool_name,
+                is_timeout=_is_timeout,
+                is_async=is_async,
+                give_back="putconn",
             )
             self.track_release(cls, "putconn", refused=(ValueError,), is_async=is_async)
             self.track_close(
                 cls, "close", namer=_pool_name, detail="pool.close()", is_async=is_async
             )
+        self.patch(ConnectionPool, "_connect", _tagging_connect)
+        self.patch(AsyncConnectionPool, "_connect", _atagging_connect)
         self.patch(NullConnectionPool, "_getconn_unchecked", _retrying_getconn_unchecked)
         self.patch(AsyncNullConnectionPool, "_getconn_unchecked", _aretrying_getconn_unchecked)

@@ -47,6 +47,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without SQL
 
 from pgleak import _retry, _stack
 from pgleak._adapter import Adapter
+from pgleak._appname import tags
 from pgleak._core import PoolHandle, core
 from pgleak._guard import internal_error
 from pgleak._redact import redact_dsn
@@ -79,6 +80,30 @@ def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
             record.info[_KEY] = lease
     except Exception as err:
         internal_error("sqlalchemy.checkout", err)
+        return
+    if tags.call_site and lease is not None:
+        _tag_checkout(dbapi_connection, proxy, lease)
+
+
+def _tag_checkout(dbapi_connection: Any, proxy: Any, lease: Any) -> None:
+    """Tag the connection with the checkout's line; asyncio drivers through the greenlet.
+
+    A cancellation (asyncio) propagates: SQLAlchemy then returns the connection to its pool.
+    """
+    try:
+        dialect = getattr(proxy._pool, "_dialect", None)
+        if getattr(dialect, "is_async", False):
+            driver_connection = getattr(dbapi_connection, "driver_connection", None)
+            if driver_connection is None:
+                return
+            from sqlalchemy.util import concurrency
+
+            await_ = getattr(concurrency, "await_", None) or concurrency.await_only
+            await_(tags.atag_checkout(driver_connection, lease))
+        else:
+            tags.tag_checkout(dbapi_connection, lease)
+    except Exception as err:
+        internal_error("sqlalchemy.application_name", err)
 
 
 def _on_checkin(dbapi_connection: Any, record: Any) -> None:
@@ -114,6 +139,36 @@ def _greenlet_sleep() -> Callable[[float], object] | None:
     return sleep
 
 
+#: SQLAlchemy drivers that connect through libpq, which takes ``fallback_application_name``.
+_LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg_async", "psycopg2", "psycopg2cffi"})
+
+
+def _tag_params(dialect: Any, args: list[Any], params: dict[str, Any]) -> None:
+    """Add the ``application_name`` tag to the DBAPI ``connect()`` arguments, in place.
+
+    Runs before the engine's own ``do_connect`` listeners, which may still change it.
+    """
+    if not tags.enabled:
+        return
+    try:
+        driver = getattr(dialect, "driver", "")
+        if driver in _LIBPQ_DRIVERS:
+            dsn = args[0] if args else params.get("dsn") or params.get("conninfo")
+            tagged = tags.libpq_kwargs(dsn, params)
+        elif driver == "asyncpg":
+            tagged = tags.asyncpg_kwargs(args[0] if args else params.get("dsn"), params)
+        elif driver == "pg8000":
+            value = tags.for_user_value(params.get("application_name"))
+            tagged = None if value is None else {**params, "application_name": value}
+        else:
+            return
+        if tagged is not None:
+            params.clear()
+            params.update(tagged)
+    except Exception as err:
+        internal_error("sqlalchemy.application_name", err)
+
+
 def _on_do_connect(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> Any:
     """Open the DBAPI connection (retried while the server refuses it for being full)."""
     try:
@@ -126,6 +181,7 @@ def _on_do_connect(dialect: Any, record: Any, cargs: list[Any], cparams: dict[st
 
     def attempt() -> Any:
         args, params = list(cargs), dict(cparams)
+        _tag_params(dialect, args, params)
         for fn in later:
             connection = fn(dialect, record, args, params)
             if connection is not None:
