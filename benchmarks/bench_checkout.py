@@ -13,10 +13,12 @@ One process, one throwaway server (``pgleak.embedded.EmbeddedPostgres``), four w
 * ``async bare``  ``async with engine.connect(): pass``           (AsyncEngine + asyncpg, size 1)
 * ``async query`` ``async with engine.connect() as c: await c.exec_driver_sql("select 1")``
 
-each under five configurations: pgleak not installed, ``install(capture_stack=False)``,
-``install(stack_depth=8)``, ``install()`` (stack capture on, the default depth) and
-``install(stack_depth=32)``; ``uninstall()`` runs after every configuration, so "not installed"
-is measured again in every round.
+each under six configurations: pgleak not installed, ``install(capture_stack=False)``,
+``install(stack_depth=8)``, ``install()`` (stack capture on, the default depth),
+``install(stack_depth=32)`` and ``install(app_name_call_site=True)``; plus ``sync 2 lines``,
+the query loop alternating between two checkout lines, where a call-site tag changes (one
+more round trip) at every checkout. ``uninstall()`` runs after every configuration, so "not
+installed" is measured again in every round.
 
 Method, chosen for small shared machines: configurations are interleaved (A B C D E, A B C D E,
 ...) so that drift in machine load hits all of them alike; each round times N iterations per
@@ -78,6 +80,7 @@ CONFIGS: tuple[Config, ...] = (
     Config("depth8", "install(stack_depth=8)", {"stack_depth": 8}),
     Config("default", f"install() (stack_depth={pgleak.Settings().stack_depth})", {}),
     Config("depth32", "install(stack_depth=32)", {"stack_depth": 32}),
+    Config("call_site", "install(app_name_call_site=True)", {"app_name_call_site": True}),
 )
 
 TARGET_QUERY_PCT = 2.0  # <= 2 % added on the sync query loop
@@ -152,6 +155,16 @@ def sync_query(engine: Engine, n: int) -> None:
             c.exec_driver_sql("select 1")
 
 
+def sync_query_two_lines(engine: Engine, n: int) -> None:
+    """Checkouts alternate between two lines: a call-site tag changes at every checkout."""
+    connect = engine.connect
+    for _ in range(n // 2):
+        with connect() as c:
+            c.exec_driver_sql("select 1")
+        with connect() as c:
+            c.exec_driver_sql("select 1")
+
+
 async def async_bare(engine: AsyncEngine, n: int) -> None:
     connect = engine.connect
     for _ in range(n):
@@ -172,6 +185,11 @@ AsyncLoop = Callable[[AsyncEngine, int], Coroutine[Any, Any, None]]
 SYNC_WORKLOADS: tuple[tuple[str, str, SyncLoop], ...] = (
     ("sync bare", "with engine.connect(): pass", sync_bare),
     ("sync query", 'with engine.connect() as c: c.exec_driver_sql("select 1")', sync_query),
+    (
+        "sync 2 lines",
+        "sync query, alternating between two checkout lines",
+        sync_query_two_lines,
+    ),
 )
 ASYNC_WORKLOADS: tuple[tuple[str, str, AsyncLoop], ...] = (
     ("async bare", "async with engine.connect(): pass", async_bare),

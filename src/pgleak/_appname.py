@@ -33,7 +33,6 @@ import os
 import socket
 import sys
 import unicodedata
-import weakref
 from collections.abc import Callable, Mapping
 from types import CodeType
 from typing import Any
@@ -370,11 +369,19 @@ class _Psycopg2(_Driver):
             raise
 
 
+def _psycopg_current(conn: Any) -> tuple[bool, str | None]:
+    """(idle?, current application_name) from libpq's own state: no round trip."""
+    pgconn = conn.pgconn
+    if conn.closed or pgconn.transaction_status != 0:
+        return False, None
+    value = pgconn.parameter_status(b"application_name")
+    return True, None if value is None else value.decode("utf-8", "replace")
+
+
 class _Psycopg(_Driver):
     def set_sync(self, conn: Any, tag: str, want: _Want) -> None:
-        if conn.closed or conn.info.transaction_status != 0:
-            return
-        if not want(conn.info.parameter_status("application_name"), tag):
+        idle, current = _psycopg_current(conn)
+        if not idle or not want(current, tag):
             return
         try:
             conn.execute(_SQL_FORMAT, (tag,))
@@ -386,9 +393,8 @@ class _Psycopg(_Driver):
             raise
 
     async def set_async(self, conn: Any, tag: str, want: _Want) -> None:
-        if conn.closed or conn.info.transaction_status != 0:
-            return
-        if not want(conn.info.parameter_status("application_name"), tag):
+        idle, current = _psycopg_current(conn)
+        if not idle or not want(current, tag):
             return
         try:
             await conn.execute(_SQL_FORMAT, (tag,))
@@ -414,7 +420,8 @@ _DRIVERS: dict[str, _Driver] = {
     "psycopg": _Psycopg(),
     "asyncpg": _Asyncpg(),
 }
-_driver_of_class: weakref.WeakKeyDictionary[type, _Driver | None] = weakref.WeakKeyDictionary()
+# Connection classes are few and live as long as their modules: a plain dict is cheapest.
+_driver_of_class: dict[type, _Driver | None] = {}
 
 
 def _driver(conn: Any) -> _Driver | None:

@@ -86,7 +86,7 @@ class Settings:
     retry_connect: bool = True
     retry_deadline: float = 10.0
     retry_max_attempts: int = 8
-    retry_base_delay: float = 0.05
+    retry_base_delay: float = 0.2
     retry_max_delay: float = 2.0
     retry_budget: float = 300.0
     retry_budget_ratio: float = 1.0

@@ -22,7 +22,7 @@ def _tags(**settings: object) -> Tags:
     ("raw", "clean"),
     [
         ("plain-service", "plain-service"),
-        ("it's \"quoted\" \\ back\\slashed; --", "it's \"quoted\" \\ back\\slashed; --"),
+        ('it\'s "quoted" \\ back\\slashed; --', 'it\'s "quoted" \\ back\\slashed; --'),
         ("café-Zürich", "cafe-Zurich"),
         ("日本語 api", "??? api"),
         ("tab\there\nnew\x00line", "tab here new?line"),

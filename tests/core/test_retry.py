@@ -224,7 +224,9 @@ def test_gives_up_after_max_attempts_with_the_same_exception(retrying: EventCapt
 
 
 def test_deadline_cuts_the_last_sleep_and_gives_up(retrying: EventCapture) -> None:
-    pgleak.install(retry_deadline=1.0, retry_max_attempts=100, integrations=())
+    pgleak.install(
+        retry_deadline=1.0, retry_max_attempts=100, retry_base_delay=0.05, integrations=()
+    )
     t = FakeTime()
     connect = Refusing(99)
     with pytest.raises(DriverError):

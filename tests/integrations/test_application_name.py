@@ -11,6 +11,7 @@ import pytest
 
 import pgleak
 from pgleak._appname import LIMIT, sanitize, tags
+from tests.bouncer import PgBouncer
 from tests.conftest import Server
 from tests.integrations.appname_clients import CLIENTS, Endpoint, checkout_sites
 
@@ -87,9 +88,7 @@ def test_call_site_tag_names_the_checkout_line(client: str, direct: Endpoint) ->
 
 
 @pytest.mark.parametrize("client", sorted(CLIENTS))
-def test_call_site_tag_never_replaces_the_applications_value(
-    client: str, direct: Endpoint
-) -> None:
+def test_call_site_tag_never_replaces_the_applications_value(client: str, direct: Endpoint) -> None:
     pgleak.install(service_name="svc", app_name_call_site=True)
     try:
         assert CLIENTS[client](direct, "mine") == "mine"
@@ -125,3 +124,29 @@ def test_call_site_tag_costs_a_round_trip_only_when_the_line_changes(pg: Server)
             assert "set_config('application_name'" in _last_query(pg, pid)
     finally:
         pgleak.uninstall()
+
+
+# -- through PgBouncer (transaction mode), which keeps application_name per client -------------
+
+
+@pytest.fixture
+def via_bouncer(bouncer: PgBouncer, pg: Server) -> Endpoint:
+    return Endpoint(bouncer.host, bouncer.port, pg.user, pg.dbname, bouncer=True)
+
+
+@pytest.mark.parametrize("client", sorted(CLIENTS))
+def test_tags_through_pgbouncer(client: str, via_bouncer: Endpoint, tagged: None) -> None:
+    assert CLIENTS[client](via_bouncer, None) == tags.base
+    assert CLIENTS[client](via_bouncer, HOSTILE_USER) == HOSTILE_USER
+
+
+@pytest.mark.parametrize("client", sorted(CLIENTS))
+def test_call_site_tags_through_pgbouncer(client: str, via_bouncer: Endpoint) -> None:
+    pgleak.install(service_name="svc", app_name_call_site=True)
+    try:
+        seen = CLIENTS[client](via_bouncer, None)
+    finally:
+        pgleak.uninstall()
+    match = re.fullmatch(r"svc:(appname_clients\.py:\d+)", seen)
+    assert match, seen
+    assert match.group(1) in checkout_sites()

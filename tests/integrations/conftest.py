@@ -1,0 +1,37 @@
+"""Fixtures for the integration tests: a real PgBouncer in front of the session's server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.bouncer import BouncerNotFound, PgBouncer, find_pgbouncer
+from tests.conftest import Server
+
+#: Client connections the session bouncer takes; the next one is refused with 08P01.
+BOUNCER_MAX_CLIENT_CONN = 3
+
+
+@pytest.fixture(scope="session")
+def bouncer(pg: Server) -> Iterator[PgBouncer]:
+    """PgBouncer (transaction pooling, ``max_client_conn=3``) in front of the session server.
+
+    Skips when ``pgbouncer`` is not installed (CI installs it).
+    """
+    try:
+        find_pgbouncer()
+    except BouncerNotFound as exc:
+        if os.environ.get("PGLEAK_REQUIRE_PGBOUNCER"):  # CI installs it: a skip would hide that
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    with PgBouncer(
+        pg.host,
+        pg.port,
+        user=pg.user,
+        dbname=pg.dbname,
+        max_client_conn=BOUNCER_MAX_CLIENT_CONN,
+        default_pool_size=2,
+    ) as running:
+        yield running
