@@ -62,6 +62,11 @@ suppressed: contextvars.ContextVar[bool] = contextvars.ContextVar(
 #: ``math.inf`` (never set by users: ``allow_long_hold`` takes finite values) marks checkouts a
 #: pool makes and returns by itself (``asyncpg.Pool.fetch()``): holders, never leaks.
 allowance: contextvars.ContextVar[float] = contextvars.ContextVar("pgleak_allowance", default=0.0)
+#: Set inside ``pgleak.context()`` (by a web integration, per request): what the code holding
+#: a connection was doing, e.g. ``GET /orders/42``. Read once per checkout.
+context: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "pgleak_context", default=None
+)
 
 
 class PoolHandle:
@@ -110,12 +115,14 @@ class Lease:
     """
 
     __slots__ = (
+        "context",
         "deadline",
         "flagged",
         "generation",
         "id",
         "key",
         "pool",
+        "probe",
         "raw",
         "ref",
         "reported",
@@ -144,6 +151,11 @@ class Lease:
         self.raw = raw
         self.task = task
         self.ref: weakref.ref[Any] | None = None
+        #: ``pgleak.context()`` at checkout (a request's method and path, say).
+        self.context: str | None = None
+        #: Set by an adapter that can say, at report time, what state the connection is in
+        #: ("idle in transaction"): called from the watchdog thread, must not block.
+        self.probe: Callable[[], str | None] | None = None
         # id() of the connection when the lease is found by connection (Core.lease_of).
         self.key: int | None = None
         # Written by the watchdog before it decides to report (see Core._scan).
@@ -159,9 +171,20 @@ class Lease:
         return self.deadline - self.t0
 
     def holder(self) -> str:
+        during = f" during {self.context}" if self.context else ""
         if self.task is not None:
-            return f"task {self.task[1]!r} (thread {self.thread[1]!r})"
-        return f"thread {self.thread[1]!r}"
+            return f"task {self.task[1]!r} (thread {self.thread[1]!r}){during}"
+        return f"thread {self.thread[1]!r}{during}"
+
+    def state(self) -> str | None:
+        probe = self.probe
+        if probe is None:
+            return None
+        try:
+            return probe()
+        except Exception as exc:
+            internal_error("core.probe", exc)
+            return None
 
 
 class _ConnRef(weakref.ref):  # type: ignore[type-arg]
@@ -272,6 +295,7 @@ class Core:
             _stack.capture(settings.stack_depth, 2, task) if settings.capture_stack else (),
             None if task is None else (weakref.ref(task), task.get_name()),
         )
+        lease.context = context.get()
         if conn is not None:
             try:
                 ref = _ConnRef(conn, self._on_collected)
@@ -364,14 +388,19 @@ class Core:
         ident = _thread_identity()
         task = _current_task() if _get_running_loop() is not None else None
         waiter_raw = _stack.capture(self.settings.stack_depth, 2, task, thorough=True)
+        during = context.get()
+        holder = (
+            f"task {task.get_name()!r} (thread {ident[1]!r})"
+            if task is not None
+            else f"thread {ident[1]!r}"
+        )
         waiter = Checkout(
             checkout_id=0,
             pool=pool.name,
             held_s=waited_s if waited_s is not None else math.nan,
-            holder=f"task {task.get_name()!r} (thread {ident[1]!r})"
-            if task is not None
-            else f"thread {ident[1]!r}",
+            holder=f"{holder} during {during}" if during else holder,
             stack=_stack.format_raw(waiter_raw),
+            context=during,
         )
         self.emit(LeakEvent(EXHAUSTED, pool.name, holders=holders, waiter=waiter, detail=detail))
 
@@ -519,6 +548,8 @@ class Core:
             stack=_stack.format_raw(lease.raw),
             holder_stack=holder_stack,
             holder_finished=finished,
+            context=lease.context,
+            state=lease.state(),
         )
 
     def _holder_now(self, lease: Lease) -> tuple[list[str] | None, bool]:

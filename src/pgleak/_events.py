@@ -51,6 +51,10 @@ class Checkout:
             holder has finished, or the snapshot did not ask for it).
         holder_finished: The holding thread or task has ended while the connection is still
             out: nothing is left that could return it.
+        context: What the holder was doing at checkout, from ``pgleak.context()`` (a web
+            integration sets the request: ``GET /orders/42``); also part of ``holder``.
+        state: The connection's state when the snapshot was made, where the integration can
+            tell (``idle in transaction``); ``None`` otherwise.
     """
 
     checkout_id: int
@@ -60,6 +64,8 @@ class Checkout:
     stack: list[str]
     holder_stack: list[str] | None = None
     holder_finished: bool = False
+    context: str | None = None
+    state: str | None = None
 
     __module__ = "pgleak"
 
@@ -77,6 +83,8 @@ class Checkout:
             "stack": list(self.stack),
             "holder_stack": None if self.holder_stack is None else list(self.holder_stack),
             "holder_finished": self.holder_finished,
+            "context": self.context,
+            "state": self.state,
         }
 
 
@@ -134,6 +142,8 @@ class LeakEvent:
             "checkout_id": self.checkout.checkout_id if self.checkout else None,
             "holder_stack": self.checkout.holder_stack if self.checkout else None,
             "holder_finished": self.checkout.holder_finished if self.checkout else None,
+            "context": who.context if who else None,
+            "state": self.checkout.state if self.checkout else None,
             "threshold_s": self.threshold_s,
         }
         if self.event == EXHAUSTED:

@@ -68,6 +68,8 @@ def _frames(title: str, frames: list[str] | None, indent: str = "  ") -> list[st
 
 def _holder_lines(checkout: Checkout, indent: str) -> list[str]:
     lines = _frames("checked out at", checkout.stack, indent)
+    if checkout.state:
+        lines.append(f"{indent}the connection is {checkout.state}")
     if checkout.holder_stack is not None:
         lines += _frames("holder is now at", checkout.holder_stack, indent)
     elif checkout.holder_finished:
