@@ -23,6 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from pgleak.embedded import unprivileged
+
 __all__ = ["BouncerNotFound", "PgBouncer", "find_pgbouncer"]
 
 _STARTUP_TIMEOUT = 20.0
@@ -193,20 +195,10 @@ class PgBouncer:
         return self
 
     def _drop_privileges(self) -> None:
-        """PgBouncer refuses to run as root: run it as ``postgres`` or ``nobody``."""
-        import pwd  # POSIX only, and only needed here
-
-        for name in ("postgres", "nobody"):
-            with contextlib.suppress(KeyError):
-                entry = pwd.getpwnam(name)
-                break
-        else:
-            raise RuntimeError("running as root, but no 'postgres' or 'nobody' user to run as")
-        self._run_as = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        """PgBouncer refuses to run as root: run it as ``postgres`` or ``nobody``, in a dir
+        of its own (the ini and auth file, written as root with mode 0644, stay readable)."""
         assert self._tmp is not None
-        # Its own dir: the ini and auth file (written here as root, mode 0644) must be
-        # readable, the pid file writable.
-        os.chown(self._tmp, entry.pw_uid, entry.pw_gid)
+        self._run_as = unprivileged(self._tmp)
 
     def _ini(self) -> str:
         assert self._tmp is not None

@@ -189,6 +189,24 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def unprivileged(directory: Path) -> dict[str, Any]:
+    """For root: ``subprocess`` arguments that run a server as ``postgres`` (or ``nobody``).
+
+    PostgreSQL and PgBouncer both refuse to run as root. ``directory``, the server's own, is
+    handed to that user.
+    """
+    import pwd  # POSIX only, and only needed here
+
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam(name)
+            break
+    else:
+        raise RuntimeError("running as root, but no 'postgres' or 'nobody' user to run as")
+    os.chown(directory, entry.pw_uid, entry.pw_gid)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
 class EmbeddedPostgres:
     """A private PostgreSQL cluster in a temp dir, on a free port of 127.0.0.1.
 
@@ -254,17 +272,8 @@ class EmbeddedPostgres:
 
     def _drop_privileges(self) -> None:
         """initdb and postgres refuse to run as root, so run them as a nobody."""
-        import pwd  # POSIX only, and only needed here
-
-        for name in ("postgres", "nobody"):
-            with contextlib.suppress(KeyError):
-                entry = pwd.getpwnam(name)
-                break
-        else:
-            raise RuntimeError("running as root, but no 'postgres' or 'nobody' user to run as")
-        self._run_as = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
         assert self._tmp is not None
-        os.chown(self._tmp, entry.pw_uid, entry.pw_gid)
+        self._run_as = unprivileged(self._tmp)
 
     def _can_run(self, bindir: Path) -> bool:
         try:

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
+import pgleak
+from pgleak.testing import EventCapture, capture_events
 from tests.bouncer import BouncerNotFound, PgBouncer, find_pgbouncer
 from tests.conftest import Server
 
@@ -35,3 +37,20 @@ def bouncer(pg: Server) -> Iterator[PgBouncer]:
         default_pool_size=2,
     ) as running:
         yield running
+
+
+@pytest.fixture
+def retrying() -> Iterator[EventCapture]:
+    """pgleak installed with fast retries and a long deadline; the events it emits."""
+    pgleak.install(
+        retry_deadline=5.0,
+        retry_max_attempts=100,
+        retry_base_delay=0.02,
+        retry_max_delay=0.2,
+        report_interval=60,
+    )
+    try:
+        with capture_events() as events:
+            yield events
+    finally:
+        pgleak.uninstall()

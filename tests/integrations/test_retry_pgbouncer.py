@@ -36,7 +36,7 @@ import pytest
 import pgleak
 from pgleak._events import CONNECT_GAVE_UP, CONNECT_RETRY, LeakEvent
 from pgleak._retry import classify
-from pgleak.testing import EventCapture, capture_events
+from pgleak.testing import EventCapture
 from tests.bouncer import PgBouncer
 from tests.integrations.kits import _available
 from tests.integrations.test_retry_real import (
@@ -170,22 +170,6 @@ def free_one_on_first_retry(events: EventCapture, conns: list[Any]) -> Iterator[
         done.set()
         freer.join(timeout=15)
         assert not freer.is_alive()
-
-
-@pytest.fixture
-def retrying() -> Iterator[EventCapture]:
-    pgleak.install(
-        retry_deadline=5.0,
-        retry_max_attempts=100,
-        retry_base_delay=0.02,
-        retry_max_delay=0.2,
-        report_interval=60,
-    )
-    try:
-        with capture_events() as events:
-            yield events
-    finally:
-        pgleak.uninstall()
 
 
 def _driver_error(exc: BaseException) -> BaseException:

@@ -228,22 +228,6 @@ def full(t: Target) -> Iterator[list[Any]]:
                 conn.close()
 
 
-@pytest.fixture
-def retrying() -> Iterator[EventCapture]:
-    pgleak.install(
-        retry_deadline=5.0,
-        retry_max_attempts=100,
-        retry_base_delay=0.02,
-        retry_max_delay=0.2,
-        report_interval=60,
-    )
-    try:
-        with capture_events() as events:
-            yield events
-    finally:
-        pgleak.uninstall()
-
-
 # -- tests --------------------------------------------------------------------------------------
 
 
