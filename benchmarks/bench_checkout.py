@@ -5,6 +5,7 @@ Usage::
     python benchmarks/bench_checkout.py            # full run, well under 3 minutes
     python benchmarks/bench_checkout.py --quick    # smoke run for CI, under 30 seconds
     python benchmarks/bench_checkout.py --json results.json
+    python benchmarks/bench_checkout.py --otel-variants   # + OTel metrics only, and unsampled
 
 One process, one throwaway server (``pgleak.embedded.EmbeddedPostgres``), four workloads:
 
@@ -13,12 +14,18 @@ One process, one throwaway server (``pgleak.embedded.EmbeddedPostgres``), four w
 * ``async bare``  ``async with engine.connect(): pass``           (AsyncEngine + asyncpg, size 1)
 * ``async query`` ``async with engine.connect() as c: await c.exec_driver_sql("select 1")``
 
-each under six configurations: pgleak not installed, ``install(capture_stack=False)``,
+each under eight configurations: pgleak not installed, ``install(capture_stack=False)``,
 ``install(stack_depth=8)``, ``install()`` (stack capture on, the default depth),
-``install(stack_depth=32)`` and ``install(app_name_call_site=True)``; plus ``sync 2 lines``,
-the query loop alternating between two checkout lines, where a call-site tag changes (one
-more round trip) at every checkout. ``uninstall()`` runs after every configuration, so "not
-installed" is measured again in every round.
+``install(stack_depth=32)`` and ``install(app_name_call_site=True)`` - those six with
+``otel=False``, pgleak's own cost - then ``install()`` with the OpenTelemetry API importable
+but no SDK set up (what most applications that have the API as a dependency get), and
+``install()`` with an OpenTelemetry SDK: a ``TracerProvider`` with a ``BatchSpanProcessor``
+whose exporter drops what it is given, and a ``MeterProvider`` with an in-memory reader, so
+that what is measured is pgleak's spans and metrics on the application's thread and not an
+exporter's network. Plus ``sync 2 lines``, the query loop alternating between two checkout
+lines, where a call-site tag changes (one more round trip) at every checkout.
+``uninstall()`` runs after every configuration, so "not installed" is measured again in every
+round.
 
 Method, chosen for small shared machines: configurations are interleaved (A B C D E, A B C D E,
 ...) so that drift in machine load hits all of them alike; each round times N iterations per
@@ -56,8 +63,8 @@ from importlib import metadata
 from typing import Any, TypeVar
 
 import sqlalchemy
-from sqlalchemy import Engine, create_engine
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import Pool
 
 import pgleak
@@ -74,14 +81,85 @@ class Config:
     settings: dict[str, Any] | None
 
 
-CONFIGS: tuple[Config, ...] = (
-    Config("bare", "not installed (bare SQLAlchemy)", None),
-    Config("no_stack", "install(capture_stack=False)", {"capture_stack": False}),
-    Config("depth8", "install(stack_depth=8)", {"stack_depth": 8}),
-    Config("default", f"install() (stack_depth={pgleak.Settings().stack_depth})", {}),
-    Config("depth32", "install(stack_depth=32)", {"stack_depth": 32}),
-    Config("call_site", "install(app_name_call_site=True)", {"app_name_call_site": True}),
-)
+def _otel_sdk(sampled: bool = True) -> dict[str, Any] | None:
+    """Providers of a configured OpenTelemetry SDK whose exporter drops every span.
+
+    ``sampled=False``: a sampler that records no trace (``ParentBased(TraceIdRatioBased(0))``),
+    what most checkouts meet under a low sampling ratio.
+    """
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    except ImportError:
+        return None
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    sampler = None if sampled else ParentBased(TraceIdRatioBased(0.0))
+    tracer_provider = TracerProvider(sampler=sampler)
+    tracer_provider.add_span_processor(BatchSpanProcessor(Drop()))
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    return {"tracer_provider": tracer_provider, "meter_provider": meter_provider}
+
+
+def _otel_api() -> bool:
+    try:
+        import opentelemetry.trace  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def configs(otel_variants: bool = False) -> tuple[Config, ...]:
+    """What is measured: pgleak's own configurations, then OpenTelemetry's (when installed)."""
+    own = (
+        Config("bare", "not installed (bare SQLAlchemy)", None),
+        Config("no_stack", "install(capture_stack=False)", {"capture_stack": False, "otel": False}),
+        Config("depth8", "install(stack_depth=8)", {"stack_depth": 8, "otel": False}),
+        Config(
+            "default",
+            f"install() (stack_depth={pgleak.Settings().stack_depth})",
+            {"otel": False},
+        ),
+        Config("depth32", "install(stack_depth=32)", {"stack_depth": 32, "otel": False}),
+        Config(
+            "call_site",
+            "install(app_name_call_site=True)",
+            {"app_name_call_site": True, "otel": False},
+        ),
+    )
+    if not _otel_api():
+        return own
+    otel = [Config("otel_api", "install(), OTel API, no SDK", {"otel": True})]
+    sdk = _otel_sdk()
+    if sdk is not None:
+        otel.append(Config("otel_sdk", "install(), OTel SDK", {"otel": True, **sdk}))
+        if otel_variants:
+            from opentelemetry.trace import NoOpTracerProvider
+
+            metrics_only = {"otel": True, **sdk, "tracer_provider": NoOpTracerProvider()}
+            otel.append(Config("otel_metrics", "install(), OTel SDK, metrics only", metrics_only))
+            unsampled = _otel_sdk(sampled=False)
+            assert unsampled is not None
+            otel.append(
+                Config(
+                    "otel_unsampled", "install(), OTel SDK, unsampled", {"otel": True, **unsampled}
+                )
+            )
+    return own + tuple(otel)
+
+
+#: Set by ``main`` (``--otel-variants`` adds two).
+CONFIGS: tuple[Config, ...] = ()
 
 TARGET_QUERY_PCT = 2.0  # <= 2 % added on the sync query loop
 TARGET_BARE_US = 3.0  # <= 3 us added per bare sync cycle with stack capture on
@@ -252,6 +330,7 @@ def iterations_for(per_iteration_ns: float, plan: Plan) -> int:
 _ORIGINAL_POOL_CONNECT = Pool.__dict__["connect"]
 _ORIGINAL_ENGINE_INIT = Engine.__dict__["__init__"]
 _ORIGINAL_ENGINE_DISPOSE = Engine.__dict__["dispose"]
+_ORIGINAL_CONNECTION_ENTER = Connection.__dict__["__enter__"]
 restore_failures: list[str] = []
 
 
@@ -270,6 +349,10 @@ def leave(config: Config, pools: list[Pool]) -> None:
         problems.append("Engine.__init__ not restored")
     if Engine.__dict__["dispose"] is not _ORIGINAL_ENGINE_DISPOSE:
         problems.append("Engine.dispose not restored")
+    if Connection.__dict__["__enter__"] is not _ORIGINAL_CONNECTION_ENTER:
+        problems.append("Connection.__enter__ not restored")
+    if "__aenter__" in AsyncConnection.__dict__:
+        problems.append("AsyncConnection.__aenter__ not removed")
     for pool in pools:
         for name in ("checkout", "checkin", "detach"):
             if getattr(pool.dispatch, name):
@@ -441,7 +524,7 @@ def us(ns: float) -> float:
 
 def print_table(results: list[Result]) -> None:
     header = (
-        f"{'workload':<12} {'configuration':<32} {'us/cycle':>9} {'IQR (us)':>15} "
+        f"{'workload':<12} {'configuration':<33} {'us/cycle':>9} {'IQR (us)':>15} "
         f"{'added us':>9} {'overhead':>9} {'paired':>8} {'frames':>6}"
     )
     print(header)
@@ -461,7 +544,7 @@ def print_table(results: list[Result]) -> None:
                 pct = f"{(med / bare - 1) * 100:+.1f}%"
                 paired = f"{us(statistics.median(result.paired_delta_ns(config.key))):+.2f}"
             print(
-                f"{result.workload:<12} {config.label:<32} {us(med):>9.2f} {iqr:>15} "
+                f"{result.workload:<12} {config.label:<33} {us(med):>9.2f} {iqr:>15} "
                 f"{added:>9} {pct:>9} {paired:>8} {frames_text:>6}"
             )
         print()
@@ -551,8 +634,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not pin this process and its PostgreSQL backends to one CPU",
     )
+    parser.add_argument(
+        "--otel-variants",
+        action="store_true",
+        help="also measure OpenTelemetry with metrics only, and with an unsampled tracer",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
     args = parser.parse_args(argv)
+    global CONFIGS
+    CONFIGS = configs(args.otel_variants)
     plan = QUICK if args.quick else FULL
     if args.rounds is not None:
         plan = dataclasses.replace(plan, rounds=max(1, args.rounds))
@@ -646,7 +736,18 @@ def main(argv: list[str] | None = None) -> int:
             "pinned_cpu": pinning.cpu,
             "pinning": pinning.note,
             "wall_seconds": round(elapsed, 2),
-            "configs": {c.key: {"label": c.label, "install": c.settings} for c in CONFIGS},
+            "configs": {
+                c.key: {
+                    "label": c.label,
+                    "install": None
+                    if c.settings is None
+                    else {
+                        k: (type(v).__name__ if k.endswith("_provider") else v)
+                        for k, v in c.settings.items()
+                    },
+                }
+                for c in CONFIGS
+            },
             "targets": verdicts,
             "restore_failures": restore_failures,
             "workloads": [

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgleak import _appname, _guard, _retry
 from pgleak._adapter import Adapter, AdapterUnavailable
@@ -33,6 +33,9 @@ from pgleak._events import Checkout, LeakEvent, Sink
 from pgleak._importhook import PostImportFinder
 from pgleak._report import LoggingSink
 from pgleak._settings import ConfigError, Settings, build_settings
+
+if TYPE_CHECKING:
+    from pgleak import _otel
 
 __all__ = [
     "AdapterUnavailable",
@@ -65,12 +68,18 @@ _exit_registered = False
 _fork_registered = False
 
 
-def install(**settings: Any) -> Settings:
+def install(
+    *, tracer_provider: Any = None, meter_provider: Any = None, **settings: Any
+) -> Settings:
     """Start tracking connection checkouts in every supported library, now or imported later.
 
     Idempotent: a second call applies new settings and patches nothing twice.
 
     Args:
+        tracer_provider: The OpenTelemetry ``TracerProvider`` for pgleak's spans, like the
+            contrib instrumentations' argument of that name; unset: the global one (nothing
+            is recorded until the application sets one).
+        meter_provider: The same for pgleak's metrics.
         **settings: Any field of :class:`Settings` (``leak_threshold=10``, ...); unset knobs
             come from ``PGLEAK_*`` environment variables, then the defaults.
 
@@ -80,7 +89,8 @@ def install(**settings: Any) -> Settings:
     Raises:
         ConfigError: a setting is unknown or its value is invalid.
         AdapterUnavailable: an adapter named in ``integrations`` is unknown, or its library is
-            missing or too old (adapters found automatically are skipped quietly instead).
+            missing or too old (adapters found automatically are skipped quietly instead);
+            or ``otel=True`` without ``opentelemetry-api`` installed.
 
     .. versionadded:: 0.1
     """
@@ -96,7 +106,15 @@ def install(**settings: Any) -> Settings:
                 raise AdapterUnavailable(
                     f"unknown integration(s) {', '.join(unknown)}; known: {', '.join(ADAPTERS)}"
                 )
+        observer = _observer(new, tracer_provider, meter_provider)
         _configure(new)
+        # Without an SDK to record into, the observer only waits for one, at a checkout's cost
+        # of one call; every other hook then sees no observer at all.
+        core.observer = core.waker = None
+        if observer is not None and not observer.asleep:
+            core.observer = observer
+        elif observer is not None and observer.dormant:
+            core.waker = observer.waker()
         if not new.enabled:
             if _installed:
                 _uninstall_locked()
@@ -109,6 +127,21 @@ def install(**settings: Any) -> Settings:
         _installed = True
         _log.debug("pgleak installed: %s; adapters: %s", new, sorted(_adapters))
         return new
+
+
+def _observer(new: Settings, tracer_provider: Any, meter_provider: Any) -> _otel.Telemetry | None:
+    """The OpenTelemetry observer the settings ask for, if the API is there to build it."""
+    if not new.enabled or new.otel is False:
+        return None
+    try:
+        from pgleak import _otel
+    except ImportError as exc:
+        if new.otel:
+            raise AdapterUnavailable(
+                "otel=True, but opentelemetry-api is not installed (pip install 'pgleak[otel]')"
+            ) from exc
+        return None
+    return _otel.Telemetry(__version__, tracer_provider, meter_provider)
 
 
 def _install_adapters(named: tuple[str, ...] | None) -> None:
@@ -188,6 +221,7 @@ def _uninstall_locked() -> None:
     for adapter in reversed(list(_adapters.values())):
         adapter.uninstall()
     _adapters.clear()
+    core.observer = core.waker = None
     core.watchdog.stop()
     core.clear()
     _retry.BUDGET.reset()

@@ -8,6 +8,12 @@ An adapter's own module only says which of its library's events mean "checkout",
   uninstall puts back exactly that object, or deletes the attribute if the owner had inherited
   it, and leaves alone (with a warning) an attribute someone re-wrapped after us;
 * each listener is recorded with a callable that removes it.
+
+It also holds the two hooks an observer (OpenTelemetry) needs from adapters and cannot get from
+the core: when a caller starts waiting for a connection (:meth:`Adapter.track_acquire`), and the
+user-facing ``with`` block of a checkout (:func:`enter_scope` / :func:`exit_scope`, called by
+the wrappers of the library's own context managers, after its enter and before its exit, so
+that the checkout's span is current exactly inside the user's block).
 """
 
 from __future__ import annotations
@@ -15,18 +21,22 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any, ClassVar
 
 from pgleak._appname import tags
-from pgleak._core import allowance, core
+from pgleak._core import Lease, allowance, core
 from pgleak._guard import internal_error
+from pgleak._importhook import PostImportFinder
 
-__all__ = ["Adapter", "AdapterUnavailable"]
+__all__ = ["Adapter", "AdapterUnavailable", "driver_target", "enter_scope", "exit_scope"]
 
 _log = logging.getLogger("pgleak")
 _MISSING = object()
+#: Adapters' hooks on their library's optional submodules (``Adapter.when_imported``).
+_submodules = PostImportFinder()
 
 
 class AdapterUnavailable(RuntimeError):
@@ -74,6 +84,91 @@ async def atag(
         except Exception as exc:
             internal_error(f"{kind}.application_name", exc)
         raise
+
+
+def enter_scope(lease: Lease | None, kind: str) -> None:
+    """The user's ``with`` block around the checkout ``lease`` has begun (its span is current)."""
+    observer = core.observer
+    if observer is not None and lease is not None:
+        try:
+            observer.enter(lease)
+        except Exception as exc:
+            internal_error(f"{kind}.scope", exc)
+
+
+def exit_scope(lease: Lease | None, kind: str) -> None:
+    """The user's ``with`` block around ``lease`` is ending, before the library's own exit."""
+    observer = core.observer
+    if observer is not None and lease is not None:
+        try:
+            observer.exit(lease)
+        except Exception as exc:
+            internal_error(f"{kind}.scope", exc)
+
+
+class _Scope:
+    """A library's checkout context manager, with the checkout's span current inside it.
+
+    A class rather than a generator: its enter and exit add one call each, and the library's
+    ``__exit__`` result (whether it suppressed an exception) is passed on untouched.
+    """
+
+    __slots__ = ("_cm", "_kind", "_lease", "_lease_of")
+
+    def __init__(self, cm: Any, lease_of: Callable[[Any], Lease | None], kind: str) -> None:
+        self._cm = cm
+        self._lease_of = lease_of
+        self._kind = kind
+        self._lease: Lease | None = None
+
+    def _entered(self, conn: Any) -> None:
+        try:
+            self._lease = self._lease_of(conn)
+        except Exception as exc:
+            internal_error(f"{self._kind}.scope", exc)
+            return
+        enter_scope(self._lease, self._kind)
+
+    def __enter__(self) -> Any:
+        conn = self._cm.__enter__()
+        self._entered(conn)
+        return conn
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        exit_scope(self._lease, self._kind)
+        return self._cm.__exit__(*exc_info)
+
+    async def __aenter__(self) -> Any:
+        conn = await self._cm.__aenter__()
+        self._entered(conn)
+        return conn
+
+    async def __aexit__(self, *exc_info: Any) -> Any:
+        exit_scope(self._lease, self._kind)
+        return await self._cm.__aexit__(*exc_info)
+
+
+def driver_target(conn: Any) -> tuple[str | None, int | None, str | None]:
+    """``(host, port, database)`` of a psycopg 3, psycopg2 or asyncpg connection.
+
+    Read off the live connection rather than the pool's arguments: libpq has resolved the
+    defaults, ``PG*`` variables and service files by then. A Unix socket's directory (libpq)
+    or path (asyncpg) is the host.
+    """
+    info = getattr(conn, "info", None)
+    if info is not None and hasattr(info, "dbname"):  # psycopg 3 and psycopg2 ConnectionInfo
+        try:
+            host, port, dbname = info.host, info.port, info.dbname
+        except Exception:  # a closed connection cannot say
+            return None, None, None
+        return host or None, int(port) if port else None, dbname or None
+    addr = getattr(conn, "_addr", None)  # asyncpg.Connection
+    if addr is not None:
+        database = getattr(getattr(conn, "_params", None), "database", None)
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return str(addr[0]), int(addr[1]), database
+        return str(addr), None, database
+    return None, None, None
 
 
 class Adapter:
@@ -164,6 +259,33 @@ class Adapter:
     def on_uninstall(self, undo: Callable[[], None]) -> None:
         self._undo.append(undo)
 
+    def when_imported(self, module: str, install: Callable[[], None]) -> None:
+        """Run ``install`` (which patches) now if ``module`` is imported, else once it is.
+
+        For parts of a library that are costly to import and that many applications never use
+        (SQLAlchemy's asyncio extension): importing them just to patch them would slow every
+        other application's start-up.
+        """
+        if module in sys.modules:
+            install()
+            return
+
+        def hook(_module: object) -> None:
+            _submodules.hooks.pop(module, None)
+            if self.installed:
+                install()
+
+        _submodules.hooks[module] = hook
+        _submodules.register()
+
+        def forget() -> None:
+            if _submodules.hooks.get(module) is hook:
+                del _submodules.hooks[module]
+            if not _submodules.hooks:
+                _submodules.unregister()
+
+        self.on_uninstall(forget)
+
     def originals(self) -> list[tuple[Any, str, Any]]:
         """``(owner, attribute, original)`` for every patch in place; for tests."""
         return [(owner, attr, original) for owner, attr, original, _ in self._patches]
@@ -204,9 +326,21 @@ class Adapter:
         """
         kind = self.name
 
-        def checked_out(pool: Any, conn: Any) -> Any:
+        def waiting(pool: Any) -> tuple[Any, float | None]:
+            # Only an observer needs the wait's start (and the handle, before the call);
+            # the callers check for one first, so that without one this is never called.
             try:
-                return core.checkout(core.pool(pool, kind, namer), conn, index=True)
+                handle = core.pool(pool, kind, namer)
+                return handle, core.wait_start(handle)
+            except Exception as exc:
+                internal_error(f"{kind}.checkout", exc)
+                return None, None
+
+        def checked_out(pool: Any, conn: Any, handle: Any, since: float | None) -> Any:
+            try:
+                if handle is None:
+                    handle = core.pool(pool, kind, namer)
+                return core.checkout(handle, conn, index=True, since=since)
             except Exception as exc:
                 internal_error(f"{kind}.checkout", exc)
                 return None
@@ -235,12 +369,19 @@ class Adapter:
 
             def make(original: Any) -> Any:
                 async def acquire(pool: Any, *args: Any, **kwargs: Any) -> Any:
+                    handle = since = None
+                    if core.observer is not None:
+                        handle, since = waiting(pool)
                     try:
                         conn = await original(pool, *args, **kwargs)
                     except BaseException as err:
+                        if handle is not None:
+                            core.wait_end(handle)
                         gave_up(pool, err, args, kwargs)
                         raise
-                    lease = checked_out(pool, conn)
+                    if handle is not None:
+                        core.wait_end(handle)
+                    lease = checked_out(pool, conn, handle, since)
                     if give_back is not None and tags.call_site and lease is not None:
                         await atag(pool, conn, lease, getattr(pool, give_back), kind)
                     return conn
@@ -251,12 +392,19 @@ class Adapter:
 
             def make(original: Any) -> Any:
                 def acquire(pool: Any, *args: Any, **kwargs: Any) -> Any:
+                    handle = since = None
+                    if core.observer is not None:
+                        handle, since = waiting(pool)
                     try:
                         conn = original(pool, *args, **kwargs)
                     except BaseException as err:
+                        if handle is not None:
+                            core.wait_end(handle)
                         gave_up(pool, err, args, kwargs)
                         raise
-                    lease = checked_out(pool, conn)
+                    if handle is not None:
+                        core.wait_end(handle)
+                    lease = checked_out(pool, conn, handle, since)
                     if give_back is not None and tags.call_site and lease is not None:
                         tag(conn, lease, kind)
                     return conn
@@ -373,6 +521,32 @@ class Adapter:
                     return original(pool, *args, **kwargs)
 
                 return close
+
+        self.patch(owner, attr, make)
+
+    def track_scope(
+        self,
+        owner: Any,
+        attr: str,
+        *,
+        lease_of: Callable[[Any], Lease | None] = core.lease_of,
+    ) -> None:
+        """Wrap ``owner.attr(pool, ...)``, which returns a (sync or async) context manager
+        that checks a connection out on enter and back in on exit (psycopg_pool's
+        ``connection()``): the checkout's span is current inside the block.
+
+        Without an observer the library's own context manager is returned, as it is.
+        """
+        kind = self.name
+
+        def make(original: Any) -> Any:
+            def method(pool: Any, *args: Any, **kwargs: Any) -> Any:
+                cm = original(pool, *args, **kwargs)
+                if core.observer is None:
+                    return cm
+                return _Scope(cm, lease_of, kind)
+
+            return method
 
         self.patch(owner, attr, make)
 

@@ -13,6 +13,9 @@ at the rare moments (pool exhausted, pool closed, exit) when the user is about t
 
 State transitions of a lease are written by at most two threads (the holder and the watchdog)
 in an order that makes every report true without a lock; see ``checkin`` and ``_scan``.
+
+Besides the sinks, one optional :class:`Observer` (OpenTelemetry, ``_otel.py``) is told of every
+wait, checkout and checkin as it happens; without one, each of those costs an attribute check.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from pgleak import _stack
 from pgleak._events import (
     AT_EXIT,
     COLLECTED,
+    CONNECT_GAVE_UP,
+    CONNECT_RETRY,
     EXHAUSTED,
     RETURNED,
     SUSPECTED,
@@ -46,7 +51,7 @@ from pgleak._events import (
 from pgleak._guard import internal_error
 from pgleak._settings import Settings
 
-__all__ = ["Core", "Lease", "PoolHandle", "core"]
+__all__ = ["Core", "Lease", "Observer", "PoolHandle", "PoolKind", "PoolStats", "core"]
 
 _log = logging.getLogger("pgleak")
 _monotonic = time.monotonic
@@ -64,9 +69,7 @@ suppressed: contextvars.ContextVar[bool] = contextvars.ContextVar(
 allowance: contextvars.ContextVar[float] = contextvars.ContextVar("pgleak_allowance", default=0.0)
 #: Set inside ``pgleak.context()`` (by a web integration, per request): what the code holding
 #: a connection was doing, e.g. ``GET /orders/42``. Read once per checkout.
-context: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "pgleak_context", default=None
-)
+context: contextvars.ContextVar[str | None] = contextvars.ContextVar("pgleak_context", default=None)
 
 
 class PoolHandle:
@@ -76,12 +79,18 @@ class PoolHandle:
     URL (and redacting its password), which the hot path must not pay for.
     """
 
-    __slots__ = ("__weakref__", "_name", "_namer", "kind", "ref")
+    __slots__ = ("__weakref__", "_name", "_namer", "kind", "observed", "pending", "ref")
 
     def __init__(self, obj: Any, kind: str, namer: Callable[[Any], str] | None) -> None:
         self.kind = kind
         self._namer = namer
         self._name: str | None = None
+        #: One item per caller waiting for a connection right now (``Core.wait_start``):
+        #: appends and pops are atomic, so threads need no lock to keep the count exact.
+        self.pending: collections.deque[None] = collections.deque()
+        #: What an observer derived from this pool and keeps with it (OpenTelemetry's pool
+        #: attributes); dropped when the pool is renamed.
+        self.observed: Any = None
         self.ref: Callable[[], Any]
         try:
             self.ref = weakref.ref(obj)
@@ -105,6 +114,55 @@ class PoolHandle:
 
     def rename(self, name: str) -> None:
         self._name = name
+        self.observed = None
+
+
+class PoolStats(NamedTuple):
+    """A pool's state as its library reports it; ``None`` where the library does not say.
+
+    Read only when metrics are collected (once a minute, say), never on a checkout.
+    """
+
+    idle: int | None = None
+    used: int | None = None
+    max: int | None = None
+    idle_max: int | None = None
+    idle_min: int | None = None
+
+
+class PoolKind(NamedTuple):
+    """What an adapter can tell about its pools beyond checkouts, for metrics and spans.
+
+    Attributes:
+        stats: The pool object's current :class:`PoolStats`, or ``None`` once it is closed.
+        target: ``(host, port, database)`` of the server behind a lent connection (the object
+            the user holds), any of them ``None`` when unknown.
+    """
+
+    stats: Callable[[Any], PoolStats | None] | None = None
+    target: Callable[[Any], tuple[str | None, int | None, str | None]] | None = None
+
+
+class Observer(Protocol):
+    """Sees every checkout as it happens, besides the events (OpenTelemetry, ``_otel.py``).
+
+    Sinks only get events, which are rare; an observer is told of every checkout and checkin,
+    on the hot path, so it is one object (``Core.observer``, ``None`` when there is none) and
+    every method must be cheap and may raise only what the core swallows into
+    :func:`~pgleak._guard.internal_error`.
+    """
+
+    def wait_started(self, pool: PoolHandle) -> float: ...
+    def wait_ended(self, pool: PoolHandle) -> None: ...
+    def checked_out(self, lease: Lease, since: float | None) -> None: ...
+    def checked_in(self, lease: Lease, late: bool, discarded: bool) -> None: ...
+    def settled(self, lease: Lease) -> None: ...
+    def lease_event(self, lease: Lease, event: LeakEvent, when: float) -> None: ...
+    def exhausted(self, pool: PoolHandle, event: LeakEvent) -> None: ...
+    def pool_event(self, event: LeakEvent) -> None: ...
+    def connected(self, pool: PoolHandle, seconds: float) -> None: ...
+    def enter(self, lease: Lease) -> None: ...
+    def exit(self, lease: Lease) -> None: ...
 
 
 class Lease:
@@ -121,6 +179,7 @@ class Lease:
         "generation",
         "id",
         "key",
+        "otel",
         "pool",
         "probe",
         "raw",
@@ -164,6 +223,8 @@ class Lease:
         self.reported = False
         # Written by the holder's thread when the connection comes back.
         self.t_in: float | None = None
+        #: The observer's per-checkout state (OpenTelemetry: the span and its parent).
+        self.otel: Any = None
 
     @property
     def threshold(self) -> float:
@@ -194,6 +255,10 @@ class _ConnRef(weakref.ref):  # type: ignore[type-arg]
     lease_id: int
     key: int
 
+
+#: A queue entry (see ``Core._pending``): a discarded lease that the watchdog had looked at,
+#: for the observer only.
+_SETTLE = "settle"
 
 _thread_local = threading.local()
 #: Bumped in a forked child, so leases inherited from the parent are recognised and ignored.
@@ -228,6 +293,15 @@ class Core:
         self._pools: dict[int, PoolHandle] = {}
         self.untracked = 0
         self._untracked_warned = False
+        #: Sees every checkout (OpenTelemetry); ``None``: nobody does, and the hot path pays one
+        #: attribute check for it.
+        self.observer: Observer | None = None
+        #: An observer waiting for something to observe with (OpenTelemetry without an SDK set
+        #: up yet): asked at each checkout, it returns itself once it has work, and becomes
+        #: :attr:`observer`. Until then every other hook sees no observer and costs nothing.
+        self.waker: Callable[[], Observer | None] | None = None
+        #: What each adapter can tell about its pools (:class:`PoolKind`), by adapter name.
+        self.kinds: dict[str, PoolKind] = {}
         from pgleak._watchdog import Watchdog
 
         self.watchdog = Watchdog(self._tick)
@@ -261,7 +335,76 @@ class Core:
         if self._pools.get(key) is handle:
             del self._pools[key]
 
-    def checkout(self, pool: PoolHandle, conn: Any = None, index: bool = False) -> Lease | None:
+    def pools(self) -> list[tuple[PoolHandle, Any]]:
+        """Every pool seen and still alive, with its object (for metrics, off the hot path)."""
+        out = []
+        for handle in list(self._pools.values()):
+            obj = handle.ref()
+            if obj is not None:
+                out.append((handle, obj))
+        return out
+
+    def register_kind(self, kind: str, info: PoolKind) -> None:
+        """What the adapter ``kind`` can tell about its pools (stats, server); see PoolKind."""
+        self.kinds[kind] = info
+
+    def observer_now(self) -> Observer | None:
+        """The observer, after asking a waiting one whether it has work now."""
+        observer = self.observer
+        if observer is None and self.waker is not None:
+            try:
+                observer = self.waker()
+            except Exception as exc:
+                internal_error("observer.wake", exc)
+                self.waker = None
+                return None
+            if observer is not None:
+                self.observer = observer
+                self.waker = None
+        return observer
+
+    def wait_start(self, pool: PoolHandle) -> float | None:
+        """A caller is about to wait for a connection from ``pool``.
+
+        Only an observer needs to know (the wait is the start of a checkout span, and pending
+        requests are a metric), so without one this costs nothing but the check. A non-``None``
+        result must be handed to :meth:`wait_end` when the wait is over, however it ended, and
+        to :meth:`checkout` as ``since``.
+        """
+        observer = self.observer
+        if observer is None:
+            return None
+        try:
+            return observer.wait_started(pool)
+        except Exception as exc:
+            internal_error("observer.wait", exc)
+            return None
+
+    def wait_end(self, pool: PoolHandle) -> None:
+        """The wait begun by a non-``None`` :meth:`wait_start` is over."""
+        observer = self.observer
+        if observer is not None:
+            try:
+                observer.wait_ended(pool)
+            except Exception as exc:
+                internal_error("observer.wait", exc)
+
+    def connected(self, pool: PoolHandle, started: float) -> None:
+        """``pool`` opened a server connection it began opening at ``started`` (monotonic)."""
+        observer = self.observer_now()
+        if observer is not None:
+            try:
+                observer.connected(pool, _monotonic() - started)
+            except Exception as exc:
+                internal_error("observer.connected", exc)
+
+    def checkout(
+        self,
+        pool: PoolHandle,
+        conn: Any = None,
+        index: bool = False,
+        since: float | None = None,
+    ) -> Lease | None:
         """Record that ``conn`` (the object the user holds) was checked out of ``pool``.
 
         Args:
@@ -269,6 +412,8 @@ class Core:
             conn: The object the user holds; weakly referenced, to see it collected.
             index: Also file the lease under ``conn``, for :meth:`lease_of` / :meth:`checkin_conn`,
                 when the adapter has no per-checkout object of its own to keep it in.
+            since: When the caller started waiting for this connection (:meth:`wait_start`),
+                if the adapter knows; the start of the checkout's span.
 
         Returns:
             The lease the adapter hands back to :meth:`checkin`, or ``None`` when pgleak is off,
@@ -316,6 +461,12 @@ class Core:
         leases[lease.id] = lease
         if self.watchdog.thread is None:
             self.watchdog.start()
+        observer = self.observer if self.waker is None else self.observer_now()
+        if observer is not None:
+            try:
+                observer.checked_out(lease, since)
+            except Exception as exc:
+                internal_error("observer.checkout", exc)
         return lease
 
     def checkin(self, lease: Lease) -> None:
@@ -332,8 +483,22 @@ class Core:
         now = _monotonic()
         lease.t_in = now
         self._forget(lease)
-        if lease.flagged:
+        late = lease.flagged
+        if late:
             self._pending.append((RETURNED, lease, now))
+        if self.observer is not None:
+            self._observe_checkin(lease, late, discarded=False)
+
+    def _observe_checkin(self, lease: Lease, late: bool, discarded: bool) -> None:
+        # ``late``: the watchdog has looked at this lease and may be reporting it right now;
+        # the observer then leaves what must come after that report (ending its span) to the
+        # watchdog, which drains the entry queued by the caller only after its own report.
+        observer = self.observer
+        if observer is not None:
+            try:
+                observer.checked_in(lease, late, discarded)
+            except Exception as exc:
+                internal_error("observer.checkin", exc)
 
     def discard(self, lease: Lease) -> None:
         """The pool threw the connection away (broken, terminated, detached): no report."""
@@ -343,6 +508,13 @@ class Core:
             return
         lease.t_in = _monotonic()
         self._forget(lease)
+        late = lease.flagged
+        if late:
+            # Nothing is reported for a discarded connection, but the observer's end of it
+            # belongs on the watchdog's side, as for a checkin (see ``checkin``).
+            self._pending.append((_SETTLE, lease, lease.t_in))
+        if self.observer is not None:
+            self._observe_checkin(lease, late, discarded=True)
 
     def lease_of(self, conn: Any) -> Lease | None:
         """The open lease filed under ``conn`` by ``checkout(..., index=True)``, if any."""
@@ -402,7 +574,14 @@ class Core:
             stack=_stack.format_raw(waiter_raw),
             context=during,
         )
-        self.emit(LeakEvent(EXHAUSTED, pool.name, holders=holders, waiter=waiter, detail=detail))
+        event = LeakEvent(EXHAUSTED, pool.name, holders=holders, waiter=waiter, detail=detail)
+        self.emit(event)
+        observer = self.observer_now()
+        if observer is not None:
+            try:
+                observer.exhausted(pool, event)
+            except Exception as exc:
+                internal_error("observer.exhausted", exc)
 
     def pool_closed(self, pool: PoolHandle, detail: str = "pool closed") -> None:
         """``pool`` is being closed or disposed: whatever it still lends out is reported now."""
@@ -516,8 +695,15 @@ class Core:
                     continue
                 lease.flagged = lease.reported = True
                 self._emit_about(COLLECTED, lease, when, with_holder_stack=False)
-            elif kind == RETURNED and item.reported:
-                self._emit_about(RETURNED, item, when, with_holder_stack=False)
+            else:  # RETURNED or _SETTLE: a lease the watchdog had looked at came back
+                if kind == RETURNED and item.reported:
+                    self._emit_about(RETURNED, item, when, with_holder_stack=False)
+                observer = self.observer
+                if observer is not None:
+                    try:
+                        observer.settled(item)
+                    except Exception as exc:
+                        internal_error("observer.checkin", exc)
 
     def _emit_about(
         self,
@@ -527,15 +713,20 @@ class Core:
         with_holder_stack: bool,
         detail: str | None = None,
     ) -> None:
-        self.emit(
-            LeakEvent(
-                kind,
-                lease.pool.name,
-                checkout=self._snapshot(lease, now, with_holder_stack),
-                threshold_s=lease.threshold,
-                detail=detail,
-            )
+        event = LeakEvent(
+            kind,
+            lease.pool.name,
+            checkout=self._snapshot(lease, now, with_holder_stack),
+            threshold_s=lease.threshold,
+            detail=detail,
         )
+        self.emit(event)
+        observer = self.observer
+        if observer is not None:
+            try:
+                observer.lease_event(lease, event, now)
+            except Exception as exc:
+                internal_error("observer.event", exc)
 
     def _snapshot(self, lease: Lease, now: float, with_holder_stack: bool) -> Checkout:
         end = lease.t_in if lease.t_in is not None and lease.t_in < now else now
@@ -588,6 +779,15 @@ class Core:
                 sink(event)
             except Exception as exc:
                 internal_error(f"sink {getattr(sink, '__name__', type(sink).__name__)}", exc)
+        if event.event in _CONNECT_EVENTS:
+            # Emitted by the retry loop in the caller's thread or task: the observer can put
+            # them on what the caller is doing (its current span).
+            observer = self.observer_now()
+            if observer is not None:
+                try:
+                    observer.pool_event(event)
+                except Exception as exc:
+                    internal_error("observer.event", exc)
 
     def _over_bound(self) -> None:
         self.untracked += 1
@@ -620,6 +820,9 @@ class Core:
         self._pending.clear()
         self.untracked = 0
         self._untracked_warned = False
+
+
+_CONNECT_EVENTS = frozenset({CONNECT_RETRY, CONNECT_GAVE_UP})
 
 
 def _identity(obj: Any) -> Any:

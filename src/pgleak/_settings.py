@@ -74,6 +74,10 @@ class Settings:
             connection was last tagged with (``docs/performance.md``); off by default.
         app_name_site_template: The per-checkout tag: fields as ``app_name_template``, plus
             ``{site}`` (``views.py:42``).
+        otel: OpenTelemetry spans (one per checkout, leak events on it) and pool metrics
+            (``docs/otel.md``). ``None`` (the default): on when ``opentelemetry-api`` is
+            importable, which costs nothing until the application sets up an SDK; ``True``
+            insists (``install()`` fails without the API); ``False``: off.
     """
 
     enabled: bool = True
@@ -96,6 +100,7 @@ class Settings:
     app_name_prefix: bool = False
     app_name_call_site: bool = False
     app_name_site_template: str = "{service}:{site}"
+    otel: bool | None = None
 
 
 def _parse_bool(value: Any) -> bool:
@@ -108,6 +113,16 @@ def _parse_bool(value: Any) -> bool:
         if text in {"0", "false", "no", "off"}:
             return False
     raise ValueError("expected a boolean (true/false, 1/0, yes/no, on/off)")
+
+
+def _auto_bool(value: Any) -> bool | None:
+    """A boolean, or ``None`` (``auto``) for "decide from what is installed"."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"", "auto"}):
+        return None
+    try:
+        return _parse_bool(value)
+    except ValueError:
+        raise ValueError("expected a boolean (true/false, 1/0, yes/no, on/off) or auto") from None
 
 
 def _positive_float(value: Any) -> float:
@@ -187,6 +202,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "app_name_prefix": _parse_bool,
     "app_name_call_site": _parse_bool,
     "app_name_site_template": _template("site"),
+    "otel": _auto_bool,
 }
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from types import CodeType, FrameType
 from typing import Any
 
-__all__ = ["RawStack", "capture", "format_frames", "format_raw", "register_library"]
+__all__ = ["RawStack", "capture", "format_frames", "format_raw", "register_library", "site"]
 
 #: ``(code, lasti, code, lasti, ...)``, newest frame first.
 RawStack = tuple[Any, ...]
@@ -272,6 +272,31 @@ def format_raw(raw: RawStack) -> list[str]:
     ]
     entries.reverse()
     return entries
+
+
+#: (id(code), lasti) -> (code, (file, line, function)); the code object is kept to tell a
+#: reused id from the same code. Bounded: a program has only so many checkout lines.
+_site_cache: dict[tuple[int, int], tuple[CodeType, tuple[str, int, str]]] = {}
+
+
+def site(raw: RawStack) -> tuple[str, int, str] | None:
+    """``(file, line, function)`` of the user's checkout line in ``raw``, or ``None``.
+
+    Called for every traced checkout (its span's ``code.*`` attributes), so the answer is
+    cached per (code, offset): finding a line walks the code's line table.
+    """
+    for i in range(0, len(raw) - 1, 2):
+        code, lasti = raw[i], raw[i + 1]
+        hit = _site_cache.get((id(code), lasti))
+        if hit is not None and hit[0] is code:
+            return hit[1]
+        if _verdict(code.co_filename):
+            continue
+        found = (code.co_filename, _lineno(code, lasti), getattr(code, "co_qualname", code.co_name))
+        if len(_site_cache) < 10_000:
+            _site_cache[(id(code), lasti)] = (code, found)
+        return found
+    return None
 
 
 def format_frames(frames: Iterable[FrameType], limit: int, *, newest_first: bool) -> list[str]:

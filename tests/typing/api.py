@@ -56,3 +56,14 @@ def errors() -> None:
         assert "leak_threshold" in message
     except pgleak.AdapterUnavailable:
         pass
+
+
+def opentelemetry() -> bool | None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+
+    settings = pgleak.install(
+        otel=True, tracer_provider=TracerProvider(), meter_provider=MeterProvider()
+    )
+    switch: bool | None = settings.otel
+    return switch

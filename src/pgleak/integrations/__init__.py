@@ -17,6 +17,7 @@ ADAPTERS: dict[str, tuple[str, str]] = {
     "psycopg_pool": ("psycopg_pool", "pgleak.integrations.psycopg_pool:PsycopgPoolAdapter"),
     "psycopg2": ("psycopg2", "pgleak.integrations.psycopg2:Psycopg2Adapter"),
     "asyncpg": ("asyncpg", "pgleak.integrations.asyncpg:AsyncpgAdapter"),
+    "django": ("django", "pgleak.integrations.django:DjangoAdapter"),
 }
 
 

@@ -32,6 +32,13 @@ Hooks, and why each:
 * The shortcuts ``execute``, ``executemany``, ``fetch``, ``fetchval``, ``fetchrow``,
   ``fetchmany`` and ``copy_*``: they acquire and release inside one call, so their checkouts are
   tracked (they hold a slot, and ``pool.exhausted`` lists them) but never held "too long".
+* ``PoolAcquireContext.__aenter__`` / ``__aexit__``: the user-facing ``async with
+  pool.acquire()``. With OpenTelemetry on, the checkout's span is current inside the block (so
+  the asyncpg instrumentation's query spans nest under it): attached in the caller's task once
+  ``_acquire`` has returned, detached before ``release()`` hands over to its shielded task.
+  ``await pool.acquire()`` has no block, and its span is never current.
+* Pool state for the metrics: ``get_size()``, ``get_idle_size()``, ``get_min_size()``,
+  ``get_max_size()``.
 
 The object the application holds is a ``PoolConnectionProxy`` (a new one per checkout), which
 cannot be weakly referenced (``__slots__`` without ``__weakref__``). The ledger therefore files
@@ -50,20 +57,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 try:
     import asyncpg
-    from asyncpg.pool import Pool, PoolConnectionHolder, PoolConnectionProxy
+    from asyncpg.pool import Pool, PoolAcquireContext, PoolConnectionHolder, PoolConnectionProxy
 except ImportError as _exc:  # pragma: no cover - exercised by users without asyncpg
     from pgleak._adapter import AdapterUnavailable
 
     raise AdapterUnavailable("asyncpg is not installed") from _exc
 
 from pgleak import _retry, _stack
-from pgleak._adapter import Adapter, atag
+from pgleak._adapter import Adapter, atag, driver_target, enter_scope, exit_scope
 from pgleak._appname import tags
-from pgleak._core import core
+from pgleak._core import Lease, PoolKind, PoolStats, core
 from pgleak._guard import internal_error
 from pgleak._redact import redact_dsn
 
@@ -120,14 +128,25 @@ def _connection_of(proxy: Any) -> Any:
     return None
 
 
-def _checked_out(pool: Any, proxy: Any) -> Any:
+def _checked_out(pool: Any, proxy: Any, handle: Any, since: float | None) -> Any:
     try:
         con = _connection_of(proxy)
         if con is not None:
-            return core.checkout(core.pool(pool, _KIND, _pool_name), con, index=True)
+            if handle is None:
+                handle = core.pool(pool, _KIND, _pool_name)
+            return core.checkout(handle, con, index=True, since=since)
     except Exception as exc:
         internal_error("asyncpg.checkout", exc)
     return None
+
+
+def _waiting(pool: Any) -> tuple[Any, float | None]:
+    try:
+        handle = core.pool(pool, _KIND, _pool_name)
+        return handle, core.wait_start(handle)
+    except Exception as exc:
+        internal_error("asyncpg.checkout", exc)
+        return None, None
 
 
 def _gave_up(pool: Any, err: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -164,12 +183,19 @@ def _wrap_acquire(original: Any) -> Any:
     """``Pool._acquire(timeout)``: a checkout, or a wait that ran out."""
 
     async def _acquire(pool: Any, *args: Any, **kwargs: Any) -> Any:
+        handle = since = None
+        if core.observer is not None:  # only an observer needs the wait's start
+            handle, since = _waiting(pool)
         try:
             proxy = await original(pool, *args, **kwargs)
         except BaseException as err:
+            if handle is not None:
+                core.wait_end(handle)
             _gave_up(pool, err, args, kwargs)
             raise
-        lease = _checked_out(pool, proxy)
+        if handle is not None:
+            core.wait_end(handle)
+        lease = _checked_out(pool, proxy, handle, since)
         if tags.call_site and lease is not None:
             await atag(pool, proxy._con, lease, lambda _con: pool.release(proxy), _KIND)
         return proxy
@@ -223,7 +249,7 @@ def _wrap_get_new_connection(original: Any) -> Any:
     """``Pool._get_new_connection()``, retried while the server refuses the connection.
 
     The connect arguments the pool keeps get the ``application_name`` tag here, once, in
-    ``server_settings``.
+    ``server_settings``. The successful attempt's duration is ``create_time``.
     """
 
     async def _get_new_connection(pool: Any, *args: Any, **kwargs: Any) -> Any:
@@ -233,11 +259,76 @@ def _wrap_get_new_connection(original: Any) -> Any:
             tags.tag_pool_kwargs(pool, "_connect_kwargs", dsn, tags.asyncpg_kwargs)
         except Exception as exc:
             internal_error("asyncpg.application_name", exc)
-        return await _retry.aretry_connect(
-            lambda: original(pool, *args, **kwargs), pool=core.pool(pool, _KIND, _pool_name)
-        )
+        handle = core.pool(pool, _KIND, _pool_name)
+
+        async def attempt() -> Any:
+            started = time.monotonic() if core.observer is not None else None
+            con = await original(pool, *args, **kwargs)
+            if started is not None:
+                core.connected(handle, started)
+            return con
+
+        return await _retry.aretry_connect(attempt, pool=handle)
 
     return _get_new_connection
+
+
+def _lease_of_proxy(proxy: Any) -> Lease | None:
+    con = _connection_of(proxy)
+    return None if con is None else core.lease_of(con)
+
+
+def _wrap_aenter(original: Any) -> Any:
+    """``PoolAcquireContext.__aenter__``: the checkout's span is current in the block.
+
+    A plain function: without an observer it hands back the library's own coroutine, so that
+    ``async with pool.acquire()`` gains no coroutine (and no frame for a stack to cross).
+    """
+
+    async def traced(ctx: Any) -> Any:
+        proxy = await original(ctx)
+        try:
+            lease = _lease_of_proxy(proxy)
+        except Exception as exc:
+            internal_error("asyncpg.scope", exc)
+        else:
+            enter_scope(lease, _KIND)
+        return proxy
+
+    def __aenter__(ctx: Any) -> Any:
+        return original(ctx) if core.observer is None else traced(ctx)
+
+    return __aenter__
+
+
+def _wrap_aexit(original: Any) -> Any:
+    """``PoolAcquireContext.__aexit__``: detached here, in the caller's task, before
+    ``release()`` continues in a shielded task of its own."""
+
+    def __aexit__(ctx: Any, *exc_info: Any) -> Any:
+        if core.observer is not None:
+            try:
+                lease = _lease_of_proxy(ctx.connection)
+            except Exception as exc:
+                internal_error("asyncpg.scope", exc)
+            else:
+                exit_scope(lease, _KIND)
+        return original(ctx, *exc_info)
+
+    return __aexit__
+
+
+def _stats(pool: Any) -> PoolStats | None:
+    if pool.is_closing():
+        return None
+    size, idle = pool.get_size(), pool.get_idle_size()
+    return PoolStats(
+        idle=idle,
+        used=max(0, size - idle),
+        max=pool.get_max_size(),
+        idle_max=pool.get_max_size(),
+        idle_min=pool.get_min_size(),
+    )
 
 
 class AsyncpgAdapter(Adapter):
@@ -255,3 +346,6 @@ class AsyncpgAdapter(Adapter):
         self.track_close(Pool, "close", namer=_pool_name, detail="pool.close()", is_async=True)
         self.track_close(Pool, "terminate", namer=_pool_name, detail="pool.terminate()")
         self.hold_unlimited(Pool, SHORTCUTS, is_async=True)
+        self.patch(PoolAcquireContext, "__aenter__", _wrap_aenter)
+        self.patch(PoolAcquireContext, "__aexit__", _wrap_aexit)
+        core.register_kind(self.name, PoolKind(stats=_stats, target=driver_target))

@@ -42,7 +42,12 @@ What each call means:
 * ``closeall`` closes every connection, lent or not: whatever is still out is reported.
 * ``AbstractConnectionPool._connect``: the arguments the pool keeps for ``psycopg2.connect()``
   get the ``application_name`` tag, once, before the first connection (``minconn`` ones
-  included).
+  included); the time it takes is ``db.client.connection.create_time``.
+
+psycopg2's pools have no ``with`` block, so a checkout's OpenTelemetry span is never current:
+it is recorded from ``getconn`` to ``putconn``, under the span that was current at ``getconn``.
+Pool state for the metrics is read from the pool itself: ``_pool`` (idle), ``_used``,
+``maxconn``, and ``minconn`` (the most idle connections it keeps).
 
 The pool keeps strong references to lent connections (``_used``, ``_rused``), so a dropped
 connection is never garbage-collected: it stays out until ``closeall()`` or process exit, where
@@ -53,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from importlib import metadata
 from typing import Any
 
@@ -71,9 +77,9 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without psy
     raise AdapterUnavailable("psycopg2 is not installed") from _exc
 
 from pgleak import _retry, _stack
-from pgleak._adapter import Adapter, tag
+from pgleak._adapter import Adapter, driver_target, tag
 from pgleak._appname import tags, untagged
-from pgleak._core import core, suppressed
+from pgleak._core import PoolKind, PoolStats, core, suppressed
 from pgleak._guard import internal_error
 from pgleak._redact import redact_dsn
 
@@ -172,9 +178,24 @@ def _tagging_connect(original: Any) -> Any:
             tags.tag_pool_kwargs(pool, "_kwargs", dsn, tags.libpq_kwargs)
         except Exception as exc:
             internal_error("psycopg2.application_name", exc)
-        return original(pool, *args, **kwargs)
+        started = time.monotonic() if core.observer is not None else None
+        conn = original(pool, *args, **kwargs)
+        if started is not None:
+            try:
+                core.connected(core.pool(pool, "psycopg2", _pool_name), started)
+            except Exception as exc:
+                internal_error("psycopg2.connect", exc)
+        return conn
 
     return _connect
+
+
+def _stats(pool: Any) -> PoolStats | None:
+    if pool.closed:
+        return None
+    return PoolStats(
+        idle=len(pool._pool), used=len(pool._used), max=pool.maxconn, idle_max=pool.minconn
+    )
 
 
 class Psycopg2Adapter(Adapter):
@@ -199,3 +220,4 @@ class Psycopg2Adapter(Adapter):
         self.patch(AbstractConnectionPool, "_connect", _tagging_connect)
         self.patch(SimpleConnectionPool, "getconn", _retrying_getconn)
         self.patch(ThreadedConnectionPool, "getconn", _retrying_getconn)
+        core.register_kind(self.name, PoolKind(stats=_stats, target=driver_target))

@@ -7,10 +7,17 @@ Hooks, and why each:
   ``PoolTimeout`` here is the moment to list every holder.
 * ``putconn``: the checkin. A ``ValueError`` (a connection from another pool) is no checkin.
 * ``close``: whatever is still out when the pool closes is reported.
+* ``connection()``: the user-facing ``with`` block; with OpenTelemetry on, the checkout's span
+  is current inside it (so the psycopg instrumentation's query spans nest under it), attached
+  after ``getconn`` returns and detached before ``putconn`` runs, in the caller's context.
 * ``_connect`` (sync and async): where the pool opens a server connection, from its workers or
   (Null pools) the caller. The ``kwargs`` the pool keeps get the ``application_name`` tag
   there, once (:meth:`pgleak._appname.Tags.tag_pool_kwargs`), so pools created before
-  ``install()`` are tagged too; a ``kwargs`` callable (3.3) is wrapped instead.
+  ``install()`` are tagged too; a ``kwargs`` callable (3.3) is wrapped instead. It is also
+  where the time to open a connection is measured (``db.client.connection.create_time``).
+* Pool state for the metrics comes from ``get_stats()`` (available) and the pool's
+  ``min_size``/``max_size``, connections in use from the ledger; a Null pool keeps no idle
+  connections.
 
 Retrying a connection refused because the server is full (:mod:`pgleak._retry`):
 
@@ -52,9 +59,9 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without psy
     raise AdapterUnavailable("psycopg_pool is not installed") from _exc
 
 from pgleak import _retry, _stack
-from pgleak._adapter import Adapter
+from pgleak._adapter import Adapter, driver_target
 from pgleak._appname import tags
-from pgleak._core import core
+from pgleak._core import PoolKind, PoolStats, core
 from pgleak._guard import internal_error
 from pgleak._redact import redact_dsn
 
@@ -114,10 +121,43 @@ def _tag_kwargs(pool: Any) -> None:
         internal_error("psycopg_pool.application_name", exc)
 
 
+def _stats(pool: Any) -> PoolStats | None:
+    """Idle connections and limits from the pool; connections in use from pgleak's ledger.
+
+    ``pool_size - pool_available`` would count a connection the pool is still opening (it
+    counts it from the moment it starts growing) as one in use.
+    """
+    if pool.closed:
+        return None
+    idle = pool.get_stats().get("pool_available", 0)
+    null = isinstance(pool, (NullConnectionPool, AsyncNullConnectionPool))
+    return PoolStats(
+        idle=idle,
+        max=pool.max_size,
+        idle_max=0 if null else pool.max_size,
+        idle_min=0 if null else pool.min_size,
+    )
+
+
+def _connect_started() -> float | None:
+    return time.monotonic() if core.observer is not None else None
+
+
+def _connected(pool: Any, started: float | None) -> None:
+    if started is not None:
+        try:
+            core.connected(core.pool(pool, "psycopg_pool", _pool_name), started)
+        except Exception as exc:
+            internal_error("psycopg_pool.connect", exc)
+
+
 def _tagging_connect(original: Any) -> Any:
     def _connect(pool: Any, *args: Any, **kwargs: Any) -> Any:
         _tag_kwargs(pool)
-        return original(pool, *args, **kwargs)
+        started = _connect_started()
+        conn = original(pool, *args, **kwargs)
+        _connected(pool, started)
+        return conn
 
     return _connect
 
@@ -125,7 +165,10 @@ def _tagging_connect(original: Any) -> Any:
 def _atagging_connect(original: Any) -> Any:
     async def _connect(pool: Any, *args: Any, **kwargs: Any) -> Any:
         _tag_kwargs(pool)
-        return await original(pool, *args, **kwargs)
+        started = _connect_started()
+        conn = await original(pool, *args, **kwargs)
+        _connected(pool, started)
+        return conn
 
     return _connect
 
@@ -152,6 +195,8 @@ class PsycopgPoolAdapter(Adapter):
             self.track_close(
                 cls, "close", namer=_pool_name, detail="pool.close()", is_async=is_async
             )
+            self.track_scope(cls, "connection")
+        core.register_kind(self.name, PoolKind(stats=_stats, target=driver_target))
         self.patch(ConnectionPool, "_connect", _tagging_connect)
         self.patch(AsyncConnectionPool, "_connect", _atagging_connect)
         self.patch(NullConnectionPool, "_getconn_unchecked", _retrying_getconn_unchecked)

@@ -24,11 +24,30 @@ Hooks, and why each:
   greenlet bridge and does not block the event loop.
 * ``Engine.__init__`` and ``Engine.dispose`` give the pool a readable name (the URL, password
   hidden) and tell the core when a pool is disposed with connections still out.
+
+OpenTelemetry (only does anything with an observer installed):
+
+* ``Pool.connect`` marks the start of the wait for a connection (the checkout span's start,
+  ``db.client.connection.wait_time``, pending requests). The checkout event inside it is a
+  few calls deeper, so the start travels there in a context variable (a thread-local would
+  be wrong: in asyncio mode other tasks' checkouts interleave on the thread while this one
+  awaits a new connection).
+* ``Connection.__enter__`` / ``__exit__`` and ``AsyncConnection.__aenter__`` / ``__aexit__``
+  are the user's ``with engine.connect()`` / ``engine.begin()`` block: the checkout's span is
+  made current there, *after* ``Engine.connect`` has returned. The SQLAlchemy instrumentation
+  wraps ``Engine.connect`` in a span of its own and resets the context when it returns, which
+  would undo anything attached inside it (the checkout event); outside it, the order in which
+  the two were installed does not matter. ``AsyncConnection.__aexit__`` detaches before the
+  connection is closed in a shielded task of its own. A ``Session`` checks out inside
+  ``session.execute()`` with no block of its own, so its checkouts' spans are not current.
+* Pool state for the metrics: ``QueuePool`` (and the asyncio one) says ``checkedin()``,
+  ``checkedout()``, ``size()`` and its overflow; other pool classes only what pgleak sees.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import os
 import time
@@ -38,17 +57,17 @@ from typing import Any
 try:
     import sqlalchemy
     from sqlalchemy import event, exc
-    from sqlalchemy.engine import Engine
-    from sqlalchemy.pool import Pool
+    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.pool import Pool, QueuePool
 except ImportError as _exc:  # pragma: no cover - exercised by users without SQLAlchemy
     from pgleak._adapter import AdapterUnavailable
 
     raise AdapterUnavailable("SQLAlchemy is not installed") from _exc
 
 from pgleak import _retry, _stack
-from pgleak._adapter import Adapter
+from pgleak._adapter import Adapter, driver_target, enter_scope, exit_scope
 from pgleak._appname import tags
-from pgleak._core import PoolHandle, core
+from pgleak._core import Lease, PoolHandle, PoolKind, PoolStats, core
 from pgleak._guard import internal_error
 from pgleak._redact import redact_dsn
 
@@ -56,6 +75,11 @@ __all__ = ["SQLAlchemyAdapter"]
 
 _KEY = "_pgleak_lease"
 _KIND = "sqlalchemy"
+
+#: When the ``Pool.connect`` running in this context started waiting (only with an observer).
+_since: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "pgleak_sqlalchemy_since", default=None
+)
 
 
 def _pool_name(pool: Any) -> str:
@@ -75,7 +99,8 @@ def _engine_name(engine: Any) -> str:
 
 def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
     try:
-        lease = core.checkout(_handle(proxy._pool), proxy)
+        since = _since.get() if core.observer is not None else None
+        lease = core.checkout(_handle(proxy._pool), proxy, since=since)
         if lease is not None:
             record.info[_KEY] = lease
     except Exception as err:
@@ -182,14 +207,102 @@ def _on_do_connect(dialect: Any, record: Any, cargs: list[Any], cparams: dict[st
     def attempt() -> Any:
         args, params = list(cargs), dict(cparams)
         _tag_params(dialect, args, params)
+        started = time.monotonic() if core.observer is not None else None
+        connection = None
         for fn in later:
             connection = fn(dialect, record, args, params)
             if connection is not None:
-                return connection
-        return dialect.connect(*args, **params)
+                break
+        else:
+            connection = dialect.connect(*args, **params)
+        if started is not None and isinstance(target, PoolHandle):
+            core.connected(target, started)
+        return connection
 
     sleep = (_greenlet_sleep() if getattr(dialect, "is_async", False) else None) or time.sleep
     return _retry.retry_connect(attempt, pool=target, sleep=sleep)
+
+
+def _lease_of(connection: Any) -> Lease | None:
+    """The lease of the pooled connection a ``Connection`` holds (``None`` once closed)."""
+    fairy = getattr(connection, "_dbapi_connection", None)
+    record = getattr(fairy, "_connection_record", None)
+    if record is None:
+        return None
+    lease: Lease | None = record.info.get(_KEY)
+    return lease
+
+
+def _scope(connection: Any, entering: bool) -> None:
+    try:
+        lease = _lease_of(connection)
+    except Exception as err:
+        internal_error("sqlalchemy.scope", err)
+        return
+    (enter_scope if entering else exit_scope)(lease, _KIND)
+
+
+def _make_enter(original: Any) -> Any:
+    def __enter__(self: Any) -> Any:
+        result = original(self)
+        if core.observer is not None:
+            _scope(self, True)
+        return result
+
+    return __enter__
+
+
+def _make_exit(original: Any) -> Any:
+    def __exit__(self: Any, *exc_info: Any) -> Any:
+        if core.observer is not None:
+            _scope(self, False)
+        return original(self, *exc_info)
+
+    return __exit__
+
+
+def _make_aenter(original: Any) -> Any:
+    # A plain function returning the library's coroutine: without an observer, ``async with
+    # engine.connect()`` gains no coroutine of pgleak's (nor a frame for stacks to cross).
+    async def traced(self: Any) -> Any:
+        result = await original(self)
+        _scope(getattr(self, "sync_connection", None), True)
+        return result
+
+    def __aenter__(self: Any) -> Any:
+        return original(self) if core.observer is None else traced(self)
+
+    return __aenter__
+
+
+def _make_aexit(original: Any) -> Any:
+    def __aexit__(self: Any, *exc_info: Any) -> Any:
+        # Before the original, which closes the connection in a shielded task of its own.
+        if core.observer is not None:
+            _scope(getattr(self, "sync_connection", None), False)
+        return original(self, *exc_info)
+
+    return __aexit__
+
+
+def _stats(pool: Any) -> PoolStats | None:
+    """What the pool itself can say; ``used`` left to pgleak's ledger where it cannot."""
+    if isinstance(pool, QueuePool):
+        size = pool.size()
+        overflow = getattr(pool, "_max_overflow", -1)
+        return PoolStats(
+            idle=pool.checkedin(),
+            used=pool.checkedout(),
+            max=size + overflow if overflow >= 0 else None,
+            idle_max=size,
+        )
+    if type(pool).__name__ == "NullPool":
+        return PoolStats(idle=0, idle_max=0)
+    return PoolStats()
+
+
+def _target(fairy: Any) -> tuple[str | None, int | None, str | None]:
+    return driver_target(getattr(fairy, "driver_connection", None))
 
 
 class SQLAlchemyAdapter(Adapter):
@@ -215,6 +328,16 @@ class SQLAlchemyAdapter(Adapter):
 
         def make_connect(original: Any) -> Any:
             def connect(self: Any) -> Any:
+                handle: PoolHandle | None = None
+                token: contextvars.Token[float | None] | None = None
+                if core.observer is not None:
+                    try:
+                        handle = _handle(self)
+                        since = core.wait_start(handle)
+                        if since is not None:
+                            token = _since.set(since)
+                    except Exception as err:
+                        internal_error("sqlalchemy.checkout", err)
                 try:
                     return original(self)
                 except exc.TimeoutError as err:
@@ -225,6 +348,10 @@ class SQLAlchemyAdapter(Adapter):
                     except Exception as inner:
                         internal_error("sqlalchemy.exhausted", inner)
                     raise
+                finally:
+                    if token is not None and handle is not None:
+                        _since.reset(token)
+                        core.wait_end(handle)
 
             return connect
 
@@ -257,6 +384,16 @@ class SQLAlchemyAdapter(Adapter):
         self.patch(Pool, "connect", make_connect)
         self.patch(Engine, "__init__", make_init)
         self.patch(Engine, "dispose", make_dispose)
+        self.patch(Connection, "__enter__", _make_enter)
+        self.patch(Connection, "__exit__", _make_exit)
+        self.when_imported("sqlalchemy.ext.asyncio", self._install_asyncio)
+        core.register_kind(self.name, PoolKind(stats=_stats, target=_target))
+
+    def _install_asyncio(self) -> None:
+        from sqlalchemy.ext.asyncio import AsyncConnection
+
+        self.patch(AsyncConnection, "__aenter__", _make_aenter)
+        self.patch(AsyncConnection, "__aexit__", _make_aexit)
 
 
 def _find_dir(module: str) -> str | None:

@@ -1,0 +1,1 @@
+"""The example shop: one model, three views, and a leak in a background thread."""

@@ -1,0 +1,822 @@
+"""OpenTelemetry: a span per checkout, leak events on it, and the pool metrics.
+
+Imported only when ``opentelemetry-api`` is importable and the ``otel`` setting allows; pgleak
+itself never needs it. One :class:`Telemetry` object is the core's observer
+(:class:`pgleak._core.Observer`): the core tells it of every wait, checkout, checkin and
+report, and it turns them into spans and metrics. Adapters only mark the two things the core
+cannot see - when a caller starts waiting, and the user-facing ``with`` block of a checkout -
+so a new adapter gets spans and metrics without knowing about OpenTelemetry.
+
+Why it is built the way it is:
+
+* **Dormant without an SDK.** With the API alone every call is a no-op, but not a free one (a
+  no-op ``start_span`` costs about 1 µs). Until the application sets a tracer (or meter)
+  provider, the observer is not even installed: the core asks its ``waker`` at each checkout,
+  which reads the API's two globals, and the first checkout after ``set_tracer_provider()``
+  installs it. Providers passed to ``install()`` are used as they are (the API's no-op ones
+  switch that half off).
+* **The span is created late, with the right parent.** A checkout happens deep inside the pool
+  library, where other instrumentations may have made their own span current (SQLAlchemy's
+  ``connect``). So the checkout only records the caller's context and the wait's start; the
+  span is started - backdated to the start of the wait - when the user-facing ``with`` block is
+  entered (in the user's own context), or, for a bare ``getconn()``/``putconn()``, when the
+  connection comes back, under the context recorded at checkout. A report about a checkout
+  that has no span yet starts it then.
+* **Current only inside the user's block, attached by the outermost wrapper.** The span is made
+  current by the adapters' wrappers of the user-facing context managers (``Connection.__enter__``,
+  ``pool.connection()``, ``PoolAcquireContext.__aenter__``), after the library's own call
+  returns, and detached before the library's exit runs. Never inside pool events: a context
+  attached there is undone by any instrumentation wrapper around the library call (see
+  ``docs/notes-otel-groundwork.md``), and asyncpg and SQLAlchemy's asyncio mode return
+  connections from another task, where a context cannot be detached.
+* **The holder ends the span, unless the watchdog is reporting on it.** A checkin ends the span
+  on the holder's thread; a checkin of a checkout the watchdog has already looked at leaves the
+  end to the watchdog, which then ends it after adding its ``leak.suspected`` event (see
+  ``Core.checkin``), so an event is never added to an ended span.
+* **Metrics read the pools when they are collected.** Connection counts, limits and pending
+  requests are observable instruments whose callbacks read each pool's own state (its
+  adapter's ``PoolKind.stats``), registered once per meter provider; only the three histograms
+  and two counters follow events, and the checkout's wait and use times are queued and handed
+  to the SDK at collection (see :class:`_Instruments`).
+* **Names are hard-coded** rather than imported from ``opentelemetry-semantic-conventions``,
+  which pins an exact API version; ``tests/otel/test_names.py`` checks them against it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import math
+import re
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import _internal as _metrics_internal
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from pgleak import _stack
+from pgleak._core import Lease, PoolHandle, PoolStats, core
+from pgleak._events import (
+    AT_EXIT,
+    COLLECTED,
+    CONNECT_GAVE_UP,
+    SUSPECTED,
+    Checkout,
+    LeakEvent,
+)
+from pgleak._guard import internal_error
+
+__all__ = ["SPAN_NAME", "Telemetry"]
+
+#: The instrumentation scope (tracer and meter name).
+SCOPE: Final = "pgleak"
+#: The semantic-conventions version whose names pgleak uses.
+SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.44.0"
+#: The checkout span. No convention exists for connection checkouts; the name says whose it is.
+SPAN_NAME: Final = "pgleak.checkout"
+
+# -- semantic-convention attributes -------------------------------------------------------------
+DB_SYSTEM_NAME: Final = "db.system.name"
+POSTGRESQL: Final = "postgresql"
+DB_NAMESPACE: Final = "db.namespace"
+DB_RESPONSE_STATUS_CODE: Final = "db.response.status_code"
+POOL_NAME: Final = "db.client.connection.pool.name"
+STATE: Final = "db.client.connection.state"
+IDLE: Final = "idle"
+USED: Final = "used"
+SERVER_ADDRESS: Final = "server.address"
+SERVER_PORT: Final = "server.port"
+CODE_FUNCTION_NAME: Final = "code.function.name"
+CODE_FILE_PATH: Final = "code.file.path"
+CODE_LINE_NUMBER: Final = "code.line.number"
+CODE_STACKTRACE: Final = "code.stacktrace"
+ERROR_TYPE: Final = "error.type"
+
+# -- semantic-convention metrics (``db.client.connection.*``, Development stability) ------------
+COUNT: Final = "db.client.connection.count"
+MAX: Final = "db.client.connection.max"
+IDLE_MAX: Final = "db.client.connection.idle.max"
+IDLE_MIN: Final = "db.client.connection.idle.min"
+PENDING_REQUESTS: Final = "db.client.connection.pending_requests"
+TIMEOUTS: Final = "db.client.connection.timeouts"
+CREATE_TIME: Final = "db.client.connection.create_time"
+WAIT_TIME: Final = "db.client.connection.wait_time"
+USE_TIME: Final = "db.client.connection.use_time"
+
+# -- pgleak's own -------------------------------------------------------------------------------
+#: Counter: leaks reported, by ``pgleak.leak.kind``.
+LEAKS: Final = "pgleak.connection.leaks"
+#: UpDownCounter: checkouts held past their threshold and not returned yet.
+SUSPECTED_NOW: Final = "pgleak.connection.suspected"
+LEAK_KIND: Final = "pgleak.leak.kind"
+#: Span attribute: the most serious leak event the checkout had.
+LEAK: Final = "pgleak.leak"
+
+_LEAK_KINDS: Final = {SUSPECTED: "suspected", COLLECTED: "collected", AT_EXIT: "at_exit"}
+_MESSAGES: Final = {
+    COLLECTED: "the connection was garbage-collected without being returned to its pool",
+    AT_EXIT: "the connection was still checked out",
+}
+
+#: Histogram buckets, seconds: a wait is usually well under a millisecond, a hold a few ms, a
+#: leak minutes. (The SDK's default buckets are made for milliseconds.)
+BUCKETS: Final = (
+    0.0001,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+
+_monotonic = time.monotonic
+_time_ns = time.time_ns
+_SITE = re.compile(r"^(?P<file>.*):(?P<line>\d+) in (?P<function>.*)$")
+
+
+def _epoch_ns(mono: float) -> int:
+    """A ``time.monotonic()`` reading as the wall-clock nanoseconds spans are stamped with."""
+    return _time_ns() - int((_monotonic() - mono) * 1e9)
+
+
+def _global_tracer_set() -> bool:
+    """Whether the application has set a global tracer provider (an SDK, most likely).
+
+    Reads the API's private global: the public ``get_tracer_provider()`` costs a few hundred
+    nanoseconds more per checkout. If the name ever goes away, pgleak assumes an SDK and pays
+    the no-op calls instead.
+    """
+    return getattr(trace, "_TRACER_PROVIDER", True) is not None
+
+
+def _global_meter_set() -> bool:
+    """:func:`_global_tracer_set` for the meter provider."""
+    return getattr(_metrics_internal, "_METER_PROVIDER", True) is not None
+
+
+class _Trace:
+    """One checkout's tracing state, in ``Lease.otel``.
+
+    Attributes:
+        parent: The context the checkout was made in: the span's parent when nobody enters a
+            ``with`` block for it.
+        since: When the caller started waiting (monotonic), if the adapter said.
+        span: Started on demand (see the module docstring).
+        token, ctx, depth: While the span is current inside the user's block.
+        outcome: How the checkout ended, for a span ended later by the watchdog.
+        ended: Set once, by whoever ends the span.
+    """
+
+    __slots__ = ("ctx", "depth", "ended", "outcome", "parent", "since", "span", "token")
+
+    def __init__(self, parent: Any, since: float | None) -> None:
+        self.parent = parent
+        self.since = since
+        self.span: Span | None = None
+        self.token: Any = None
+        self.ctx: Any = None
+        self.depth = 0
+        self.outcome = "returned"
+        self.ended = False
+
+
+class _PoolInfo:
+    """What Telemetry derives once per pool (kept in ``PoolHandle.observed``)."""
+
+    __slots__ = ("metric", "span")
+
+    def __init__(self, name: str) -> None:
+        self.metric = {POOL_NAME: name}
+        self.span: dict[str, Any] | None = None
+
+
+def _pool_info(pool: PoolHandle) -> _PoolInfo:
+    info = pool.observed
+    if not isinstance(info, _PoolInfo):
+        info = pool.observed = _PoolInfo(pool.name)
+    return info
+
+
+def _detach(token: Any) -> None:
+    """Undo ``context.attach``, quietly when it cannot be undone here.
+
+    ``opentelemetry.context.detach`` logs an ERROR with a traceback when the token belongs to
+    another ``contextvars.Context`` (a task that copied the user's context); resetting the
+    variable directly only raises, which is caught.
+    """
+    if isinstance(token, contextvars.Token):
+        with contextlib.suppress(ValueError, RuntimeError):
+            token.var.reset(token)
+    else:  # a runtime context other than contextvars (``OTEL_PYTHON_CONTEXT``)
+        otel_context.detach(token)
+
+
+def _site_attributes(site: str | None) -> dict[str, Any]:
+    """``code.*`` attributes from a ``"file:line in function"`` stack entry."""
+    match = _SITE.match(site or "")
+    if match is None:
+        return {}
+    return {
+        CODE_FILE_PATH: match["file"],
+        CODE_LINE_NUMBER: int(match["line"]),
+        CODE_FUNCTION_NAME: match["function"],
+    }
+
+
+def _stack_text(stack: list[str]) -> str:
+    return "\n".join(stack)
+
+
+def _checkout_event_attributes(event: LeakEvent) -> dict[str, Any]:
+    checkout = event.checkout
+    attrs: dict[str, Any] = {}
+    if checkout is not None:
+        attrs["pgleak.checkout_id"] = checkout.checkout_id
+        attrs["pgleak.held_s"] = round(checkout.held_s, 6)
+        attrs["pgleak.holder"] = checkout.holder
+        attrs["pgleak.holder_finished"] = checkout.holder_finished
+        if checkout.stack:
+            attrs[CODE_STACKTRACE] = _stack_text(checkout.stack)
+        if checkout.holder_stack:
+            attrs["pgleak.holder_stack"] = _stack_text(checkout.holder_stack)
+        if checkout.state:
+            attrs["pgleak.state"] = checkout.state
+        if checkout.context:
+            attrs["pgleak.context"] = checkout.context
+    if event.threshold_s is not None and math.isfinite(event.threshold_s):
+        attrs["pgleak.threshold_s"] = event.threshold_s
+    if event.detail:
+        attrs["pgleak.detail"] = event.detail
+    return attrs
+
+
+def _holder_line(holder: Checkout) -> str:
+    site = holder.site or "(no stack)"
+    return f"{site} (held {holder.held_s:.3f}s by {holder.holder}, checkout #{holder.checkout_id})"
+
+
+class Telemetry:
+    """The core's observer: spans, span events and metrics for every checkout.
+
+    Args:
+        version: pgleak's version, for the instrumentation scope.
+        tracer_provider: Use this provider; ``None``: the global one (a no-op until the
+            application sets one).
+        meter_provider: The same for metrics.
+    """
+
+    def __init__(
+        self, version: str, tracer_provider: Any = None, meter_provider: Any = None
+    ) -> None:
+        # get_*_provider() also loads a provider named by OTEL_PYTHON_*_PROVIDER.
+        tracers = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
+        meters = meter_provider if meter_provider is not None else otel_metrics.get_meter_provider()
+        self.tracer = tracers.get_tracer(SCOPE, version, schema_url=SCHEMA_URL)
+        self.instruments = _instruments(meters, version)
+        # The API's own no-op providers, passed on purpose, switch that half off for good:
+        # ``install(tracer_provider=trace.NoOpTracerProvider())`` gives metrics without spans.
+        self._tracer_off = isinstance(tracer_provider, trace.NoOpTracerProvider)
+        self._meter_off = isinstance(meter_provider, otel_metrics.NoOpMeterProvider)
+        self.tracing = not self._tracer_off and (
+            tracer_provider is not None or _global_tracer_set()
+        )
+        self.metering = not self._meter_off and (meter_provider is not None or _global_meter_set())
+        self.dormant = not (self.tracing or self._tracer_off) or not (
+            self.metering or self._meter_off
+        )
+
+    @property
+    def asleep(self) -> bool:
+        """Nothing to record into (yet): neither a tracer nor a meter provider is set up."""
+        return not (self.tracing or self.metering)
+
+    def wake(self) -> Telemetry | None:
+        """This observer once the application has set up a provider, else ``None``."""
+        self._wake()
+        return None if self.asleep else self
+
+    def waker(self) -> Callable[[], Telemetry | None]:
+        """``Core.waker``: :meth:`wake`, behind the cheapest test of "still no SDK".
+
+        It runs at every checkout for as long as no SDK is set up, which may be forever.
+        """
+        known = hasattr(trace, "_TRACER_PROVIDER") and hasattr(_metrics_internal, "_METER_PROVIDER")
+        if not known:
+            return self.wake  # an API without these globals: ask it the slow way
+
+        def wake(tracing: Any = trace, metering: Any = _metrics_internal) -> Telemetry | None:
+            if tracing._TRACER_PROVIDER is None and metering._METER_PROVIDER is None:
+                return None
+            return self.wake()
+
+        return wake
+
+    def _wake(self) -> None:
+        """Start what the application has set up since (a provider is set only once)."""
+        if not self.tracing and not self._tracer_off and _global_tracer_set():
+            self.tracing = True
+        if not self.metering and not self._meter_off and _global_meter_set():
+            self.metering = True
+        self.dormant = not (self.tracing or self._tracer_off) or not (
+            self.metering or self._meter_off
+        )
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    def wait_started(self, pool: PoolHandle) -> float:
+        pool.pending.append(None)
+        return _monotonic()
+
+    def wait_ended(self, pool: PoolHandle) -> None:
+        with contextlib.suppress(IndexError):  # a pop without its append: never negative
+            pool.pending.pop()
+
+    def checked_out(self, lease: Lease, since: float | None) -> None:
+        if self.dormant:
+            self._wake()
+        if self.tracing:
+            lease.otel = _Trace(otel_context.get_current(), since)
+            if _pool_info(lease.pool).span is None:
+                self._pool_attributes(lease)  # while the connection is surely open
+        if self.metering and since is not None:
+            self.instruments.later(
+                self.instruments.wait_time,
+                max(0.0, lease.t0 - since),
+                _pool_info(lease.pool).metric,
+            )
+
+    def checked_in(self, lease: Lease, late: bool, discarded: bool) -> None:
+        if self.metering and lease.t_in is not None:
+            self.instruments.later(
+                self.instruments.use_time,
+                max(0.0, lease.t_in - lease.t0),
+                _pool_info(lease.pool).metric,
+            )
+        state = lease.otel
+        if state is None:
+            return
+        if discarded:
+            state.outcome = "discarded"
+        if not late:
+            self._finish(lease, state, lease.t_in)
+
+    def settled(self, lease: Lease) -> None:
+        state = lease.otel
+        if state is not None:
+            self._finish(lease, state, lease.t_in)
+
+    def enter(self, lease: Lease) -> None:
+        """The user's block for ``lease`` begins: its span becomes the current span."""
+        state = lease.otel
+        if not isinstance(state, _Trace) or state.ended:
+            return
+        if state.token is not None:  # the same connection's block, nested
+            state.depth += 1
+            return
+        # Started here, it is parented to the user's own context, not to whatever the pool
+        # library's instrumentation had made current when the checkout happened.
+        span = state.span if state.span is not None else self._start(lease, state, None)
+        ctx = trace.set_span_in_context(span)
+        state.ctx = ctx
+        state.token = otel_context.attach(ctx)
+        state.depth = 1
+
+    def exit(self, lease: Lease) -> None:
+        """The user's block for ``lease`` ends: what was current before it is again."""
+        state = lease.otel
+        if not isinstance(state, _Trace) or state.token is None:
+            return
+        state.depth -= 1
+        if state.depth > 0:
+            return
+        token, ctx = state.token, state.ctx
+        state.token = state.ctx = None
+        # Someone attached a context since and has not detached it: resetting ours now would
+        # pull theirs out from under them.
+        if otel_context.get_current() is ctx:
+            _detach(token)
+
+    # -- spans -------------------------------------------------------------------------------
+
+    def _start(self, lease: Lease, state: _Trace, parent: Any) -> Span:
+        start = state.since if state.since is not None else lease.t0
+        span = self.tracer.start_span(
+            SPAN_NAME, context=parent, kind=SpanKind.INTERNAL, start_time=_epoch_ns(start)
+        )
+        if span.is_recording():
+            span.set_attributes(self._attributes(lease, state))
+        state.span = span
+        return span
+
+    def _attributes(self, lease: Lease, state: _Trace) -> dict[str, Any]:
+        attrs = dict(self._pool_attributes(lease))
+        site = _stack.site(lease.raw)
+        if site is not None:
+            attrs[CODE_FILE_PATH], attrs[CODE_LINE_NUMBER], attrs[CODE_FUNCTION_NAME] = site
+        attrs["pgleak.checkout_id"] = lease.id
+        attrs["pgleak.holder"] = lease.holder()
+        if lease.context:
+            attrs["pgleak.context"] = lease.context
+        if state.since is not None:
+            attrs["pgleak.waited_s"] = max(0.0, lease.t0 - state.since)
+        return attrs
+
+    def _pool_attributes(
+        self, lease: Lease | None, pool: PoolHandle | None = None
+    ) -> dict[str, Any]:
+        """The pool's span attributes, with the server's address read off a lent connection.
+
+        Read once per pool, at a checkout (a connection may be closed by the time it is back),
+        and kept once the server is known.
+        """
+        handle = lease.pool if lease is not None else pool
+        assert handle is not None
+        info = _pool_info(handle)
+        if info.span is not None:
+            return info.span
+        attrs: dict[str, Any] = {DB_SYSTEM_NAME: POSTGRESQL, POOL_NAME: info.metric[POOL_NAME]}
+        kind = core.kinds.get(handle.kind)
+        if kind is None or kind.target is None:
+            info.span = attrs  # nothing more will ever be known
+            return attrs
+        conn = lease.ref() if lease is not None and lease.ref is not None else None
+        if conn is None:
+            return attrs  # maybe from the next checkout
+        try:
+            host, port, database = kind.target(conn)
+        except Exception as exc:
+            internal_error(f"{handle.kind}.otel_target", exc)
+            return attrs
+        if host is None:
+            return attrs
+        attrs[SERVER_ADDRESS] = host
+        if port:
+            attrs[SERVER_PORT] = port
+        if database:
+            attrs[DB_NAMESPACE] = database
+        info.span = attrs
+        return attrs
+
+    def _finish(
+        self,
+        lease: Lease,
+        state: _Trace,
+        end: float | None,
+        error: tuple[str, str] | None = None,
+    ) -> None:
+        if state.ended:
+            return
+        state.ended = True
+        span = state.span if state.span is not None else self._start(lease, state, state.parent)
+        state.parent = None  # the user's context is not kept alive by a finished checkout
+        end = _monotonic() if end is None else end
+        if span.is_recording():
+            held = max(0.0, end - lease.t0)
+            if error is None:
+                span.set_attributes({"pgleak.held_s": held, "pgleak.outcome": state.outcome})
+            else:
+                span.set_attributes(
+                    {"pgleak.held_s": held, "pgleak.outcome": error[0], ERROR_TYPE: error[0]}
+                )
+                span.set_status(Status(StatusCode.ERROR, error[1]))
+        span.end(end_time=_epoch_ns(end))
+
+    # -- reports -----------------------------------------------------------------------------
+
+    def lease_event(self, lease: Lease, event: LeakEvent, when: float) -> None:
+        kind = event.event
+        leak = _LEAK_KINDS.get(kind)
+        if leak is None:
+            return  # leak.returned: the span ends when the watchdog settles the checkout
+        if self.dormant:
+            self._wake()
+        if self.metering:
+            self.instruments.leaks.add(
+                1, {POOL_NAME: _pool_info(lease.pool).metric[POOL_NAME], LEAK_KIND: leak}
+            )
+        state = lease.otel
+        if not isinstance(state, _Trace) or state.ended:
+            return
+        span = state.span if state.span is not None else self._start(lease, state, state.parent)
+        if span.is_recording():
+            span.add_event(kind, _checkout_event_attributes(event), timestamp=_epoch_ns(when))
+            span.set_attribute(LEAK, kind)
+        if kind != SUSPECTED:
+            message = _MESSAGES[kind]
+            if event.detail:
+                message = f"{message} ({event.detail})"
+            self._finish(lease, state, when, error=(kind, message))
+
+    def exhausted(self, pool: PoolHandle, event: LeakEvent) -> None:
+        """A wait timed out: a failed checkout's span, with every holder, and a timeout."""
+        if self.dormant:
+            self._wake()
+        if self.metering:
+            self.instruments.timeouts.add(1, _pool_info(pool).metric)
+        if not self.tracing:
+            return
+        waiter = event.waiter
+        waited = waiter.held_s if waiter is not None else math.nan
+        now = _time_ns()
+        start = now - int(waited * 1e9) if math.isfinite(waited) else now
+        span = self.tracer.start_span(SPAN_NAME, kind=SpanKind.INTERNAL, start_time=start)
+        if span.is_recording():
+            attrs = dict(self._pool_attributes(None, pool))
+            if waiter is not None:
+                attrs.update(_site_attributes(waiter.site))
+                attrs["pgleak.holder"] = waiter.holder
+            if math.isfinite(waited):
+                attrs["pgleak.waited_s"] = waited
+            attrs["pgleak.outcome"] = "timeout"
+            attrs[ERROR_TYPE] = event.event
+            span.set_attributes(attrs)
+            details: dict[str, Any] = {
+                "pgleak.holders": len(event.holders),
+                "pgleak.holder_sites": [_holder_line(h) for h in event.holders],
+            }
+            if waiter is not None and waiter.stack:
+                details[CODE_STACKTRACE] = _stack_text(waiter.stack)
+            if event.detail:
+                details["pgleak.detail"] = event.detail
+            span.add_event(event.event, details, timestamp=now)
+            message = f"no connection within {waited:.3f}s" if math.isfinite(waited) else ""
+            message = f"{message}; {len(event.holders)} held".lstrip("; ")
+            span.set_status(Status(StatusCode.ERROR, message))
+        span.end(end_time=now)
+
+    def pool_event(self, event: LeakEvent) -> None:
+        """A refused connection attempt: an event on the caller's current span.
+
+        When nothing is being traced there, a short span of its own carries it, so that the
+        refusal is not lost.
+        """
+        if self.dormant:
+            self._wake()
+        if not self.tracing:
+            return
+        extra = dict(event.extra or {})
+        attrs: dict[str, Any] = {DB_SYSTEM_NAME: POSTGRESQL, POOL_NAME: event.pool}
+        if extra.get("sqlstate"):
+            attrs[DB_RESPONSE_STATUS_CODE] = extra["sqlstate"]
+        for key in ("attempt", "sleep_s", "elapsed_s", "held", "held_over_threshold", "reason"):
+            value = extra.get(key)
+            if value is not None:
+                attrs[f"pgleak.{key}"] = value
+        if event.detail:
+            attrs["pgleak.detail"] = event.detail
+        current = trace.get_current_span()
+        if current.is_recording():
+            current.add_event(event.event, attrs)
+            return
+        span = self.tracer.start_span(event.event, kind=SpanKind.INTERNAL)
+        if span.is_recording():
+            span.set_attributes(attrs)
+            span.add_event(event.event, attrs)
+            if event.event == CONNECT_GAVE_UP:
+                span.set_attribute(ERROR_TYPE, event.event)
+                span.set_status(Status(StatusCode.ERROR, event.detail or event.event))
+        span.end()
+
+    def connected(self, pool: PoolHandle, seconds: float) -> None:
+        if self.dormant:
+            self._wake()
+        if self.metering:
+            self.instruments.create_time.record(seconds, _pool_info(pool).metric)
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+class _Instruments:
+    """The instruments of one meter provider; observable ones read the pools when collected.
+
+    Their callbacks answer only while the installed :class:`Telemetry` uses these very
+    instruments: instruments cannot be unregistered, so after ``uninstall()`` (or an
+    ``install()`` with another meter provider) they go quiet instead.
+
+    The wait and use times of checkouts are not recorded on the checkout's thread: the SDK
+    spends several microseconds on each ``record()`` (a measurement object, its attributes
+    checked and hashed), twice per checkout. They are queued instead and recorded by the first
+    observable callback of each collection, on the reader's thread, just before the SDK reads
+    the histograms (callbacks run first; a later SDK that ran them after would only delay the
+    values by one collection). The price: no exemplars for them. The queue is bounded, for a
+    meter provider nobody ever collects.
+    """
+
+    def __init__(self, meter: Meter) -> None:
+        self._queued: collections.deque[tuple[Any, float, dict[str, str]]] = collections.deque(
+            maxlen=100_000
+        )
+        self.wait_time = _histogram(
+            meter, WAIT_TIME, "The time it took to obtain an open connection from the pool"
+        )
+        self.use_time = _histogram(
+            meter,
+            USE_TIME,
+            "The time between borrowing a connection and returning it to the pool",
+        )
+        self.create_time = _histogram(
+            meter, CREATE_TIME, "The time it took to create a new connection"
+        )
+        self.timeouts = meter.create_counter(
+            TIMEOUTS,
+            unit="{timeout}",
+            description="The number of connection timeouts that have occurred trying to "
+            "obtain a connection from the pool",
+        )
+        self.leaks = meter.create_counter(
+            LEAKS,
+            unit="{leak}",
+            description="Connection leaks reported by pgleak, by kind: suspected (held past "
+            "the threshold), collected (garbage-collected without being returned), at_exit "
+            "(still out when the pool closed or the process exited)",
+        )
+        #: The observable instruments by name (for tests: they are only ever read by the SDK).
+        self.observable: dict[str, Any] = {}
+        for name, unit, description, callback in (
+            (
+                COUNT,
+                "{connection}",
+                "The number of connections that are currently in state described by the "
+                "state attribute",
+                self._count,
+            ),
+            (MAX, "{connection}", "The maximum number of open connections allowed", self._max),
+            (
+                IDLE_MAX,
+                "{connection}",
+                "The maximum number of idle open connections allowed",
+                self._idle_max,
+            ),
+            (
+                IDLE_MIN,
+                "{connection}",
+                "The minimum number of idle open connections allowed",
+                self._idle_min,
+            ),
+            (
+                PENDING_REQUESTS,
+                "{request}",
+                "The number of current pending requests for an open connection",
+                self._pending,
+            ),
+            (
+                SUSPECTED_NOW,
+                "{connection}",
+                "Checkouts held longer than pgleak's leak threshold and not returned yet",
+                self._suspected,
+            ),
+        ):
+            self.observable[name] = meter.create_observable_up_down_counter(
+                name, callbacks=[callback], unit=unit, description=description
+            )
+
+    def later(self, histogram: Any, value: float, attributes: dict[str, str]) -> None:
+        """Record ``value`` at the next collection (see the class docstring)."""
+        self._queued.append((histogram, value, attributes))
+
+    def drain(self) -> None:
+        queued = self._queued
+        while True:
+            try:
+                histogram, value, attributes = queued.popleft()
+            except IndexError:
+                return
+            histogram.record(value, attributes)
+
+    # Each callback runs on the metric reader's thread, inside the SDK's own error handling;
+    # pgleak's guard still catches first, so a broken pool cannot silence the others.
+
+    def _states(self) -> list[tuple[PoolHandle, PoolStats]]:
+        observer = core.observer
+        if not isinstance(observer, Telemetry) or observer.instruments is not self:
+            return []
+        held: Counter[PoolHandle] = Counter(lease.pool for lease in list(core.leases.values()))
+        out = []
+        for handle, obj in core.pools():
+            kind = core.kinds.get(handle.kind)
+            stats: PoolStats | None = PoolStats()
+            if kind is not None and kind.stats is not None:
+                try:
+                    stats = kind.stats(obj)
+                except Exception as exc:
+                    internal_error(f"{handle.kind}.otel_stats", exc)
+                    continue
+            if stats is None:
+                continue  # closed
+            if stats.used is None:
+                stats = stats._replace(used=held[handle])
+            out.append((handle, stats))
+        return out
+
+    # Pools that share a name (two engines on one URL) are one pool to a metrics backend:
+    # their values are added up, as the SDK would otherwise keep one of them at random.
+
+    def _observe(self, field: str) -> Iterable[Observation]:
+        totals: Counter[str] = Counter()
+        for handle, stats in self._states():
+            value = getattr(stats, field)
+            if value is not None:
+                totals[_pool_info(handle).metric[POOL_NAME]] += value
+        return [Observation(value, {POOL_NAME: name}) for name, value in totals.items()]
+
+    def _count(self, options: CallbackOptions) -> Iterable[Observation]:
+        # The first callback of a collection: the queued times go in before it is read.
+        try:
+            self.drain()
+        except Exception as exc:
+            internal_error("otel.histograms", exc)
+        totals: Counter[tuple[str, str]] = Counter()
+        for handle, stats in self._states():
+            name = _pool_info(handle).metric[POOL_NAME]
+            if stats.idle is not None:
+                totals[name, IDLE] += stats.idle
+            if stats.used is not None:
+                totals[name, USED] += stats.used
+        return [
+            Observation(value, {POOL_NAME: name, STATE: state})
+            for (name, state), value in totals.items()
+        ]
+
+    def _max(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._observe("max")
+
+    def _idle_max(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._observe("idle_max")
+
+    def _idle_min(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._observe("idle_min")
+
+    def _pending(self, options: CallbackOptions) -> Iterable[Observation]:
+        totals: Counter[str] = Counter()
+        for handle, _ in self._states():
+            totals[_pool_info(handle).metric[POOL_NAME]] += len(handle.pending)
+        return [Observation(value, {POOL_NAME: name}) for name, value in totals.items()]
+
+    def _suspected(self, options: CallbackOptions) -> Iterable[Observation]:
+        states = self._states()
+        if not states:
+            return []
+        suspected = Counter(
+            lease.pool
+            for lease in list(core.leases.values())
+            if lease.reported and lease.t_in is None
+        )
+        totals: Counter[str] = Counter()
+        for handle, _ in states:
+            totals[_pool_info(handle).metric[POOL_NAME]] += suspected[handle]
+        return [Observation(value, {POOL_NAME: name}) for name, value in totals.items()]
+
+
+def _histogram(meter: Meter, name: str, description: str) -> Any:
+    try:
+        return meter.create_histogram(
+            name, unit="s", description=description, explicit_bucket_boundaries_advisory=BUCKETS
+        )
+    except TypeError:  # opentelemetry-api < 1.30: no advisory; the SDK's default buckets
+        return meter.create_histogram(name, unit="s", description=description)
+
+
+_lock = threading.Lock()
+#: One set of instruments per meter provider: registering them again would make the SDK warn
+#: and, for the observable ones, report every pool twice.
+_registry: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
+_strong: dict[int, tuple[Any, _Instruments]] = {}
+
+
+def _instruments(provider: Any, version: str) -> _Instruments:
+    with _lock:
+        try:
+            found = _registry.get(provider)
+        except TypeError:  # not weakly referenceable: kept for good (providers are few)
+            entry = _strong.get(id(provider))
+            found = entry[1] if entry is not None and entry[0] is provider else None
+        if found is not None:
+            return found
+        made = _Instruments(provider.get_meter(SCOPE, version, schema_url=SCHEMA_URL))
+        try:
+            _registry[provider] = made
+        except TypeError:
+            _strong[id(provider)] = (provider, made)
+        return made

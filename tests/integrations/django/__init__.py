@@ -1,0 +1,5 @@
+import pytest
+
+pytest.importorskip("django")
+pytest.importorskip("gunicorn")
+pytest.importorskip("uvicorn")
