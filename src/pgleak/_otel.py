@@ -27,8 +27,8 @@ Why it is built the way it is:
   ``pool.connection()``, ``PoolAcquireContext.__aenter__``), after the library's own call
   returns, and detached before the library's exit runs. Never inside pool events: a context
   attached there is undone by any instrumentation wrapper around the library call (see
-  ``docs/notes-otel-groundwork.md``), and asyncpg and SQLAlchemy's asyncio mode return
-  connections from another task, where a context cannot be detached.
+  ``docs/otel.md``, "With the contrib instrumentations"), and asyncpg and SQLAlchemy's
+  asyncio mode return connections from another task, where a context cannot be detached.
 * **The holder ends the span, unless the watchdog is reporting on it.** A checkin ends the span
   on the holder's thread; a checkin of a checkout the watchdog has already looked at leaves the
   end to the watchdog, which then ends it after adding its ``leak.suspected`` event (see

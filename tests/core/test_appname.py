@@ -10,6 +10,7 @@ import pytest
 import pgleak
 from pgleak._appname import LIMIT, Tags, sanitize
 from pgleak._settings import Settings, build_settings
+from pgleak._stack import _lineno
 
 
 def _tags(**settings: object) -> Tags:
@@ -137,6 +138,6 @@ def test_site_tag_keeps_the_line_when_too_long() -> None:
 
     tag = tags.site_tag(FakeLease())
     assert tag is not None
-    line = test_site_tag_keeps_the_line_when_too_long.__code__.co_firstlineno
+    line = _lineno(test_site_tag_keeps_the_line_when_too_long.__code__, 0)
     assert tag.endswith(f"test_appname.py:{line}")
     assert len(tag) <= LIMIT

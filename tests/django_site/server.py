@@ -189,6 +189,28 @@ class DjangoServer:
         result: list[Any] = self.wait_for(found, timeout, f"{count} {kind} event(s)")
         return result
 
+    def collect_until(
+        self,
+        kind: str,
+        since: int = 0,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+        timeout: float = 10.0,
+    ) -> dict[str, Any]:
+        """Have the server collect garbage (``/gc/``) until a ``kind`` event appears.
+
+        A connection parked in a finished request thread becomes garbage only once that
+        thread has really ended, which the server does not announce (on a loaded machine it
+        can be after the next request): each ``/gc/`` is one more chance, until ``timeout``.
+        """
+
+        def found() -> dict[str, Any] | None:
+            self.get_json("/gc/")
+            events = [e for e in self.events(kind, since) if where is None or where(e)]
+            return events[0] if events else None
+
+        result: dict[str, Any] = self.wait_for(found, timeout, f"{kind} event after /gc/")
+        return result
+
     def stop(self, timeout: float = 15.0, sig: signal.Signals | None = None) -> int:
         """Shut the server down gracefully (SIGKILL after ``timeout``); its exit code.
 

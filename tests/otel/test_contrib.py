@@ -3,7 +3,7 @@ pgleak's checkout span - whichever was installed first.
 
 The instrumentations start their spans under whatever is current when the query runs, so this
 is the test that pgleak's span is current in the user's block, and that it was attached in a
-place no instrumentation wrapper undoes (``docs/notes-otel-groundwork.md``, section 3).
+place no instrumentation wrapper undoes (``docs/otel.md``, "With the contrib instrumentations").
 
 ``opentelemetry-instrumentation-sqlalchemy`` 0.66b1 accepts only SQLAlchemy < 2.1 and does
 nothing on 2.1 (it logs an error). Its tests run unforced where SQLAlchemy is older (CI's

@@ -80,8 +80,7 @@ def test_request_held_past_threshold_names_view_line_request_and_state(
 
     if (kind, mode) == ASGI_PERSISTENT:
         # Parked in a thread that has ended: nothing returns it; the collector frees it.
-        server.get_json("/gc/")
-        (collected,) = server.wait_for_event("leak.collected", since=mark, where=ours)
+        collected = server.collect_until("leak.collected", since=mark, where=ours)
         assert collected["checkout_id"] == suspected["checkout_id"]
         assert not server.events("leak.returned", since=mark)
     else:
@@ -132,8 +131,7 @@ def test_asgi_persistent_connection_outlives_its_request_thread(sites: Sites) ->
     assert suspected["holder_finished"] is True
     assert suspected["state"] == "idle"
     assert "under ASGI each request runs in a thread of its own" in server.log()
-    server.get_json("/gc/")
-    (collected,) = server.wait_for_event("leak.collected", since=mark, where=ours)
+    collected = server.collect_until("leak.collected", since=mark, where=ours)
     assert collected["checkout_id"] == suspected["checkout_id"]
 
 
@@ -157,8 +155,7 @@ def test_thread_started_in_a_view_is_reported_then_collected(
     assert suspected["context"] is None  # a thread started in a view is outside the request
     assert suspected["state"] == "idle"
     assert suspected["pool"].startswith(database(mode))
-    server.get_json("/gc/")
-    (collected,) = server.wait_for_event("leak.collected", since=mark, where=ours)
+    collected = server.collect_until("leak.collected", since=mark, where=ours)
     assert collected["checkout_id"] == suspected["checkout_id"]
     assert names(collected, "thread-leak")
 
