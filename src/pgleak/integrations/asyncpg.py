@@ -166,7 +166,9 @@ def _gave_up(pool: Any, err: BaseException, args: tuple[Any, ...], kwargs: dict[
         queue = getattr(pool, "_queue", None)
         if queue is not None and not queue.empty():
             return  # a slot was free: connecting to the server timed out
-        core.exhausted(core.pool(pool, _KIND, _pool_name), waited, f"{type(err).__name__}: {err}")
+        # asyncpg's TimeoutError has no message: say what ran out.
+        said = str(err) or f"no connection released within acquire(timeout={waited})"
+        core.exhausted(core.pool(pool, _KIND, _pool_name), waited, f"{type(err).__name__}: {said}")
     except Exception as exc:
         internal_error("asyncpg.exhausted", exc)
 
