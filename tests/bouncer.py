@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pgleak.embedded import unprivileged
+from pgleak.embedded import stop_process, unprivileged
 
 __all__ = ["BouncerNotFound", "PgBouncer", "find_pgbouncer"]
 
@@ -277,19 +277,9 @@ class PgBouncer:
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
         # SIGTERM: an immediate shutdown up to PgBouncer 1.22, from 1.23 one that waits for the
         # clients to leave; either way the wait is bounded, then the group is killed.
-        with contextlib.suppress(OSError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=_STOP_TIMEOUT)
+        stop_process(proc, signal.SIGTERM, _STOP_TIMEOUT)
 
     def stop(self) -> None:
         """Stop PgBouncer and delete its dir; safe to call at any stage, twice, and in a

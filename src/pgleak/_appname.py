@@ -344,11 +344,17 @@ _Want = Callable[[str | None, str], bool]
 
 
 class _Driver:
+    """How one driver family reads and sets ``application_name``.
+
+    A family without a sync (asyncpg) or an asyncio (psycopg2) API leaves that side a no-op:
+    such a connection cannot reach it, and if it ever did, no tag is better than an error.
+    """
+
     def set_sync(self, conn: Any, tag: str, want: _Want) -> None:
-        raise NotImplementedError
+        return None
 
     async def set_async(self, conn: Any, tag: str, want: _Want) -> None:
-        raise NotImplementedError
+        return None
 
 
 class _Psycopg2(_Driver):

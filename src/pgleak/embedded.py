@@ -189,6 +189,22 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, sig: int, timeout: float = 10.0) -> None:
+    """Stop a server started in a session of its own: ``sig``, a bounded wait, then SIGKILL to
+    its whole process group (a server's children must not outlive the tests)."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(OSError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+
+
 def unprivileged(directory: Path) -> dict[str, Any]:
     """For root: ``subprocess`` arguments that run a server as ``postgres`` (or ``nobody``).
 
@@ -428,18 +444,8 @@ class EmbeddedPostgres:
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        # SIGQUIT is postgres' immediate shutdown; fall back to killing the group.
-        with contextlib.suppress(OSError):
-            proc.send_signal(getattr(signal, "SIGQUIT", signal.SIGTERM))
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, getattr(signal, "SIGKILL", signal.SIGTERM))
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
+        # SIGQUIT is postgres' immediate shutdown.
+        stop_process(proc, getattr(signal, "SIGQUIT", signal.SIGTERM))
 
     def stop(self) -> None:
         """Kill the server and delete its data; safe to call at any stage, twice.
