@@ -18,7 +18,9 @@ that the checkout's span is current exactly inside the user's block).
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import logging
 import math
 import sys
@@ -37,6 +39,20 @@ _log = logging.getLogger("pgleak")
 _MISSING = object()
 #: Adapters' hooks on their library's optional submodules (``Adapter.when_imported``).
 _submodules = PostImportFinder()
+
+
+def _mark_coroutine_function(wrapper: Any) -> None:
+    """Make a plain function that returns a coroutine say it is a coroutine function.
+
+    Some wrappers (``__aenter__`` without an observer) hand back the library's own coroutine
+    rather than adding one of their own; frameworks that ask ``iscoroutinefunction()`` of the
+    method must still get the answer they got before pgleak.
+    """
+    mark = getattr(inspect, "markcoroutinefunction", None)  # Python 3.12+
+    if mark is not None:
+        mark(wrapper)
+    else:  # what asyncio.iscoroutinefunction() looks for before 3.12
+        wrapper._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
 
 
 class AdapterUnavailable(RuntimeError):
@@ -249,6 +265,8 @@ class Adapter:
         wrapper = make(inner)
         functools.update_wrapper(wrapper, inner)
         wrapper.__pgleak_wrapped__ = True
+        if inspect.iscoroutinefunction(inner) and not inspect.iscoroutinefunction(wrapper):
+            _mark_coroutine_function(wrapper)
         if isinstance(original, classmethod):
             wrapper = classmethod(wrapper)
         elif isinstance(original, staticmethod):

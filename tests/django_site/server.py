@@ -152,7 +152,9 @@ class DjangoServer:
         with self.log_path.open("rb") as log:
             log.seek(since)
             text = log.read().decode("utf-8", errors="replace")
-        return parse_events(text, kind)
+        # The server may be half-way through writing a line: only complete lines count (the
+        # rest is read on the next poll).
+        return parse_events(text[: text.rfind("\n") + 1], kind)
 
     def wait_for(
         self, check: Callable[[], Any], timeout: float = 10.0, what: str = "condition"

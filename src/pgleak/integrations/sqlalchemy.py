@@ -22,8 +22,11 @@ Hooks, and why each:
   after it itself, on fresh copies of the arguments at each attempt, exactly as SQLAlchemy
   would. On an asyncio dialect the sleep awaits ``asyncio.sleep`` through SQLAlchemy's
   greenlet bridge and does not block the event loop.
-* ``Engine.__init__`` and ``Engine.dispose`` give the pool a readable name (the URL, password
-  hidden) and tell the core when a pool is disposed with connections still out.
+* ``Dialect.engine_created`` (the hook ``create_engine()`` calls on every new engine) and
+  ``Engine.dispose`` give the pool a readable name (the URL, password hidden) and tell the
+  core when a pool is disposed with connections still out. Never ``Engine.__init__``:
+  ``create_engine()`` decides which keywords are the engine's by reading that function's own
+  code object, which a wrapper would change.
 
 OpenTelemetry (only does anything with an observer installed):
 
@@ -57,7 +60,7 @@ from typing import Any
 try:
     import sqlalchemy
     from sqlalchemy import event, exc
-    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.engine import Connection, Dialect, Engine
     from sqlalchemy.pool import Pool, QueuePool
 except ImportError as _exc:  # pragma: no cover - exercised by users without SQLAlchemy
     from pgleak._adapter import AdapterUnavailable
@@ -355,15 +358,15 @@ class SQLAlchemyAdapter(Adapter):
 
             return connect
 
-        def make_init(original: Any) -> Any:
-            def __init__(self: Any, pool: Any, *args: Any, **kwargs: Any) -> None:
-                original(self, pool, *args, **kwargs)
+        def make_engine_created(original: Any) -> Any:
+            def engine_created(cls: Any, engine: Any) -> None:
                 try:
-                    _handle(self.pool).rename(_engine_name(self))
+                    _handle(engine.pool).rename(_engine_name(engine))
                 except Exception as err:
-                    internal_error("sqlalchemy.engine_init", err)
+                    internal_error("sqlalchemy.engine_created", err)
+                original(cls, engine)
 
-            return __init__
+            return engine_created
 
         def make_dispose(original: Any) -> Any:
             def dispose(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -382,7 +385,10 @@ class SQLAlchemyAdapter(Adapter):
             return dispose
 
         self.patch(Pool, "connect", make_connect)
-        self.patch(Engine, "__init__", make_init)
+        # Not ``Engine.__init__``: ``create_engine()`` reads the keywords it accepts off the
+        # code object of ``Engine.__init__`` itself, and a wrapper's ``*args, **kwargs`` would
+        # make it refuse ``execution_options=``, ``logging_name=`` and the rest.
+        self.patch(Dialect, "engine_created", make_engine_created)
         self.patch(Engine, "dispose", make_dispose)
         self.patch(Connection, "__enter__", _make_enter)
         self.patch(Connection, "__exit__", _make_exit)

@@ -1,0 +1,100 @@
+"""Installed, pgleak changes nothing a library or its users can observe of the patched API.
+
+Libraries read their own functions back (SQLAlchemy's ``create_engine()`` takes the keywords it
+accepts from the code object of ``Engine.__init__``; frameworks check whether a method is a
+coroutine function). A wrapper must look like what it wraps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import pgleak
+from pgleak.integrations import ADAPTERS
+from tests.conftest import Server
+
+
+@pytest.fixture
+def installed() -> Iterator[None]:
+    # Import every library first, so that every adapter (and SQLAlchemy's asyncio part) patches.
+    for module, _ in ADAPTERS.values():
+        pytest.importorskip(module)
+    import psycopg_pool  # noqa: F401
+    import sqlalchemy.ext.asyncio  # noqa: F401
+
+    pgleak.install()
+    try:
+        yield
+    finally:
+        pgleak.uninstall()
+
+
+def _unwrapped(obj: Any) -> Any:
+    return obj.__func__ if isinstance(obj, (classmethod, staticmethod)) else obj
+
+
+def _is_async(fn: Any) -> bool:
+    # Before 3.12 a plain function can only be marked for asyncio's own check.
+    if sys.version_info >= (3, 12):
+        return inspect.iscoroutinefunction(fn)
+    return asyncio.iscoroutinefunction(fn)
+
+
+def test_every_patched_callable_keeps_its_signature_and_kind(installed: None) -> None:
+    checked = 0
+    for name in pgleak.installed():
+        for owner, attr, original in pgleak._adapters[name].originals():
+            where = f"{name}: {owner.__qualname__}.{attr}"
+            if original is pgleak._adapter._MISSING:  # inherited: compare with the base's
+                original = next(  # noqa: PLW2901
+                    base.__dict__[attr] for base in owner.__mro__[1:] if attr in base.__dict__
+                )
+            before = _unwrapped(original)
+            after = _unwrapped(owner.__dict__[attr])
+            assert after is not before, where
+            assert inspect.signature(after) == inspect.signature(before), where
+            assert _is_async(after) == _is_async(before), where
+            assert after.__name__ == before.__name__, where
+            assert after.__doc__ == before.__doc__, where
+            assert type(owner.__dict__[attr]) is type(original), where
+            checked += 1
+    assert checked >= 30
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"execution_options": {"isolation_level": "AUTOCOMMIT"}},
+        {"hide_parameters": True},
+        {"logging_name": "shop"},
+        {"query_cache_size": 10},
+        {"echo": False},
+        {"pool_size": 2, "max_overflow": 1, "pool_timeout": 5, "pool_pre_ping": True},
+    ],
+    ids=",".join,
+)
+def test_create_engine_takes_every_keyword_it_takes_without_pgleak(
+    installed: None, pg: Server, kwargs: dict[str, Any]
+) -> None:
+    engine = sa.create_engine(pg.url("psycopg"), **kwargs)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+        # ...and pgleak still names the pool after the engine's URL.
+        from pgleak._core import core
+
+        assert core.pool(engine.pool, "sqlalchemy", str).name == engine.url.render_as_string()
+    finally:
+        engine.dispose()
+
+
+def test_create_engine_refuses_what_it_refuses_without_pgleak(installed: None) -> None:
+    with pytest.raises(TypeError, match="no_such_argument"):
+        sa.create_engine("sqlite://", no_such_argument=1)
