@@ -758,7 +758,9 @@ class Core:
                     return None, True
                 if _current_task(task.get_loop()) is not task:
                     # Suspended at an await: its coroutine chain, oldest first.
-                    stack = _stack.format_frames(task.get_stack(), limit, newest_first=False)
+                    stack = _stack.format_frames(
+                        _stack.task_frames(task), limit, newest_first=False
+                    )
                     return stack, False
                 # Running (the loop is blocked inside it): the thread's live stack says where.
             thread = lease.thread[2]()
