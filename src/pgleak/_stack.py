@@ -214,8 +214,14 @@ def _capture_in_task(frame: FrameType | None, limit: int, task: Any, thorough: b
     loop_at = -1
     greenlets: list[Any] = []
     hops = 0
+    cache = _skip_cache
     while frame is not None:
-        verdict = _frame_verdict(frame)
+        # _frame_verdict(), inlined: this runs for every frame of every asyncio checkout.
+        verdict = cache.get(frame.f_code.co_filename)
+        if verdict is None:
+            verdict = _classify(frame.f_code.co_filename)
+        if verdict < 0:
+            verdict = _module_verdict(frame)
         if not verdict:
             append(frame.f_code)
             append(frame.f_lasti)
