@@ -137,10 +137,13 @@ class PoolKind(NamedTuple):
         stats: The pool object's current :class:`PoolStats`, or ``None`` once it is closed.
         target: ``(host, port, database)`` of the server behind a lent connection (the object
             the user holds), any of them ``None`` when unknown.
+        state: The transaction state of a lent connection ("idle in transaction"), read at
+            report time on any thread, without a round trip; ``None`` when unknown.
     """
 
     stats: Callable[[Any], PoolStats | None] | None = None
     target: Callable[[Any], tuple[str | None, int | None, str | None]] | None = None
+    state: Callable[[Any], str | None] | None = None
 
 
 class Observer(Protocol):
@@ -740,8 +743,20 @@ class Core:
             holder_stack=holder_stack,
             holder_finished=finished,
             context=lease.context,
-            state=lease.state(),
+            state=lease.state() or self._driver_state(lease),
         )
+
+    def _driver_state(self, lease: Lease) -> str | None:
+        """What the pool's adapter reads off the lent connection (no adapter probe was set)."""
+        kind = self.kinds.get(lease.pool.kind)
+        conn = lease.ref() if lease.ref is not None else None
+        if kind is None or kind.state is None or conn is None:
+            return None
+        try:
+            return kind.state(conn)
+        except Exception as exc:
+            internal_error(f"{lease.pool.kind}.state", exc)
+            return None
 
     def _holder_now(self, lease: Lease) -> tuple[list[str] | None, bool]:
         """Where the holder is now, and whether it has finished.

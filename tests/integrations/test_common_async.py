@@ -105,6 +105,23 @@ def test_holder_now_follows_the_await_chain_into_a_helper(
     assert_site(holder_stack[:-1], "CALLING")
 
 
+def test_reports_say_the_connections_transaction_state(
+    kit: Kit, pg: Server, events: EventCapture
+) -> None:
+    """Read off the driver at report time: a held connection's open transaction is visible."""
+
+    async def body(pool: Any) -> None:
+        fresh, busy = await kit.take(pool), await kit.take(pool)
+        await kit.query(busy)
+        await asyncio.to_thread(events.wait_for, "leak.suspected", 2)
+        for conn in (fresh, busy):
+            await kit.give(pool, conn)
+
+    _run(kit, pg, body)
+    suspected = events.of("leak.suspected")
+    assert sorted(e.checkout.state or "" for e in suspected if e.checkout) == sorted(kit.states)
+
+
 def test_watchdog_reports_while_the_loop_is_blocked(
     kit: Kit, pg: Server, events: EventCapture
 ) -> None:

@@ -77,7 +77,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without psy
     raise AdapterUnavailable("psycopg2 is not installed") from _exc
 
 from pgleak import _retry, _stack
-from pgleak._adapter import Adapter, driver_target, tag
+from pgleak._adapter import Adapter, driver_state, driver_target, tag
 from pgleak._appname import tags, untagged
 from pgleak._core import PoolKind, PoolStats, core, suppressed
 from pgleak._guard import internal_error
@@ -220,4 +220,6 @@ class Psycopg2Adapter(Adapter):
         self.patch(AbstractConnectionPool, "_connect", _tagging_connect)
         self.patch(SimpleConnectionPool, "getconn", _retrying_getconn)
         self.patch(ThreadedConnectionPool, "getconn", _retrying_getconn)
-        core.register_kind(self.name, PoolKind(stats=_stats, target=driver_target))
+        core.register_kind(
+            self.name, PoolKind(stats=_stats, target=driver_target, state=driver_state)
+        )
