@@ -5,8 +5,9 @@ One line at startup::
     import pgleak
     pgleak.install()
 
-and every connection checked out of a SQLAlchemy pool (more pools follow) is tracked: who took
-it, from which line, for how long. A connection held past ``leak_threshold``, one
+and every connection checked out of a SQLAlchemy engine (sync or asyncio), a psycopg 3 pool
+(``psycopg_pool``, sync or async), a psycopg2 pool, an asyncpg pool, or by Django is tracked:
+who took it, from which line, for how long. A connection held past ``leak_threshold``, one
 garbage-collected without being returned, one still out when its pool closes or the process
 exits, and every holder at the moment a pool runs dry are reported on the ``pgleak`` logger.
 """
@@ -125,7 +126,9 @@ def install(
         _register_process_hooks()
         _install_adapters(named)
         _installed = True
-        _log.debug("pgleak installed: %s; adapters: %s", new, sorted(_adapters))
+        _guard.say(
+            _log, logging.DEBUG, "pgleak installed: %s; adapters: %s", new, sorted(_adapters)
+        )
         return new
 
 
@@ -178,7 +181,7 @@ def _install_one(name: str, explicit: bool) -> None:
         except AdapterUnavailable as exc:
             if explicit:
                 raise
-            _log.debug("pgleak: integration %s skipped: %s", name, exc)
+            _guard.say(_log, logging.DEBUG, "pgleak: integration %s skipped: %s", name, exc)
             return
         except Exception as exc:
             # A library version that breaks an adapter must not break the application: an

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from pgleak._appname import tags
 from pgleak._core import Lease, allowance, core
-from pgleak._guard import internal_error
+from pgleak._guard import internal_error, say
 from pgleak._importhook import PostImportFinder
 
 __all__ = [
@@ -271,12 +271,14 @@ class Adapter:
             try:
                 undo()
             except Exception as exc:  # a library that refuses to remove a listener
-                _log.warning("pgleak: could not remove a %s hook: %s", self.name, exc)
+                say(_log, logging.WARNING, "pgleak: could not remove a %s hook: %s", self.name, exc)
         self._undo.clear()
         for owner, attr, original, wrapper in reversed(self._patches):
             current = owner.__dict__.get(attr, _MISSING)
             if current is not wrapper:
-                _log.warning(
+                say(
+                    _log,
+                    logging.WARNING,
                     "pgleak: %s.%s was replaced after pgleak patched it; leaving it as it is",
                     getattr(owner, "__qualname__", owner),
                     attr,

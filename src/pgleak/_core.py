@@ -48,7 +48,7 @@ from pgleak._events import (
     LeakEvent,
     Sink,
 )
-from pgleak._guard import internal_error
+from pgleak._guard import internal_error, say
 from pgleak._settings import Settings
 
 __all__ = ["Core", "Lease", "Observer", "PoolHandle", "PoolKind", "PoolStats", "core"]
@@ -810,7 +810,9 @@ class Core:
         self.untracked += 1
         if not self._untracked_warned:
             self._untracked_warned = True
-            _log.warning(
+            say(
+                _log,
+                logging.WARNING,
                 "pgleak: %d checkouts are tracked (max_tracked); further checkouts are counted "
                 "but not tracked until some come back",
                 self.settings.max_tracked,
