@@ -74,6 +74,9 @@ class Settings:
             connection was last tagged with (``docs/performance.md``); off by default.
         app_name_site_template: The per-checkout tag: fields as ``app_name_template``, plus
             ``{site}`` (``views.py:42``).
+        summary_interval: Seconds between two ``leak.summary`` records (the leaks by call
+            site, worst first; :func:`pgleak.summary`), logged only when something happened
+            since the last one; also logged at exit.
         otel: OpenTelemetry spans (one per checkout, leak events on it) and pool metrics
             (``docs/otel.md``). ``None`` (the default): on when ``opentelemetry-api`` is
             importable, which costs nothing until the application sets up an SDK; ``True``
@@ -100,6 +103,7 @@ class Settings:
     app_name_prefix: bool = False
     app_name_call_site: bool = False
     app_name_site_template: str = "{service}:{site}"
+    summary_interval: float = 900.0
     otel: bool | None = None
 
 
@@ -202,6 +206,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "app_name_prefix": _parse_bool,
     "app_name_call_site": _parse_bool,
     "app_name_site_template": _template("site"),
+    "summary_interval": _positive_float,
     "otel": _auto_bool,
 }
 
