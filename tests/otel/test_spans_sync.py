@@ -143,6 +143,9 @@ def test_held_too_long_the_span_gets_the_report(
     )
 
 
+# A threshold the test never reaches, even on a loaded machine: the span must carry exactly one
+# event, the collected/at-exit report, and no leak.suspected before it.
+@pytest.mark.parametrize("leak_threshold", [60.0])
 def test_a_connection_never_returned_still_ends_its_span_in_error(
     kit: Kit, pool: Any, otel: Otel, otel_events: EventCapture
 ) -> None:
