@@ -35,13 +35,14 @@ import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
-from pgleak import _stack
+from pgleak import _reclaim, _stack
 from pgleak._events import (
     AT_EXIT,
     COLLECTED,
     CONNECT_GAVE_UP,
     CONNECT_RETRY,
     EXHAUSTED,
+    RECLAIMED,
     RETURNED,
     SUSPECTED,
     Checkout,
@@ -128,6 +129,8 @@ class PoolStats(NamedTuple):
     max: int | None = None
     idle_max: int | None = None
     idle_min: int | None = None
+    #: Callers waiting for a connection right now.
+    waiting: int | None = None
 
 
 class PoolKind(NamedTuple):
@@ -139,11 +142,16 @@ class PoolKind(NamedTuple):
             the user holds), any of them ``None`` when unknown.
         state: The transaction state of a lent connection ("idle in transaction"), read at
             report time on any thread, without a round trip; ``None`` when unknown.
+        reclaim: For a pool, the function that closes one of its lent connections and gives
+            the slot back through the library's own API, from the watchdog thread
+            (``reclaim=True``; see ``_reclaim``); ``None`` for a pool that cannot be reclaimed
+            from safely.
     """
 
     stats: Callable[[Any], PoolStats | None] | None = None
     target: Callable[[Any], tuple[str | None, int | None, str | None]] | None = None
     state: Callable[[Any], str | None] | None = None
+    reclaim: Callable[[Any], Callable[[Any], None] | None] | None = None
 
 
 class Observer(Protocol):
@@ -655,12 +663,27 @@ class Core:
         now = _monotonic()
         self._drain(now)
         next_deadline = self._scan(now)
+        if self.settings.reclaim:
+            _reclaim.sweep(self, _monotonic())
         self._drain(_monotonic())
         self._flush_sinks(force=False)
         # With nothing due, sleep at most half a threshold: a checkout made during the sleep
         # is then reported at most 1.5 thresholds after it was taken.
         cap = self.settings.leak_threshold / 2
+        if self.settings.reclaim:
+            cap = min(cap, _reclaim.CHECK_EVERY)
         return min(next_deadline - _monotonic(), cap)
+
+    def reclaimed(self, lease: Lease, now: float) -> None:
+        """``lease``'s connection is about to be reclaimed (``_reclaim``): say so, forget it.
+
+        Out of the ledger first, and unflagged (this runs on the watchdog thread, which alone
+        flags): the checkin the library's own give-back causes is then no ``leak.returned``.
+        """
+        self._forget(lease)
+        lease.flagged = False
+        lease.reported = True
+        self._emit_about(RECLAIMED, lease, now, with_holder_stack=False)
 
     def _scan(self, now: float) -> float:
         next_deadline = math.inf

@@ -15,6 +15,7 @@ __all__ = [
     "CONNECT_GAVE_UP",
     "CONNECT_RETRY",
     "EXHAUSTED",
+    "RECLAIMED",
     "RETURNED",
     "SUPPRESSED",
     "SUSPECTED",
@@ -28,6 +29,9 @@ RETURNED: Final = "leak.returned"
 COLLECTED: Final = "leak.collected"
 AT_EXIT: Final = "leak.at_exit"
 EXHAUSTED: Final = "pool.exhausted"
+#: ``reclaim=True``: an abandoned connection (its holder has ended) was closed and its slot
+#: given back to a pool under pressure.
+RECLAIMED: Final = "leak.reclaimed"
 #: A connection attempt the server refused (full, starting up) is retried after a backoff sleep.
 CONNECT_RETRY: Final = "connect.retry"
 #: pgleak stopped retrying a refused connection attempt; the driver's error goes to the caller.

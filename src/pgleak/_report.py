@@ -25,6 +25,7 @@ from pgleak._events import (
     CONNECT_GAVE_UP,
     CONNECT_RETRY,
     EXHAUSTED,
+    RECLAIMED,
     RETURNED,
     SUPPRESSED,
     SUSPECTED,
@@ -40,6 +41,7 @@ LEVELS = {
     COLLECTED: logging.ERROR,
     AT_EXIT: logging.ERROR,
     EXHAUSTED: logging.ERROR,
+    RECLAIMED: logging.WARNING,
     CONNECT_RETRY: logging.WARNING,
     CONNECT_GAVE_UP: logging.ERROR,
 }
@@ -151,6 +153,11 @@ def format_event(event: LeakEvent) -> str:
         head = (
             f"leak.at_exit: connection still checked out at {event.detail or 'exit'}, held "
             f"{_seconds(c.held_s)} by {c.holder} from pool {event.pool}{site}"
+        )
+    elif event.event == RECLAIMED and c is not None:
+        head = (
+            f"leak.reclaimed: connection held {_seconds(c.held_s)} by {c.holder}, which has "
+            f"ended, closed and given back to pool {event.pool} (reclaim=True){site}"
         )
     elif event.event == EXHAUSTED:
         waiter = event.waiter

@@ -77,6 +77,12 @@ class Settings:
         summary_interval: Seconds between two ``leak.summary`` records (the leaks by call
             site, worst first; :func:`pgleak.summary`), logged only when something happened
             since the last one; also logged at exit.
+        reclaim: Close and give back to its pool a connection whose holder has ended (its
+            thread or task is done), once it is older than ``reclaim_after`` and while the pool
+            is under pressure (``reclaim_when_used`` of it out, or callers waiting); reported
+            as ``leak.reclaimed``. Off by default: see docs/reclaim.md.
+        reclaim_after: Seconds a checkout must be old before it can be reclaimed.
+        reclaim_when_used: The share of a pool's connections out that counts as pressure.
         otel: OpenTelemetry spans (one per checkout, leak events on it) and pool metrics
             (``docs/otel.md``). ``None`` (the default): on when ``opentelemetry-api`` is
             importable, which costs nothing until the application sets up an SDK; ``True``
@@ -104,6 +110,9 @@ class Settings:
     app_name_call_site: bool = False
     app_name_site_template: str = "{service}:{site}"
     summary_interval: float = 900.0
+    reclaim: bool = False
+    reclaim_after: float = 300.0
+    reclaim_when_used: float = 0.9
     otel: bool | None = None
 
 
@@ -135,6 +144,15 @@ def _positive_float(value: Any) -> float:
     number = float(value)
     if not math.isfinite(number) or number <= 0:
         raise ValueError("expected a positive, finite number of seconds")
+    return number
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a fraction (0 < x <= 1)")
+    number = float(value)
+    if not 0 < number <= 1:
+        raise ValueError("expected a fraction (0 < x <= 1)")
     return number
 
 
@@ -207,6 +225,9 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "app_name_call_site": _parse_bool,
     "app_name_site_template": _template("site"),
     "summary_interval": _positive_float,
+    "reclaim": _parse_bool,
+    "reclaim_after": _positive_float,
+    "reclaim_when_used": _fraction,
     "otel": _auto_bool,
 }
 

@@ -73,6 +73,7 @@ from pgleak._adapter import Adapter, atag, driver_state, driver_target, enter_sc
 from pgleak._appname import tags
 from pgleak._core import Lease, PoolKind, PoolStats, core
 from pgleak._guard import internal_error
+from pgleak._reclaim import on_loop as _reclaim_on_loop
 from pgleak._redact import redact_dsn
 
 __all__ = ["SHORTCUTS", "AsyncpgAdapter"]
@@ -333,6 +334,22 @@ def _stats(pool: Any) -> PoolStats | None:
     )
 
 
+def _reclaim(pool: Any) -> Any:
+    """``Connection.terminate()`` on the pool's loop: asyncpg then releases the holder itself
+    (``_release_on_close``) and opens a new connection for the slot when next needed."""
+    loop = getattr(pool, "_loop", None)
+    if loop is None:
+        return None
+
+    def give_back_on_loop(con: Any) -> None:
+        async def give_back() -> None:
+            con.terminate()
+
+        _reclaim_on_loop(loop, give_back, "asyncpg.reclaim")
+
+    return give_back_on_loop
+
+
 class AsyncpgAdapter(Adapter):
     name = "asyncpg"
     module = "asyncpg"
@@ -351,5 +368,6 @@ class AsyncpgAdapter(Adapter):
         self.patch(PoolAcquireContext, "__aenter__", _wrap_aenter)
         self.patch(PoolAcquireContext, "__aexit__", _wrap_aexit)
         core.register_kind(
-            self.name, PoolKind(stats=_stats, target=driver_target, state=driver_state)
+            self.name,
+            PoolKind(stats=_stats, target=driver_target, state=driver_state, reclaim=_reclaim),
         )

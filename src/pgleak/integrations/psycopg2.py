@@ -198,6 +198,17 @@ def _stats(pool: Any) -> PoolStats | None:
     )
 
 
+def _reclaim(pool: Any) -> Any:
+    """``putconn(conn, close=True)``: the pool forgets it and closes it, under its own lock.
+
+    Only ``ThreadedConnectionPool`` has that lock; ``SimpleConnectionPool`` is not thread-safe,
+    so its connections are never reclaimed from the watchdog thread.
+    """
+    if not isinstance(pool, ThreadedConnectionPool):
+        return None
+    return lambda conn: pool.putconn(conn, close=True)
+
+
 class Psycopg2Adapter(Adapter):
     name = "psycopg2"
     module = "psycopg2"
@@ -221,5 +232,6 @@ class Psycopg2Adapter(Adapter):
         self.patch(SimpleConnectionPool, "getconn", _retrying_getconn)
         self.patch(ThreadedConnectionPool, "getconn", _retrying_getconn)
         core.register_kind(
-            self.name, PoolKind(stats=_stats, target=driver_target, state=driver_state)
+            self.name,
+            PoolKind(stats=_stats, target=driver_target, state=driver_state, reclaim=_reclaim),
         )

@@ -63,6 +63,7 @@ from pgleak._adapter import Adapter, driver_state, driver_target
 from pgleak._appname import tags
 from pgleak._core import PoolKind, PoolStats, core
 from pgleak._guard import internal_error
+from pgleak._reclaim import on_loop as _reclaim_on_loop
 from pgleak._redact import redact_dsn
 
 __all__ = ["PsycopgPoolAdapter"]
@@ -129,14 +130,40 @@ def _stats(pool: Any) -> PoolStats | None:
     """
     if pool.closed:
         return None
-    idle = pool.get_stats().get("pool_available", 0)
+    stats = pool.get_stats()
     null = isinstance(pool, (NullConnectionPool, AsyncNullConnectionPool))
     return PoolStats(
-        idle=idle,
+        idle=stats.get("pool_available", 0),
         max=pool.max_size,
         idle_max=0 if null else pool.max_size,
         idle_min=0 if null else pool.min_size,
+        waiting=stats.get("requests_waiting", 0),
     )
+
+
+def _reclaim(pool: Any) -> Any:
+    """Close an abandoned connection and put it back: the pool sees it closed, drops it, and
+    opens a new one in its place (its own ``putconn`` path, so its counts stay right)."""
+    if isinstance(pool, AsyncConnectionPool):
+        runner = getattr(pool, "_sched_runner", None)  # an asyncio task on the pool's loop
+        loop = runner.get_loop() if runner is not None else None
+        if loop is None:
+            return None
+
+        def give_back_async(conn: Any) -> None:
+            async def give_back() -> None:
+                await conn.close()
+                await pool.putconn(conn)
+
+            _reclaim_on_loop(loop, give_back, "psycopg_pool.reclaim")
+
+        return give_back_async
+
+    def give_back_sync(conn: Any) -> None:
+        conn.close()
+        pool.putconn(conn)
+
+    return give_back_sync
 
 
 def _connect_started() -> float | None:
@@ -197,7 +224,8 @@ class PsycopgPoolAdapter(Adapter):
             )
             self.track_scope(cls, "connection")
         core.register_kind(
-            self.name, PoolKind(stats=_stats, target=driver_target, state=driver_state)
+            self.name,
+            PoolKind(stats=_stats, target=driver_target, state=driver_state, reclaim=_reclaim),
         )
         self.patch(ConnectionPool, "_connect", _tagging_connect)
         self.patch(AsyncConnectionPool, "_connect", _atagging_connect)

@@ -308,6 +308,16 @@ def _target(fairy: Any) -> tuple[str | None, int | None, str | None]:
     return driver_target(getattr(fairy, "driver_connection", None))
 
 
+def _reclaim(pool: Any) -> Any:
+    """``invalidate()`` the pooled connection: SQLAlchemy closes it and checks the slot back in.
+
+    Sync engines only: an asyncio engine's close must run inside its greenlet on the loop.
+    """
+    if getattr(getattr(pool, "_dialect", None), "is_async", False):
+        return None
+    return lambda fairy: fairy.invalidate()
+
+
 def _state(fairy: Any) -> str | None:
     driver_connection = getattr(fairy, "driver_connection", None)
     return None if driver_connection is None else driver_state(driver_connection)
@@ -398,7 +408,9 @@ class SQLAlchemyAdapter(Adapter):
         self.patch(Connection, "__enter__", _make_enter)
         self.patch(Connection, "__exit__", _make_exit)
         self.when_imported("sqlalchemy.ext.asyncio", self._install_asyncio)
-        core.register_kind(self.name, PoolKind(stats=_stats, target=_target, state=_state))
+        core.register_kind(
+            self.name, PoolKind(stats=_stats, target=_target, state=_state, reclaim=_reclaim)
+        )
 
     def _install_asyncio(self) -> None:
         from sqlalchemy.ext.asyncio import AsyncConnection
