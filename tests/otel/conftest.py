@@ -123,6 +123,23 @@ class Otel:
         self.meter_provider.shutdown()
 
 
+def statement(span: ReadableSpan) -> str:
+    """The query text of a contrib instrumentation's span (old or new semantic conventions)."""
+    attrs = span.attributes or {}
+    return str(attrs.get("db.statement") or attrs.get("db.query.text") or "")
+
+
+@pytest.fixture
+def telemetry() -> Iterator[Otel]:
+    """Providers only, for tests that install pgleak (and instrumentations) themselves."""
+    made = Otel()
+    try:
+        yield made
+    finally:
+        pgleak.uninstall()
+        made.shutdown()
+
+
 @pytest.fixture
 def otel(leak_threshold: float) -> Iterator[Otel]:
     """pgleak installed with this test's own providers; removed afterwards."""
