@@ -97,15 +97,19 @@ class _Patch:
         """``obj`` is pgleak's wrapper, or what a class hands out for it.
 
         OpenTelemetry's ``unwrap()`` reads the attribute with ``getattr``, so a classmethod it
-        wrapped comes back as the method bound to the class; pgleak's own classmethod under its
-        proxy comes back the same way, and is still pgleak's to remove.
+        wrapped comes back as the method bound to the class, a staticmethod as its bare
+        function; pgleak's own, under its proxy, come back the same way, and are still
+        pgleak's to remove.
         """
-        if obj is self.wrapper:
+        wrapper = self.wrapper
+        if obj is wrapper:
             return True
+        if isinstance(wrapper, staticmethod):
+            return obj is wrapper.__func__
         return (
-            isinstance(self.wrapper, classmethod)
+            isinstance(wrapper, classmethod)
             and isinstance(obj, types.MethodType)
-            and obj.__func__ is self.wrapper.__func__
+            and obj.__func__ is wrapper.__func__
             and obj.__self__ is self.owner
         )
 
