@@ -78,6 +78,31 @@ def _is_proxy(obj: Any) -> bool:
     return any(cls.__name__ in _PROXY_BASES for cls in type(obj).__mro__)
 
 
+def _set_wrapped(proxy: Any, is_old: Callable[[Any], bool], new: Any, owner: Any) -> None:
+    """Make ``proxy`` (whose ``__wrapped__`` passes ``is_old``) call ``new`` instead.
+
+    A wrapt proxy bound to no instance (what OpenTelemetry's ``unwrap()`` of an outer proxy
+    leaves in a class when another agent's proxy was under it) wraps what ``getattr`` gave
+    (a classmethod bound to the class), and binds each call to an instance afresh from its
+    parent's ``__wrapped__``: each gets ``new`` in the form it had, the parent only if it
+    wraps the same.
+    """
+    proxy.__wrapped__ = _in_form_of(proxy.__wrapped__, new, owner)
+    parent = getattr(proxy, "_self_parent", None)
+    if parent is not None and _is_proxy(parent) and is_old(parent.__wrapped__):
+        parent.__wrapped__ = _in_form_of(parent.__wrapped__, new, owner)
+
+
+def _in_form_of(old: Any, new: Any, owner: Any) -> Any:
+    """``new``, bound to ``owner`` if ``new`` is a classmethod or staticmethod and ``old`` was
+    not (it was what the class hands out for one)."""
+    if isinstance(new, (classmethod, staticmethod)) and not isinstance(
+        old, (classmethod, staticmethod)
+    ):
+        return new.__get__(None, owner)
+    return new
+
+
 class _Patch:
     """One attribute pgleak patched, and what to put back where."""
 
@@ -108,7 +133,7 @@ class _Patch:
             return obj is wrapper.__func__
         return (
             isinstance(wrapper, classmethod)
-            and isinstance(obj, types.MethodType)
+            and type(obj) is types.MethodType  # a proxy of one passes isinstance()
             and obj.__func__ is wrapper.__func__
             and obj.__self__ is self.owner
         )
@@ -120,7 +145,7 @@ class _Patch:
         for _ in range(_MAX_CHAIN):
             if self.is_wrapper(current):
                 if holder is not None:
-                    holder.__wrapped__ = self.replaced
+                    _set_wrapped(holder, self.is_wrapper, self.replaced, self.owner)
                 elif self.replaced is _MISSING:
                     delattr(self.owner, self.attr)
                 else:
@@ -314,10 +339,16 @@ class Adapter:
                 _log.warning("pgleak: could not remove a %s hook: %s", self.name, exc)
         self._undo.clear()
         for patched in reversed(self._patches):
-            if not patched.undo():
+            where = getattr(patched.owner, "__qualname__", patched.owner)
+            try:
+                undone = patched.undo()
+            except Exception as exc:  # a proxy above pgleak's wrapper that refuses to be read
+                _log.warning("pgleak: could not restore %s.%s: %s", where, patched.attr, exc)
+                continue
+            if not undone:
                 _log.warning(
                     "pgleak: %s.%s was replaced after pgleak patched it; leaving it as it is",
-                    getattr(patched.owner, "__qualname__", patched.owner),
+                    where,
                     patched.attr,
                 )
         self._patches.clear()
@@ -366,7 +397,7 @@ class Adapter:
         if holder is None:
             setattr(owner, attr, wrapper)
         else:
-            holder.__wrapped__ = wrapper
+            _set_wrapped(holder, lambda obj: obj is replaced, wrapper, owner)
         self._patches.append(_Patch(owner, attr, before, replaced, wrapper))
 
     def on_uninstall(self, undo: Callable[[], None]) -> None:

@@ -126,14 +126,20 @@ ORDERS = [
 ]
 
 
+@pytest.mark.parametrize("agent", [False, True], ids=["alone", "over an agent"])
 @pytest.mark.parametrize("proxy", PROXIES)
 @pytest.mark.parametrize("order", ORDERS, ids=",".join)
 @pytest.mark.parametrize("kind", KINDS)
-def test_each_side_removes_its_own_layer(kind: str, order: tuple[str, ...], proxy: str) -> None:
+def test_each_side_removes_its_own_layer(
+    kind: str, order: tuple[str, ...], proxy: str, agent: bool
+) -> None:
+    """``agent``: another agent's proxy was there first, and stays (two agents, one method)."""
     owner, call, instance = make_owner(kind)
     original = owner.__dict__["target"]
     log: list[Any] = []
     layer = Layer(owner, log)
+    if agent:
+        agent_proxy = wrapt.wrap_function_wrapper(owner, "target", hook("agent", log))
     proxy_class, unwrap = PROXIES[proxy]
     on = set()
     for step in order:
@@ -151,14 +157,18 @@ def test_each_side_removes_its_own_layer(kind: str, order: tuple[str, ...], prox
             on.discard("instrumentation")
         log.clear()
         assert call(owner) == 1
-        # The instrumentation (a wrapt proxy) is always outermost, whichever came first.
+        # The proxies are always outermost, whichever came first.
         expected: list[Any] = []
         if "instrumentation" in on:
             expected.append(("instrumentation", instance))
+        if agent:
+            expected.append(("agent", instance))
         if "pgleak" in on:
             expected.append("pgleak")
         assert log == expected, f"after {step}"
-    if order[-1] == "uninstall" or not isinstance(original, (classmethod, staticmethod)):
+    if agent:  # unwrap() may leave the agent's proxy bound (its getattr binds), without pgleak too
+        assert agent_proxy.__wrapped__ is original
+    elif order[-1] == "uninstall" or not isinstance(original, (classmethod, staticmethod)):
         assert owner.__dict__["target"] is original
     else:  # unwrap() leaves what getattr() gives (a bound method), with or without pgleak
         assert owner.__dict__["target"] == original.__get__(None, owner)
