@@ -78,6 +78,17 @@ def _is_proxy(obj: Any) -> bool:
     return any(cls.__name__ in _PROXY_BASES for cls in type(obj).__mro__)
 
 
+def _kind(obj: Any) -> type | None:
+    """``classmethod`` or ``staticmethod`` if ``obj`` is one (not a proxy of one), else ``None``."""
+    if _is_proxy(obj):
+        return None
+    if isinstance(obj, classmethod):
+        return classmethod
+    if isinstance(obj, staticmethod):
+        return staticmethod
+    return None
+
+
 def _set_wrapped(proxy: Any, is_old: Callable[[Any], bool], new: Any, owner: Any) -> None:
     """Make ``proxy`` (whose ``__wrapped__`` passes ``is_old``) call ``new`` instead.
 
@@ -96,9 +107,7 @@ def _set_wrapped(proxy: Any, is_old: Callable[[Any], bool], new: Any, owner: Any
 def _in_form_of(old: Any, new: Any, owner: Any) -> Any:
     """``new``, bound to ``owner`` if ``new`` is a classmethod or staticmethod and ``old`` was
     not (it was what the class hands out for one)."""
-    if isinstance(new, (classmethod, staticmethod)) and not isinstance(
-        old, (classmethod, staticmethod)
-    ):
+    if _kind(new) is not None and _kind(old) is None:
         return new.__get__(None, owner)
     return new
 
@@ -375,7 +384,8 @@ class Adapter:
             holder, replaced = replaced, replaced.__wrapped__
         else:  # a chain this deep is not an instrumentation's: wrap it whole, as anything else
             holder, replaced = None, before
-        if isinstance(replaced, (classmethod, staticmethod)):
+        kind = _kind(replaced)
+        if kind is not None:
             inner = replaced.__func__
         elif holder is not None:
             inner = replaced
@@ -384,16 +394,14 @@ class Adapter:
         wrapper = make(inner)
         functools.update_wrapper(wrapper, inner)
         wrapper.__pgleak_wrapped__ = True
-        if isinstance(inner, types.MethodType):
+        if type(inner) is types.MethodType:  # (a proxy of one passes isinstance())
             # A wrapt FunctionWrapper (above pgleak's wrapper, or put there later) hands its
             # wrapper function the instance it finds as ``__wrapped__.__self__``.
             wrapper.__self__ = inner.__self__
         if inspect.iscoroutinefunction(inner) and not inspect.iscoroutinefunction(wrapper):
             _mark_coroutine_function(wrapper)
-        if isinstance(replaced, classmethod):
-            wrapper = classmethod(wrapper)
-        elif isinstance(replaced, staticmethod):
-            wrapper = staticmethod(wrapper)
+        if kind is not None:
+            wrapper = kind(wrapper)
         if holder is None:
             setattr(owner, attr, wrapper)
         else:

@@ -235,3 +235,19 @@ def test_a_plain_wrapper_on_top_is_left_alone_with_a_warning(
     assert owner.__dict__["target"] is on_top
     assert call(owner) == 1
     assert log == ["theirs", "pgleak"]
+
+
+def test_inherited_from_a_proxied_base() -> None:
+    """An attribute the owner inherits from a base an agent wrapped: pgleak's wrapper on the
+    owner calls through the agent's (bound) proxy, and uninstall removes the owner's slot."""
+    owner, _, _ = make_owner("method")
+    log: list[Any] = []
+    wrapt.wrap_function_wrapper(owner, "target", hook("agent", log))
+    sub = type("Sub", (owner,), {})
+    layer = Layer(sub, log)
+    layer.install()
+    obj = sub()
+    assert obj.target(1) == 1
+    assert log == ["pgleak", ("agent", obj)]
+    layer.uninstall()
+    assert "target" not in sub.__dict__
