@@ -46,6 +46,10 @@ class SpanCollector(SpanExporter):
         with self._cond:
             return [s for s in self.finished if name is None or s.name == name]
 
+    def clear(self) -> None:
+        with self._cond:
+            self.finished.clear()
+
     def wait_for(
         self,
         predicate: Callable[[ReadableSpan], bool] = lambda _s: True,

@@ -285,8 +285,7 @@ class Run:
             assert _is_proxy(current) is self.otel_on, where
 
     def check_behaviour(self, after: str) -> None:
-        with self.otel.collector._cond:
-            self.otel.collector.finished.clear()
+        self.otel.collector.clear()
         self.probe.ran.clear()
         tracked: list[bool] = []
 
@@ -313,7 +312,8 @@ class Run:
         assert seen == expected, f"after {after}"
 
     def close(self) -> None:
-        """Switch off whatever is still on and put every attribute back as it was."""
+        """Switch off whatever a failed step left on (the ``scenario`` fixture then puts every
+        attribute back as it was)."""
         if self.otel_on:
             self.scenario.instrumentor.uninstrument()
         if self.pgleak_on:
