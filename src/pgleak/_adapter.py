@@ -4,9 +4,15 @@ An adapter's own module only says which of its library's events mean "checkout",
 "discarded", "exhausted" and "closed", and forwards them to the core. The bookkeeping that makes
 ``install()`` idempotent and ``uninstall()`` exact lives here, once:
 
-* each patch is recorded as (owner, attribute, what was in the owner's ``__dict__``, wrapper);
-  uninstall puts back exactly that object, or deletes the attribute if the owner had inherited
-  it, and leaves alone (with a warning) an attribute someone re-wrapped after us;
+* each patch is recorded as (owner, attribute, what was in the owner's ``__dict__``, what the
+  wrapper replaced, wrapper); uninstall puts back exactly that object, or deletes the attribute
+  if the owner had inherited it, and leaves alone (with a warning) an attribute someone
+  re-wrapped after us with anything but a wrapt proxy;
+* wrapt proxies (OpenTelemetry's and ddtrace's instrumentations) are stepped through, in both
+  directions: pgleak puts its wrapper beneath any it finds, and takes it out from beneath any
+  put on top of it, so that their ``unwrap()`` (which only acts on a proxy, and sets the
+  attribute to the proxy's ``__wrapped__``) always removes their own layer and nothing else,
+  whichever was first (docs/design.md, "Co-existing with wrapt-based instrumentations");
 * each listener is recorded with a callable that removes it.
 
 It also holds the two hooks an observer (OpenTelemetry) needs from adapters and cannot get from
@@ -24,6 +30,7 @@ import inspect
 import logging
 import math
 import sys
+import types
 from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any, ClassVar
@@ -44,6 +51,11 @@ __all__ = [
 
 _log = logging.getLogger("pgleak")
 _MISSING = object()
+#: The base class names of wrapt's proxies, in wrapt itself and in the copies some agents vendor
+#: (``ddtrace.vendor.wrapt``, ``newrelic.packages.wrapt``): each is a different class object.
+_PROXY_BASES = frozenset({"ObjectProxy", "BaseObjectProxy"})
+#: How many proxies deep pgleak looks for its own wrapper (wrapt's own chain walk stops at 64).
+_MAX_CHAIN = 64
 #: Adapters' hooks on their library's optional submodules (``Adapter.when_imported``).
 _submodules = PostImportFinder()
 
@@ -60,6 +72,105 @@ def _mark_coroutine_function(wrapper: Any) -> None:
         mark(wrapper)
     else:  # what asyncio.iscoroutinefunction() looks for before 3.12
         wrapper._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+
+
+def _is_proxy(obj: Any) -> bool:
+    """Whether ``obj`` is a wrapt proxy, whose ``__wrapped__`` is what it calls (and can be set).
+
+    Asked of the type's MRO rather than with ``isinstance``: a proxy reports the ``__class__`` of
+    what it wraps, and each vendored copy of wrapt has its own classes. wrapt is never imported:
+    a process that has one of its proxies has imported it already. A ``functools.wraps``
+    wrapper's ``__wrapped__`` is only a record, so it is never looked through.
+    """
+    return any(cls.__name__ in _PROXY_BASES for cls in type(obj).__mro__)
+
+
+def _kind(obj: Any) -> type | None:
+    """``classmethod`` or ``staticmethod`` if ``obj`` is one (not a proxy of one), else ``None``."""
+    if _is_proxy(obj):
+        return None
+    if isinstance(obj, classmethod):
+        return classmethod
+    if isinstance(obj, staticmethod):
+        return staticmethod
+    return None
+
+
+def _set_wrapped(proxy: Any, is_old: Callable[[Any], bool], new: Any, owner: Any) -> None:
+    """Make ``proxy`` (whose ``__wrapped__`` passes ``is_old``) call ``new`` instead.
+
+    A wrapt proxy bound to no instance (what OpenTelemetry's ``unwrap()`` of an outer proxy
+    leaves in a class when another agent's proxy was under it) wraps what ``getattr`` gave
+    (a classmethod bound to the class), and binds each call to an instance afresh from its
+    parent's ``__wrapped__``: each gets ``new`` in the form it had, the parent only if it
+    wraps the same.
+    """
+    proxy.__wrapped__ = _in_form_of(proxy.__wrapped__, new, owner)
+    parent = getattr(proxy, "_self_parent", None)
+    if parent is not None and _is_proxy(parent) and is_old(parent.__wrapped__):
+        parent.__wrapped__ = _in_form_of(parent.__wrapped__, new, owner)
+
+
+def _in_form_of(old: Any, new: Any, owner: Any) -> Any:
+    """``new``, bound to ``owner`` if ``new`` is a classmethod or staticmethod and ``old`` was
+    not (it was what the class hands out for one)."""
+    if _kind(new) is not None and _kind(old) is None:
+        return new.__get__(None, owner)
+    return new
+
+
+class _Patch:
+    """One attribute pgleak patched, and what to put back where."""
+
+    __slots__ = ("attr", "before", "owner", "replaced", "wrapper")
+
+    def __init__(self, owner: Any, attr: str, before: Any, replaced: Any, wrapper: Any) -> None:
+        self.owner = owner
+        self.attr = attr
+        #: ``owner.__dict__[attr]`` when patched (``_MISSING``: inherited).
+        self.before = before
+        #: What the wrapper took the place of: ``before`` itself, or, beneath wrapt proxies, the
+        #: innermost of them's ``__wrapped__``. It goes back wherever the wrapper is found.
+        self.replaced = replaced
+        self.wrapper = wrapper
+
+    def is_wrapper(self, obj: Any) -> bool:
+        """``obj`` is pgleak's wrapper, or what a class hands out for it.
+
+        OpenTelemetry's ``unwrap()`` reads the attribute with ``getattr``, so a classmethod it
+        wrapped comes back as the method bound to the class, a staticmethod as its bare
+        function; pgleak's own, under its proxy, come back the same way, and are still
+        pgleak's to remove.
+        """
+        wrapper = self.wrapper
+        if obj is wrapper:
+            return True
+        if isinstance(wrapper, staticmethod):
+            return obj is wrapper.__func__
+        return (
+            isinstance(wrapper, classmethod)
+            and type(obj) is types.MethodType  # a proxy of one passes isinstance()
+            and obj.__func__ is wrapper.__func__
+            and obj.__self__ is self.owner
+        )
+
+    def undo(self) -> bool:
+        """Put back what the wrapper replaced; ``False``: the wrapper is no longer reachable."""
+        holder: Any = None
+        current = self.owner.__dict__.get(self.attr, _MISSING)
+        for _ in range(_MAX_CHAIN):
+            if self.is_wrapper(current):
+                if holder is not None:
+                    _set_wrapped(holder, self.is_wrapper, self.replaced, self.owner)
+                elif self.replaced is _MISSING:
+                    delattr(self.owner, self.attr)
+                else:
+                    setattr(self.owner, self.attr, self.replaced)
+                return True
+            if not _is_proxy(current):
+                return False
+            holder, current = current, current.__wrapped__
+        return False
 
 
 class AdapterUnavailable(RuntimeError):
@@ -240,7 +351,7 @@ class Adapter:
     min_version: ClassVar[tuple[int, ...]] = ()
 
     def __init__(self) -> None:
-        self._patches: list[tuple[Any, str, Any, Any]] = []
+        self._patches: list[_Patch] = []
         self._undo: list[Callable[[], None]] = []
         self.installed = False
 
@@ -273,21 +384,28 @@ class Adapter:
             except Exception as exc:  # a library that refuses to remove a listener
                 say(_log, logging.WARNING, "pgleak: could not remove a %s hook: %s", self.name, exc)
         self._undo.clear()
-        for owner, attr, original, wrapper in reversed(self._patches):
-            current = owner.__dict__.get(attr, _MISSING)
-            if current is not wrapper:
+        for patched in reversed(self._patches):
+            where = getattr(patched.owner, "__qualname__", patched.owner)
+            try:
+                undone = patched.undo()
+            except Exception as exc:  # a proxy above pgleak's wrapper that refuses to be read
+                say(
+                    _log,
+                    logging.WARNING,
+                    "pgleak: could not restore %s.%s: %s",
+                    where,
+                    patched.attr,
+                    exc,
+                )
+                continue
+            if not undone:
                 say(
                     _log,
                     logging.WARNING,
                     "pgleak: %s.%s was replaced after pgleak patched it; leaving it as it is",
-                    getattr(owner, "__qualname__", owner),
-                    attr,
+                    where,
+                    patched.attr,
                 )
-                continue
-            if original is _MISSING:
-                delattr(owner, attr)
-            else:
-                setattr(owner, attr, original)
         self._patches.clear()
         self.installed = False
 
@@ -297,21 +415,44 @@ class Adapter:
         raise NotImplementedError
 
     def patch(self, owner: Any, attr: str, make: Callable[[Any], Any]) -> None:
-        """Replace ``owner.attr`` with ``make(original)``, to be restored exactly later."""
-        original = owner.__dict__.get(attr, _MISSING)
-        current = getattr(owner, attr)
-        inner = current.__func__ if isinstance(original, (classmethod, staticmethod)) else current
+        """Replace ``owner.attr`` with ``make(original)``, to be restored exactly later.
+
+        If ``owner.attr`` is a wrapt proxy (an instrumentation's), the wrapper goes beneath it
+        (and beneath any proxies it wraps in turn): the instrumentation keeps running first, and
+        its ``unwrap()`` later removes its own layer, not pgleak's.
+        """
+        before = owner.__dict__.get(attr, _MISSING)
+        holder: Any = None  # the innermost proxy, whose __wrapped__ pgleak replaces
+        replaced = before
+        for _ in range(_MAX_CHAIN):
+            if replaced is _MISSING or not _is_proxy(replaced):
+                break
+            holder, replaced = replaced, replaced.__wrapped__
+        else:  # a chain this deep is not an instrumentation's: wrap it whole, as anything else
+            holder, replaced = None, before
+        kind = _kind(replaced)
+        if kind is not None:
+            inner = replaced.__func__
+        elif holder is not None:
+            inner = replaced
+        else:
+            inner = getattr(owner, attr)
         wrapper = make(inner)
         functools.update_wrapper(wrapper, inner)
         wrapper.__pgleak_wrapped__ = True
+        if type(inner) is types.MethodType:  # (a proxy of one passes isinstance())
+            # A wrapt FunctionWrapper (above pgleak's wrapper, or put there later) hands its
+            # wrapper function the instance it finds as ``__wrapped__.__self__``.
+            wrapper.__self__ = inner.__self__
         if inspect.iscoroutinefunction(inner) and not inspect.iscoroutinefunction(wrapper):
             _mark_coroutine_function(wrapper)
-        if isinstance(original, classmethod):
-            wrapper = classmethod(wrapper)
-        elif isinstance(original, staticmethod):
-            wrapper = staticmethod(wrapper)
-        setattr(owner, attr, wrapper)
-        self._patches.append((owner, attr, original, wrapper))
+        if kind is not None:
+            wrapper = kind(wrapper)
+        if holder is None:
+            setattr(owner, attr, wrapper)
+        else:
+            _set_wrapped(holder, lambda obj: obj is replaced, wrapper, owner)
+        self._patches.append(_Patch(owner, attr, before, replaced, wrapper))
 
     def on_uninstall(self, undo: Callable[[], None]) -> None:
         self._undo.append(undo)
@@ -345,7 +486,7 @@ class Adapter:
 
     def originals(self) -> list[tuple[Any, str, Any]]:
         """``(owner, attribute, original)`` for every patch in place; for tests."""
-        return [(owner, attr, original) for owner, attr, original, _ in self._patches]
+        return [(patched.owner, patched.attr, patched.before) for patched in self._patches]
 
     # -- the shapes most pools have: acquire / release / close -------------------------------
     #

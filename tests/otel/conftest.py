@@ -46,6 +46,10 @@ class SpanCollector(SpanExporter):
         with self._cond:
             return [s for s in self.finished if name is None or s.name == name]
 
+    def clear(self) -> None:
+        with self._cond:
+            self.finished.clear()
+
     def wait_for(
         self,
         predicate: Callable[[ReadableSpan], bool] = lambda _s: True,
@@ -121,6 +125,23 @@ class Otel:
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+
+
+def statement(span: ReadableSpan) -> str:
+    """The query text of a contrib instrumentation's span (old or new semantic conventions)."""
+    attrs = span.attributes or {}
+    return str(attrs.get("db.statement") or attrs.get("db.query.text") or "")
+
+
+@pytest.fixture
+def telemetry() -> Iterator[Otel]:
+    """Providers only, for tests that install pgleak (and instrumentations) themselves."""
+    made = Otel()
+    try:
+        yield made
+    finally:
+        pgleak.uninstall()
+        made.shutdown()
 
 
 @pytest.fixture

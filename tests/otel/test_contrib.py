@@ -35,7 +35,7 @@ import pgleak
 from pgleak._adapter import _version_tuple
 from pgleak._otel import SPAN_NAME
 from tests.conftest import Server
-from tests.otel.conftest import Otel
+from tests.otel.conftest import Otel, statement
 
 SA_VERSION = _version_tuple(metadata.version("SQLAlchemy"))
 SA_ACCEPTED = SA_VERSION < (2, 1)
@@ -47,17 +47,6 @@ ORDERS = ["pgleak first", "instrumentation first"]
 # ``create_async_engine`` (wrapped too) registers the same listeners twice, and
 # ``uninstrument()`` then fails removing them the second time. An application imports it once,
 # at start-up; a test run would otherwise depend on its order.
-
-
-@pytest.fixture
-def telemetry() -> Iterator[Otel]:
-    """Providers only; each test installs pgleak and the instrumentation in its order."""
-    made = Otel()
-    try:
-        yield made
-    finally:
-        pgleak.uninstall()
-        made.shutdown()
 
 
 def install_both(otel: Otel, order: str, instrument: Any) -> None:
@@ -94,7 +83,7 @@ def assert_nested(otel: Otel, request_id: int, checkouts: int = 1) -> list[Reada
     queries = [
         s
         for s in spans
-        if s.kind is SpanKind.CLIENT and s.name != "connect" and "SELECT 42" in _statement(s)
+        if s.kind is SpanKind.CLIENT and s.name != "connect" and "SELECT 42" in statement(s)
     ]
     assert queries, [(s.name, s.kind, dict(s.attributes or {})) for s in spans]
     for query in queries:
@@ -106,11 +95,6 @@ def assert_nested(otel: Otel, request_id: int, checkouts: int = 1) -> list[Reada
 def _name(span: trace.Span) -> str:
     """The name of a live SDK span (the API's ``Span`` does not promise one)."""
     return str(getattr(span, "name", ""))
-
-
-def _statement(span: ReadableSpan) -> str:
-    attrs = span.attributes or {}
-    return str(attrs.get("db.statement") or attrs.get("db.query.text") or "")
 
 
 # -- psycopg (psycopg_pool, and SQLAlchemy's psycopg dialect) -----------------------------------
