@@ -1,0 +1,91 @@
+"""How the plugin is switched on: off by default, ``--pgleak``, the ini key, the threshold, xdist."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.pytest_plugin.conftest import QUIET, site
+
+SUITE = """import os
+import time
+
+import pytest
+import sqlalchemy as sa
+
+URL = os.environ["PGLEAK_INNER_URL"].replace("postgresql://", "postgresql+psycopg://")
+KEPT = []
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = sa.create_engine(URL)
+    yield engine
+    engine.dispose()
+
+
+def test_leaks(engine):
+    KEPT.append(engine.connect())  # LEAK
+
+
+def test_holds_long(engine):
+    with engine.connect() as conn:  # SLOW
+        time.sleep(0.6)  # the behaviour under test: a hold past --pgleak-threshold
+        conn.execute(sa.text("select 1"))
+
+
+def test_clean(engine):
+    with engine.connect() as conn:
+        conn.execute(sa.text("select 1"))
+"""
+
+
+def test_off_by_default_on_with_the_ini_key_and_the_threshold(inner: pytest.Pytester) -> None:
+    inner.makepyfile(test_suite=SUITE)
+    leak = site(SUITE, "LEAK", "test_suite.py")
+    slow = site(SUITE, "SLOW", "test_suite.py")
+
+    off = inner.runpytest_subprocess(*QUIET)
+    off.assert_outcomes(passed=3)
+    assert "pgleak:" not in off.stdout.str()
+
+    inner.makeini("[pytest]\npgleak = true\n")
+    on = inner.runpytest_subprocess(*QUIET)
+    on.assert_outcomes(passed=3, errors=1)
+    on.stdout.fnmatch_lines(
+        [
+            "*pgleak: 1 test(s) leaked connections*",
+            f"test_suite.py::test_leaks: leak.at_exit at *{leak}",
+            "ERROR test_suite.py::test_leaks - Failed: pgleak: *",
+        ]
+    )
+
+    timed = inner.runpytest_subprocess("--pgleak-threshold=0.2", *QUIET)
+    timed.assert_outcomes(passed=3, errors=2)
+    timed.stdout.fnmatch_lines(
+        [
+            f"test_suite.py::test_holds_long: leak.suspected at *{slow}",
+            "ERROR test_suite.py::test_holds_long - Failed: pgleak: *",
+        ]
+    )
+    timed.stdout.fnmatch_lines([f"leak.suspected: connection held *checked out at *{slow} *"])
+
+
+def test_xdist_workers_report_to_the_controller(inner: pytest.Pytester) -> None:
+    inner.makepyfile(test_one=SUITE.replace("time.sleep(0.6)", "pass"), test_two=SUITE)
+    result = inner.runpytest_subprocess("-n", "2", "--pgleak", "--pgleak-report=leaks.json", *QUIET)
+    result.assert_outcomes(passed=6, errors=2)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*pgleak: 2 test(s) leaked connections*",
+            "test_one.py::test_leaks: leak.at_exit at *test_one.py:*",
+            "test_two.py::test_leaks: leak.at_exit at *test_two.py:*",
+        ]
+    )
+    report = json.loads((inner.path / "leaks.json").read_text())
+    assert sorted(test["nodeid"] for test in report["tests"]) == [
+        "test_one.py::test_leaks",
+        "test_two.py::test_leaks",
+    ]
+    assert report["leaks"] == 2
