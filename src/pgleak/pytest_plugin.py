@@ -25,7 +25,7 @@ from __future__ import annotations
 import gc
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -143,9 +143,13 @@ class _Window:
         kinds = {COLLECTED, AT_EXIT} | ({SUSPECTED} if threshold is not None else set())
         for event in list(self.capture.events):
             c = event.checkout
-            if event.event in kinds and c is not None and self.ours(c.checkout_id):
-                if found.get(c.checkout_id) is None or event.event != SUSPECTED:
-                    found[c.checkout_id] = event
+            if (
+                event.event in kinds
+                and c is not None
+                and self.ours(c.checkout_id)
+                and (c.checkout_id not in found or event.event != SUSPECTED)
+            ):
+                found[c.checkout_id] = event
         detail = f"the end of test {self.item.nodeid}"
         for lease in core.open_leases():
             if not self.ours(lease.id) or not _left_out(lease):
@@ -213,7 +217,7 @@ class LeakGuard:
             pgleak.uninstall()
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_setup(self, item: pytest.Item) -> Iterator[None]:
+    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
         if self.window is not None:
             self.window.close()
         self.window = _Window(item)
@@ -222,7 +226,7 @@ class LeakGuard:
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(
         self, fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
-    ) -> Iterator[object]:
+    ) -> Generator[None, object, object]:
         window = self.window
         if window is None:
             return (yield)
@@ -242,7 +246,7 @@ class LeakGuard:
             )
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_teardown(self, item: pytest.Item) -> Iterator[None]:
+    def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:
         window = self.window
         if window is not None and not window.scheduled:
             self._schedule(window)  # no function-scoped fixture: nothing to wait for
@@ -261,9 +265,14 @@ class LeakGuard:
         window.scheduled = True
 
     def _check(self, window: _Window) -> None:
+        from pgleak._guard import internal_error
         from pgleak._report import format_event
 
-        leaks = window.leaks(self.threshold)
+        try:
+            leaks = window.leaks(self.threshold)
+        except Exception as exc:  # pgleak's own fault must not fail the user's test
+            internal_error("pytest.check", exc)
+            leaks = []
         window.close()
         if not leaks or window.item.get_closest_marker("pgleak_allow") is not None:
             return

@@ -19,7 +19,9 @@ QUIET = ("-p", "no:randomly", "-p", "no:cacheprovider", "-p", "no:asyncio", "-p"
 
 
 @pytest.fixture
-def inner(pytester: pytest.Pytester, pg: Server, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+def inner(
+    pytester: pytest.Pytester, pg: Server, monkeypatch: pytest.MonkeyPatch
+) -> pytest.Pytester:
     """A pytester whose subprocess runs see the session's server."""
     monkeypatch.setenv("PGLEAK_INNER_DSN", pg.dsn)
     monkeypatch.setenv("PGLEAK_INNER_URL", pg.url(""))

@@ -1,4 +1,4 @@
-"""Each supported library leaking inside a test fails that test, naming its line; nothing else does."""
+"""A connection leaked inside a test, from any supported library, fails it and names the line."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from tests.pytest_plugin.conftest import QUIET, site
 
-LIBRARIES = '''import asyncio
+LIBRARIES = """import asyncio
 import os
 import threading
 
@@ -134,7 +134,7 @@ def test_allowed(engine, pgleak_events):
     del conn
     (event,) = pgleak_events.wait_for("leak.collected")
     assert event.checkout.site.endswith("ALLOWED_SITE")
-'''
+"""
 
 #: (inner test, its tagged checkout line, the event it fails with).
 LEAKS = [
@@ -165,7 +165,9 @@ def test_each_library_leaking_fails_its_test_at_teardown(inner: pytest.Pytester)
         assert f"ERROR test_libs.py::{clean} " not in out
     report = json.loads((inner.path / "out" / "leaks.json").read_text())
     assert report["leaking_tests"] == len(LEAKS)
-    assert [test["nodeid"] for test in report["tests"]] == [f"test_libs.py::{t}" for t, _, _ in LEAKS]
+    assert [test["nodeid"] for test in report["tests"]] == [
+        f"test_libs.py::{t}" for t, _, _ in LEAKS
+    ]
     sa_events = report["tests"][0]["events"]
     assert [e["event"] for e in sa_events] == ["leak.collected"]
     assert sa_events[0]["stack"][-1].endswith(site(source, "LEAK-SA", "test_libs.py"))

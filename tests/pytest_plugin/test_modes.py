@@ -1,4 +1,4 @@
-"""How the plugin is switched on: off by default, ``--pgleak``, the ini key, the threshold, xdist."""
+"""Switching the plugin on: off by default, `--pgleak`, the ini key, the threshold; and xdist."""
 
 from __future__ import annotations
 
