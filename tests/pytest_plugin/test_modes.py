@@ -38,21 +38,36 @@ def test_holds_long(engine):
 def test_clean(engine):
     with engine.connect() as conn:
         conn.execute(sa.text("select 1"))
+
+
+@pytest.mark.pgleak_allow
+def test_events_fixture(pgleak_events):
+    engine = sa.create_engine(URL)
+    conn = engine.connect()  # DROPPED
+    del conn
+    (event,) = pgleak_events.wait_for("leak.collected")
+    assert event.checkout.site.endswith("DROPPED_SITE")
+    engine.dispose()
 """
 
 
+# The line and function, whatever the file is called.
+SUITE = SUITE.replace("DROPPED_SITE", site(SUITE, "DROPPED", "").lstrip())
+
+
 def test_off_by_default_on_with_the_ini_key_and_the_threshold(inner: pytest.Pytester) -> None:
+    """Off, ``pgleak_events`` still works: pgleak is installed for that one test."""
     inner.makepyfile(test_suite=SUITE)
     leak = site(SUITE, "LEAK", "test_suite.py")
     slow = site(SUITE, "SLOW", "test_suite.py")
 
     off = inner.runpytest_subprocess(*QUIET)
-    off.assert_outcomes(passed=3)
+    off.assert_outcomes(passed=4)
     assert "pgleak:" not in off.stdout.str()
 
     inner.makeini("[pytest]\npgleak = true\n")
     on = inner.runpytest_subprocess(*QUIET)
-    on.assert_outcomes(passed=3, errors=1)
+    on.assert_outcomes(passed=4, errors=1)
     on.stdout.fnmatch_lines(
         [
             "*pgleak: 1 test(s) leaked connections*",
@@ -62,7 +77,7 @@ def test_off_by_default_on_with_the_ini_key_and_the_threshold(inner: pytest.Pyte
     )
 
     timed = inner.runpytest_subprocess("--pgleak-threshold=0.2", *QUIET)
-    timed.assert_outcomes(passed=3, errors=2)
+    timed.assert_outcomes(passed=4, errors=2)
     timed.stdout.fnmatch_lines(
         [
             f"test_suite.py::test_holds_long: leak.suspected at *{slow}",
@@ -75,7 +90,7 @@ def test_off_by_default_on_with_the_ini_key_and_the_threshold(inner: pytest.Pyte
 def test_xdist_workers_report_to_the_controller(inner: pytest.Pytester) -> None:
     inner.makepyfile(test_one=SUITE.replace("time.sleep(0.6)", "pass"), test_two=SUITE)
     result = inner.runpytest_subprocess("-n", "2", "--pgleak", "--pgleak-report=leaks.json", *QUIET)
-    result.assert_outcomes(passed=6, errors=2)
+    result.assert_outcomes(passed=8, errors=2)
     result.stdout.fnmatch_lines_random(
         [
             "*pgleak: 2 test(s) leaked connections*",
