@@ -22,6 +22,7 @@ is left that could close it); a Django connection garbage-collected during the t
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import threading
@@ -41,6 +42,8 @@ _GUARD = "pgleak-guard"
 #: The key of the ``user_properties`` entry that carries a test's leaks (a JSON string) from
 #: an xdist worker to the controller's summary and report.
 _PROPERTY = "pgleak"
+#: Leaks of one test shown in full in its failure; a loop that leaks 1,000 gives a count.
+_MAX_SHOWN = 5
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -208,7 +211,10 @@ class LeakGuard:
         self._installed_here = not pgleak.settings().enabled
         _skip_test_runner_frames()
         if self._installed_here or threshold is not None:
-            pgleak.install(**({} if threshold is None else {"leak_threshold": threshold}))
+            try:
+                pgleak.install(**({} if threshold is None else {"leak_threshold": threshold}))
+            except pgleak.ConfigError as exc:  # a bad PGLEAK_* variable: say so, no traceback
+                raise pytest.UsageError(f"pgleak: {exc}") from exc
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         import pgleak
@@ -216,46 +222,42 @@ class LeakGuard:
         if self._installed_here:
             pgleak.uninstall()
 
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
+    # Old-style hook wrappers (``hookwrapper=True``): the module is imported by every pytest in
+    # an environment with pgleak, including versions that predate ``wrapper=True``.
+
+    @pytest.hookimpl(hookwrapper=True, tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, object, None]:
         if self.window is not None:
             self.window.close()
         self.window = _Window(item)
-        return (yield)
+        yield
 
-    @pytest.hookimpl(wrapper=True)
+    @pytest.hookimpl(hookwrapper=True)
     def pytest_fixture_setup(
         self, fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
-    ) -> Generator[None, object, object]:
+    ) -> Generator[None, object, None]:
         window = self.window
-        if window is None:
-            return (yield)
-        if fixturedef.scope == "function":
-            if not window.scheduled:
+        if window is None or fixturedef.scope == "function":
+            if window is not None and not window.scheduled:
                 # Before this fixture's own finalizer: the check runs after its teardown.
                 self._schedule(window)
-            return (yield)
+            yield
+            return
         from pgleak._core import core
 
         before = {lease.id for lease in core.open_leases()}
-        try:
-            return (yield)
-        finally:
-            window.excluded.update(
-                lease.id for lease in core.open_leases() if lease.id not in before
-            )
+        yield  # an old-style wrapper: the fixture's exception, if any, is not raised here
+        window.excluded.update(lease.id for lease in core.open_leases() if lease.id not in before)
 
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:
+    @pytest.hookimpl(hookwrapper=True, tryfirst=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, object, None]:
         window = self.window
         if window is not None and not window.scheduled:
             self._schedule(window)  # no function-scoped fixture: nothing to wait for
-        try:
-            return (yield)
-        finally:
-            if window is not None:
-                window.close()
-            self.window = None
+        yield
+        if window is not None:
+            window.close()
+        self.window = None
 
     def _schedule(self, window: _Window) -> None:
         try:
@@ -279,7 +281,9 @@ class LeakGuard:
         data = [event.as_dict() for event in leaks]
         window.item.user_properties.append((_PROPERTY, json.dumps(data)))
         nodeid = window.item.nodeid
-        text = "\n\n".join(format_event(event) for event in leaks)
+        text = "\n\n".join(format_event(event) for event in leaks[:_MAX_SHOWN])
+        if len(leaks) > _MAX_SHOWN:
+            text += f"\n\n... and {len(leaks) - _MAX_SHOWN} more (--pgleak-report has them all)"
         pytest.fail(f"pgleak: {nodeid} leaked {len(leaks)} connection(s):\n{text}", pytrace=False)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -294,9 +298,12 @@ class LeakGuard:
             return
         terminalreporter.section(f"pgleak: {len(self.leaking)} test(s) leaked connections")
         for nodeid, events in self.leaking:
-            for event in events:
-                site = event["stack"][-1] if event["stack"] else "?"
-                terminalreporter.line(f"{nodeid}: {event['event']} at {site}")
+            sites = collections.Counter(
+                (event["event"], event["stack"][-1] if event["stack"] else "?") for event in events
+            )
+            for (kind, site), count in sites.items():
+                times = f" ({count} times)" if count > 1 else ""
+                terminalreporter.line(f"{nodeid}: {kind} at {site}{times}")
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.report is None or hasattr(self.config, "workerinput"):

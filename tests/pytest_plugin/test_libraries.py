@@ -71,6 +71,11 @@ def test_sqlalchemy_kept(engine):
     KEPT.append(engine.connect())  # LEAK-SA-KEPT
 
 
+def test_loop(engine):
+    for _ in range(6):
+        KEPT.append(engine.connect())  # LEAK-LOOP
+
+
 def test_leaky_fixture(sloppy):
     sloppy.execute(sa.text("select 1"))
 
@@ -140,6 +145,7 @@ def test_allowed(engine, pgleak_events):
 LEAKS = [
     ("test_sqlalchemy_dropped", "LEAK-SA", "leak.collected"),
     ("test_sqlalchemy_kept", "LEAK-SA-KEPT", "leak.at_exit"),
+    ("test_loop", "LEAK-LOOP", "leak.at_exit"),
     ("test_leaky_fixture", "LEAK-FIXTURE", "leak.at_exit"),
     ("test_thread", "LEAK-THREAD", "leak.at_exit"),
     ("test_sqlalchemy_async", "LEAK-SA-ASYNC", "leak.at_exit"),
@@ -154,13 +160,16 @@ def test_each_library_leaking_fails_its_test_at_teardown(inner: pytest.Pytester)
     source = LIBRARIES.replace("ALLOWED_SITE", site(LIBRARIES, "ALLOWED", "test_libs.py"))
     inner.makepyfile(test_libs=source)
     result = inner.runpytest_subprocess("--pgleak", "--pgleak-report=out/leaks.json", *QUIET)
-    result.assert_outcomes(passed=12, errors=len(LEAKS))
+    result.assert_outcomes(passed=13, errors=len(LEAKS))
     out = result.stdout.str()
     for test, tag, event in LEAKS:
         where = site(source, tag, "test_libs.py", "<lambda>" if tag == "LEAK-THREAD" else None)
         result.stdout.fnmatch_lines([f"ERROR test_libs.py::{test} - Failed: pgleak: *"])
         result.stdout.fnmatch_lines([f"{event}: *checked out at *{where} *"])
-        result.stdout.fnmatch_lines([f"test_libs.py::{test}: {event} at *{where}"])
+        result.stdout.fnmatch_lines([f"test_libs.py::{test}: {event} at *{where}*"])
+    result.stdout.fnmatch_lines(["pgleak: test_libs.py::test_loop leaked 6 connection(s):"])
+    result.stdout.fnmatch_lines(["... and 1 more (--pgleak-report has them all)"])
+    result.stdout.fnmatch_lines(["test_libs.py::test_loop: leak.at_exit at *(6 times)"])
     for clean in ("test_clean", "test_session_fixture_holds", "test_allowed"):
         assert f"ERROR test_libs.py::{clean} " not in out
     report = json.loads((inner.path / "out" / "leaks.json").read_text())

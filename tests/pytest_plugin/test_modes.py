@@ -104,3 +104,16 @@ def test_xdist_workers_report_to_the_controller(inner: pytest.Pytester) -> None:
         "test_two.py::test_leaks",
     ]
     assert report["leaks"] == 2
+
+
+def test_bad_settings_are_usage_errors(
+    inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inner.makepyfile(test_nothing="def test_nothing():\n    pass\n")
+    zero = inner.runpytest_subprocess("--pgleak-threshold=0", *QUIET)
+    assert zero.ret == pytest.ExitCode.USAGE_ERROR
+    zero.stderr.fnmatch_lines(["*--pgleak-threshold: expected seconds > 0, got 0.0*"])
+    monkeypatch.setenv("PGLEAK_LEAK_THRESHOLD", "soon")
+    env = inner.runpytest_subprocess("--pgleak", *QUIET)
+    assert env.ret == pytest.ExitCode.USAGE_ERROR
+    env.stderr.fnmatch_lines(["*pgleak: *PGLEAK_LEAK_THRESHOLD*"])
