@@ -42,6 +42,8 @@ _GUARD = "pgleak-guard"
 #: The key of the ``user_properties`` entry that carries a test's leaks (a JSON string) from
 #: an xdist worker to the controller's summary and report.
 _PROPERTY = "pgleak"
+#: The same for the leaks of a test marked ``pgleak_allow``: listed, not failed.
+_ALLOWED = "pgleak_allowed"
 #: Leaks of one test shown in full in its failure; a loop that leaks 1,000 gives a count.
 _MAX_SHOWN = 5
 
@@ -208,6 +210,8 @@ class LeakGuard:
         self.window: _Window | None = None
         #: (nodeid, events as dicts) of every leaking test, from this process or xdist workers.
         self.leaking: list[tuple[str, list[dict[str, Any]]]] = []
+        #: (nodeid, {"reason", "events"}) of every test whose leaks ``pgleak_allow`` excused.
+        self.allowed: list[tuple[str, dict[str, Any]]] = []
         self._installed_here = not pgleak.settings().enabled
         _skip_test_runner_frames()
         if self._installed_here or threshold is not None:
@@ -276,9 +280,15 @@ class LeakGuard:
             internal_error("pytest.check", exc)
             leaks = []
         window.close()
-        if not leaks or window.item.get_closest_marker("pgleak_allow") is not None:
+        if not leaks:
             return
         data = [event.as_dict() for event in leaks]
+        allow = window.item.get_closest_marker("pgleak_allow")
+        if allow is not None:
+            reason = allow.kwargs.get("reason", allow.args[0] if allow.args else None)
+            entry = {"reason": None if reason is None else str(reason), "events": data}
+            window.item.user_properties.append((_ALLOWED, json.dumps(entry)))
+            return
         window.item.user_properties.append((_PROPERTY, json.dumps(data)))
         nodeid = window.item.nodeid
         text = "\n\n".join(format_event(event) for event in leaks[:_MAX_SHOWN])
@@ -292,9 +302,11 @@ class LeakGuard:
         for name, value in report.user_properties:
             if name == _PROPERTY:
                 self.leaking.append((report.nodeid, json.loads(str(value))))
+            elif name == _ALLOWED:
+                self.allowed.append((report.nodeid, json.loads(str(value))))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.leaking or hasattr(self.config, "workerinput"):
+        if not (self.leaking or self.allowed) or hasattr(self.config, "workerinput"):
             return
         terminalreporter.section(f"pgleak: {len(self.leaking)} test(s) leaked connections")
         for nodeid, events in self.leaking:
@@ -304,11 +316,17 @@ class LeakGuard:
             for (kind, site), count in sites.items():
                 times = f" ({count} times)" if count > 1 else ""
                 terminalreporter.line(f"{nodeid}: {kind} at {site}{times}")
+        for nodeid, entry in self.allowed:
+            why = f": {entry['reason']}" if entry["reason"] else ""
+            count = len(entry["events"])
+            terminalreporter.line(f"{nodeid}: {count} leak(s) allowed by pgleak_allow{why}")
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.report is None or hasattr(self.config, "workerinput"):
             return
         tests = [{"nodeid": nodeid, "events": events} for nodeid, events in self.leaking]
+        allowed = [{"nodeid": nodeid, **entry} for nodeid, entry in self.allowed]
         body = {"leaking_tests": len(tests), "leaks": sum(len(t["events"]) for t in tests)}
         self.report.parent.mkdir(parents=True, exist_ok=True)
-        self.report.write_text(json.dumps({**body, "tests": tests}, indent=2) + "\n")
+        text = json.dumps({**body, "tests": tests, "allowed": allowed}, indent=2)
+        self.report.write_text(text + "\n")

@@ -167,6 +167,9 @@ def test_each_library_leaking_fails_its_test_at_teardown(inner: pytest.Pytester)
         result.stdout.fnmatch_lines([f"ERROR test_libs.py::{test} - Failed: pgleak: *"])
         result.stdout.fnmatch_lines([f"{event}: *checked out at *{where} *"])
         result.stdout.fnmatch_lines([f"test_libs.py::{test}: {event} at *{where}*"])
+    result.stdout.fnmatch_lines(
+        ["test_libs.py::test_allowed: 1 leak(s) allowed by pgleak_allow: kept on purpose"]
+    )
     result.stdout.fnmatch_lines(["pgleak: test_libs.py::test_loop leaked 6 connection(s):"])
     result.stdout.fnmatch_lines(["... and 1 more (--pgleak-report has them all)"])
     result.stdout.fnmatch_lines(["test_libs.py::test_loop: leak.at_exit at *(6 times)"])
@@ -177,6 +180,12 @@ def test_each_library_leaking_fails_its_test_at_teardown(inner: pytest.Pytester)
     assert [test["nodeid"] for test in report["tests"]] == [
         f"test_libs.py::{t}" for t, _, _ in LEAKS
     ]
+    [allowed] = report["allowed"]
+    assert (allowed["nodeid"], allowed["reason"]) == (
+        "test_libs.py::test_allowed",
+        "kept on purpose",
+    )
+    assert [e["event"] for e in allowed["events"]] == ["leak.collected"]
     sa_events = report["tests"][0]["events"]
     assert [e["event"] for e in sa_events] == ["leak.collected"]
     assert sa_events[0]["stack"][-1].endswith(site(source, "LEAK-SA", "test_libs.py"))
