@@ -107,6 +107,7 @@ DJANGO_SUITE = """import threading
 
 import pytest
 from django.db import connection
+from django.test import TestCase, TransactionTestCase
 
 
 def query():
@@ -158,6 +159,16 @@ def test_thread_leaks():
     worker.join()
 
 
+class TestDjangoTestCase(TestCase):
+    def test_query(self):
+        assert query() == 1
+
+
+class TestDjangoTransactionTestCase(TransactionTestCase):
+    def test_query(self):
+        assert query() == 1
+
+
 @pytest.fixture
 def unblocked(django_db_blocker):
     with django_db_blocker.unblock():
@@ -173,7 +184,7 @@ def test_pytest_django_with_a_real_database(inner: pytest.Pytester) -> None:
     inner.makepyfile(settings=DJANGO_SETTINGS, test_django=DJANGO_SUITE)
     args = ("-p", "no:randomly", "-p", "no:cacheprovider", "-p", "no:asyncio", "--ds=settings")
     result = inner.runpytest_subprocess("--pgleak", *args)
-    result.assert_outcomes(passed=7, errors=1)
+    result.assert_outcomes(passed=9, errors=1)
     where = site(DJANGO_SUITE, "QUERY", "test_django.py")
     result.stdout.fnmatch_lines(
         [
