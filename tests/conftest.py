@@ -20,6 +20,10 @@ from pgleak.testing import EventCapture, capture_events
 
 MAX_CONNECTIONS = 30
 
+#: ``pytester`` runs the pytest plugin's inner suites (tests/pytest_plugin/); only a top-level
+#: conftest may load a plugin this way. It adds fixtures and nothing else.
+pytest_plugins = ["pytester"]
+
 
 @dataclass(frozen=True)
 class Server:

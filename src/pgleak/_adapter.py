@@ -173,6 +173,21 @@ class _Patch:
         return False
 
 
+def _inherited(owner: type, attr: str) -> Callable[..., Any]:
+    """``owner``'s inherited method ``attr``, looked up on its bases at each call.
+
+    A wrapper on a subclass shadows the base class's attribute: bound once at patch time, it
+    would keep calling the base's method as it was then and miss anyone who swaps the base's
+    method later (pytest-django's database blocker swaps ``BaseDatabaseWrapper``'s
+    ``ensure_connection`` in and out around every test).
+    """
+
+    def call_base(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(super(owner, self), attr)(*args, **kwargs)
+
+    return call_base
+
+
 class AdapterUnavailable(RuntimeError):
     """The adapter's library is not installed, or is a version pgleak does not support."""
 
@@ -437,7 +452,14 @@ class Adapter:
             inner = replaced
         else:
             inner = getattr(owner, attr)
-        wrapper = make(inner)
+        target = inner
+        if before is _MISSING and isinstance(owner, type):
+            raw = inspect.getattr_static(owner, attr)
+            if (inspect.isfunction(raw) or inspect.ismethod(raw)) and not (
+                inspect.iscoroutinefunction(raw)
+            ):
+                target = _inherited(owner, attr)
+        wrapper = make(target)
         functools.update_wrapper(wrapper, inner)
         wrapper.__pgleak_wrapped__ = True
         if type(inner) is types.MethodType:  # (a proxy of one passes isinstance())

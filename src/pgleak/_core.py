@@ -646,6 +646,22 @@ class Core:
             if _alive(lease)
         ]
 
+    def mark(self) -> int:
+        """A point in the ledger's history: every checkout made after it has a larger id."""
+        return next(self._ids)
+
+    def open_leases(self) -> list[Lease]:
+        """Every lease still in the ledger (the pytest plugin's end-of-test check)."""
+        return list(self.leases.values())
+
+    def describe(self, lease: Lease, with_holder_stack: bool = False) -> Checkout:
+        """A report-ready snapshot of ``lease`` now, as the events carry it."""
+        return self._snapshot(lease, _monotonic(), with_holder_stack)
+
+    def deliver(self) -> None:
+        """Deliver queued reports (collected connections, returns) now, on this thread."""
+        self._drain(_monotonic())
+
     def current_holder_leases(self) -> list[Lease]:
         thread_id = threading.get_ident()
         task = _current_task() if _get_running_loop() is not None else None

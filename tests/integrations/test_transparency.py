@@ -98,3 +98,31 @@ def test_create_engine_takes_every_keyword_it_takes_without_pgleak(
 def test_create_engine_refuses_what_it_refuses_without_pgleak(installed: None) -> None:
     with pytest.raises(TypeError, match="no_such_argument"):
         sa.create_engine("sqlite://", no_such_argument=1)
+
+
+def test_a_wrapper_on_a_subclass_sees_later_swaps_of_the_base_method() -> None:
+    """pytest-django swaps ``BaseDatabaseWrapper.ensure_connection`` (its database blocker)
+    around each test; pgleak's wrapper on the postgresql subclass must call the one in place."""
+
+    class Base:
+        def ensure(self, x: int) -> str:
+            return f"base {x}"
+
+    class Child(Base):
+        pass
+
+    class Toy(pgleak._adapter.Adapter):
+        name = "toy"
+
+        def _install(self) -> None:
+            self.patch(Child, "ensure", lambda original: lambda s, x: f"wrapped {original(s, x)}")
+
+    toy = Toy()
+    toy._install()
+    try:
+        assert Child().ensure(1) == "wrapped base 1"
+        Base.ensure = lambda self, x: f"swapped {x}"  # type: ignore[method-assign]
+        assert Child().ensure(2) == "wrapped swapped 2"
+    finally:
+        toy.uninstall()
+    assert "ensure" not in Child.__dict__
