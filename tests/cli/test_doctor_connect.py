@@ -115,7 +115,12 @@ def test_the_password_from_the_environment_is_not_printed_either(
     result = doctor("doctor", env={"DATABASE_URL": url})
     assert result.code == 2 and "password authentication failed" in _one_line(result.err)
     assert WRONG not in result.err
-    libpq = {"PGHOST": small.host, "PGPORT": str(small.port), "PGUSER": "app", "PGDATABASE": "postgres"}
+    libpq = {
+        "PGHOST": small.host,
+        "PGPORT": str(small.port),
+        "PGUSER": "app",
+        "PGDATABASE": "postgres",
+    }
     ok = doctor("doctor", "--json", env={**libpq, "PGPASSWORD": PASSWORD})
     assert ok.code == 0, ok.err
     assert json.loads(ok.out)["server"]["role"] == "app"
