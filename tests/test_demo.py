@@ -47,6 +47,8 @@ def test_demo_exits_zero_within_a_minute_and_names_the_leaking_line() -> None:
     # The demo process holds its pool's backends: one line, its pgleak tag parsed back.
     table = doctor[doctor.index("BY APPLICATION") : doctor.index("BY STATE")]
     [row] = [line.split() for line in table.splitlines() if line.split()[1:2] == ["pgleak"]]
-    assert int(row[0]) >= 1 and row[3].isdigit() and row[-1] == f"pgleak@{row[2]}:{row[3]}"
+    assert int(row[0]) >= 1
+    assert row[3].isdigit()
+    assert row[-1] == f"pgleak@{row[2]}:{row[3]}"
     assert "max_connections=8" in doctor
     assert elapsed < 60

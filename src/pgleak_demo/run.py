@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"connections: {culprit[0]}"
                 )
                 print(
-                    "That is the bug: order_history() returns early without closing its "
-                    "connection."
+                    "That is the bug: order_history() returns early without closing its connection."
                 )
             # The leaked connections are garbage in reference cycles: a collection set off by
             # the doctor's own allocations would hand them back to the pool before the DBA

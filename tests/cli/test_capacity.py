@@ -52,7 +52,8 @@ def test_behind_pgbouncer_the_server_sees_only_its_pool(
         "--pgbouncer-instances", "2",
     )  # fmt: skip
     assert code == 0
-    assert "20 x 2 PgBouncer = 40" in out and "max_client_conn >= 360" in out
+    assert "20 x 2 PgBouncer = 40" in out
+    assert "max_client_conn >= 360" in out
     assert "40 <= 77: fits" in out
 
 
@@ -61,7 +62,8 @@ def test_not_one_connection_per_process_fits(capsys: pytest.CaptureFixture[str])
         capsys, "--pool-size", "1", "--instances", "50", "--max-connections", "20",
         "--reserved", "0", "--headroom", "1",
     )  # fmt: skip
-    assert code == 1 and "not even 1 connection per process" in out
+    assert code == 1
+    assert "not even 1 connection per process" in out
 
 
 def test_reads_max_connections_from_the_server(pg: Server) -> None:
@@ -69,4 +71,5 @@ def test_reads_max_connections_from_the_server(pg: Server) -> None:
     assert result.code == 0, result.err
     assert f"(max_connections {pg.max_connections} - reserved 0)" in result.out
     refused = doctor("capacity", "--pool-size", "5", "--dsn", "host=127.0.0.1 port=1")
-    assert refused.code == 2 and "cannot connect" in refused.err
+    assert refused.code == 2
+    assert "cannot connect" in refused.err

@@ -50,12 +50,12 @@ def _json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str
 
 def _row(data: dict[str, Any], holder: Holder) -> dict[str, Any]:
     [row] = [r for r in data["by_application"] if r["pid"] == holder.proc.pid]
-    return row
+    return dict(row)
 
 
 def _finding(data: dict[str, Any], kind: str) -> dict[str, Any]:
     [found] = [f for f in data["findings"] if f["kind"] == kind]
-    return found
+    return dict(found)
 
 
 def test_json_attributes_every_backend_and_finds_each_problem(
@@ -82,9 +82,12 @@ def test_json_attributes_every_backend_and_finds_each_problem(
         sorted(scene.big.backend_pids),
     )
     untagged = [r for r in data["by_application"] if r["application_name"] == ""]
-    assert untagged and untagged[0]["service"] is None and untagged[0]["pid"] is None
+    assert untagged
+    assert untagged[0]["service"] is None
+    assert untagged[0]["pid"] is None
     sleeping = [r for r in data["by_application"] if r["application_name"] == "report-runner"]
-    assert sleeping[0]["states"] == {"active": 1} and sleeping[0]["service"] is None
+    assert sleeping[0]["states"] == {"active": 1}
+    assert sleeping[0]["service"] is None
 
     in_txn = _finding(data, "idle_in_transaction")
     assert in_txn["severity"] == "warning"
@@ -111,7 +114,8 @@ def test_default_thresholds_do_not_flag_young_idle_connections(
 ) -> None:
     code, data = _json(capsys, pg.dsn)
     kinds = {f["kind"] for f in data["findings"]}
-    assert "idle_in_transaction" not in kinds and "long_idle" not in kinds
+    assert "idle_in_transaction" not in kinds
+    assert "long_idle" not in kinds
     assert code == 1  # the leak signature is a warning whatever the age
 
 
@@ -129,7 +133,8 @@ def test_human_output_is_tables_worst_first_without_colour_off_a_terminal(
     table = out[out.index("BY APPLICATION") :]
     lines = table.splitlines()
     big = [line for line in lines if f" {scene.big.proc.pid} " in line]
-    assert big and big[0].split()[:2] == ["6", "orders"]
+    assert big
+    assert big[0].split()[:2] == ["6", "orders"]
     # A transaction left open is listed before the larger idle group.
     small = next(n for n, line in enumerate(lines) if f" {scene.small.proc.pid} " in line)
     assert small < lines.index(big[0])
@@ -171,7 +176,8 @@ def test_watch_refreshes_count_times(
 ) -> None:
     code = main(["doctor", pg.dsn, "--json", "--watch", "0.01", "--count", "2"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert code == 1 and len(lines) == 2
+    assert code == 1
+    assert len(lines) == 2
     assert all(json.loads(line)["server"]["used"] > 0 for line in lines)
 
 
@@ -199,7 +205,8 @@ def test_terminate_needs_a_filter_and_never_ends_the_doctor(
     assert main(["doctor", pg.dsn, "--terminate"]) == 2
     assert "needs at least one filter" in capsys.readouterr().err
     code, data = _json(capsys, pg.dsn, "--terminate", "--dry-run", "--application", "pgleak-*")
-    assert code == 0 and data["matched"] == []  # the only pgleak-doctor backend is its own
+    assert code == 0
+    assert data["matched"] == []
 
 
 def test_terminate_ends_exactly_the_matching_backends(
@@ -238,7 +245,8 @@ def test_terminate_keeps_to_its_database_unless_asked(
     with psycopg.connect(other_dsn, application_name="elsewhere", autocommit=True) as other:
         pid = other.info.backend_pid
         _, here = _json(capsys, pg.dsn, "--terminate", "--application", "elsewhere")
-        assert here["matched"] == [] and here["terminated"] == []
+        assert here["matched"] == []
+        assert here["terminated"] == []
         args = ("--terminate", "--dry-run", "--application", "elsewhere", "--all-databases")
         _, everywhere = _json(capsys, pg.dsn, *args)
         assert [m["pid"] for m in everywhere["matched"]] == [pid]

@@ -58,7 +58,8 @@ def test_a_quiet_server_is_healthy(
 ) -> None:
     assert main(["doctor", small.dsn(), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["server"]["reserved"] == 2 and data["server"]["used"] == 1
+    assert data["server"]["reserved"] == 2
+    assert data["server"]["used"] == 1
     assert {f["severity"] for f in data["findings"]} <= {"info"}
 
 
@@ -77,7 +78,8 @@ def test_full_for_ordinary_roles_the_superuser_still_gets_in(
         data = json.loads(capsys.readouterr().out)
     near = data["findings"][0]
     assert (near["kind"], near["severity"]) == ("near_limit", "critical")
-    assert "5 of 4 usable" in near["message"] and "1 of them in the reserved" in near["message"]
+    assert "5 of 4 usable" in near["message"]
+    assert "1 of them in the reserved" in near["message"]
     assert data["server"]["available"] == 0
     assert data["by_role"] == {"app": 4, "postgres": 1}
 
@@ -89,7 +91,8 @@ def test_completely_full_says_why_not_even_a_superuser_connects(
         result = doctor("doctor", small.dsn())
     line = _one_line(result.err)
     assert result.code == 2
-    assert "too many clients already" in line and "superuser_reserved_connections" in line
+    assert "too many clients already" in line
+    assert "superuser_reserved_connections" in line
 
 
 @pytest.mark.parametrize("form", ["conninfo", "url"])
@@ -113,7 +116,8 @@ def test_the_password_from_the_environment_is_not_printed_either(
 ) -> None:
     url = f"postgresql://app:{WRONG}@{small.host}:{small.port}/postgres"
     result = doctor("doctor", env={"DATABASE_URL": url})
-    assert result.code == 2 and "password authentication failed" in _one_line(result.err)
+    assert result.code == 2
+    assert "password authentication failed" in _one_line(result.err)
     assert WRONG not in result.err
     libpq = {
         "PGHOST": small.host,
@@ -134,7 +138,8 @@ def test_an_unreachable_host_is_one_line_exit_2() -> None:
     line = _one_line(result.err)
     assert result.code == 2
     assert line.startswith(f"pgleak doctor: cannot connect to x@127.0.0.1:{port}/")
-    assert "Connection refused" in line and WRONG not in line
+    assert "Connection refused" in line
+    assert WRONG not in line
 
 
 @pytest.mark.parametrize(
@@ -167,4 +172,5 @@ def test_bad_input_is_a_clear_message_and_exit_2(
         code = int(exc.code or 0)
     err = capsys.readouterr().err
     assert code == 2
-    assert says in err and "Traceback" not in err
+    assert says in err
+    assert "Traceback" not in err

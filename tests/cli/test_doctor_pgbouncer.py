@@ -50,7 +50,8 @@ def test_doctor_at_the_server_attributes_clients_behind_the_bouncer(
         assert row["application_name"].startswith(f"{service}@")
         assert " - 127.0.0.1:" in row["application_name"]  # PgBouncer's suffix, parsed off
     pooler = [f for f in data["findings"] if f["kind"] == "pooler_in_front"]
-    assert pooler and set(cart.backend_pids + search.backend_pids) <= set(pooler[0]["pids"])
+    assert pooler
+    assert set(cart.backend_pids + search.backend_pids) <= set(pooler[0]["pids"])
     assert "application_name_add_host" in data["server"]["pooler"]
-    in_txn = [f for f in data["findings"] if f["kind"] == "idle_in_transaction"][0]
+    in_txn = next(f for f in data["findings"] if f["kind"] == "idle_in_transaction")
     assert set(cart.backend_pids + search.backend_pids) <= set(in_txn["pids"])

@@ -161,7 +161,8 @@ def test_the_process_tag_parses_back_into_its_fields(
     parsed = parse_tag(tags.base)
     assert parsed is not None
     assert parsed.pid == os.getpid()
-    assert parsed.host is not None and socket.gethostname().startswith(parsed.host)
+    assert parsed.host is not None
+    assert socket.gethostname().startswith(parsed.host)
     if service is not None:
         assert service.startswith(parsed.service or "")
     assert tags.base == f"{parsed.service}@{parsed.host}:{parsed.pid}"

@@ -155,6 +155,20 @@ def _filters(args: argparse.Namespace) -> Any:
     )
 
 
+def _misused(args: argparse.Namespace, filters: Any) -> str | None:
+    """What is wrong with a combination of options argparse alone accepts."""
+    if not args.terminate and (not filters.empty or args.dry_run or args.all_databases):
+        return "--dry-run and the filters (--state, --pid, ...) go with --terminate"
+    if args.terminate and filters.empty:
+        return (
+            "--terminate needs at least one filter (--state, --older-than, --application, "
+            "--service, --pid, --role): it never ends everything"
+        )
+    if args.count is not None and args.watch is None:
+        return "--count goes with --watch"
+    return None
+
+
 def _fail(message: str) -> int:
     print(f"pgleak doctor: {message}", file=sys.stderr)
     return 2
@@ -165,15 +179,9 @@ def run(args: argparse.Namespace) -> int:
     from pgleak.doctor.connect import describe_target
 
     filters = _filters(args)
-    if not args.terminate and (not filters.empty or args.dry_run or args.all_databases):
-        return _fail("--dry-run and the filters (--state, --pid, ...) go with --terminate")
-    if args.terminate and filters.empty:
-        return _fail(
-            "--terminate needs at least one filter (--state, --older-than, --application, "
-            "--service, --pid, --role): it never ends everything"
-        )
-    if args.count is not None and args.watch is None:
-        return _fail("--count goes with --watch")
+    wrong = _misused(args, filters)
+    if wrong:
+        return _fail(wrong)
     try:
         dsn = resolve_dsn(args.dsn)
         target = describe_target(dsn)
@@ -182,11 +190,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     try:
         with conn:
-            if args.terminate:
-                return _drain(conn, args, filters)
-            return _show(conn, args, target)
-    except DoctorError as exc:
-        return _fail(str(exc))
+            return _drain(conn, args, filters) if args.terminate else _show(conn, args, target)
     except KeyboardInterrupt:
         return 0
     except Exception as exc:  # a query failed: the server went away, a timeout, ...

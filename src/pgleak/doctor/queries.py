@@ -16,7 +16,7 @@ from typing import Any
 
 from pgleak._appname import ParsedTag, parse_tag
 
-__all__ = ["Backend", "Server", "Snapshot", "TIMEOUT_SETTINGS", "take_snapshot"]
+__all__ = ["TIMEOUT_SETTINGS", "Backend", "Server", "Snapshot", "take_snapshot"]
 
 #: The settings whose absence lets a forgotten transaction or session hold a slot forever.
 TIMEOUT_SETTINGS = (

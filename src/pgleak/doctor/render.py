@@ -157,7 +157,8 @@ def to_human(data: dict[str, Any], *, colour: bool = False, target: str = "") ->
         + f" as {s['role']}{' (superuser)' if s['superuser'] else ''}",
         f"connections: {s['used']} used of max_connections={s['max_connections']} "
         f"({s['reserved']} reserved for superusers): {s['available']} available to "
-        f"ordinary roles, {s['percent_used']:g}% of the usable {s['max_connections'] - s['reserved']}",
+        f"ordinary roles, {s['percent_used']:g}% of the usable "
+        f"{s['max_connections'] - s['reserved']}",
     ]
     limits = []
     if s["role_limit"] is not None:

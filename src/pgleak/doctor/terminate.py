@@ -48,21 +48,21 @@ class Filters:
         )
 
     def matches(self, b: Backend, database: str) -> bool:
+        """Whether ``b`` is to go: every filter given matches, and it is not the doctor's."""
         if b.is_self or (not self.all_databases and b.database != database):
             return False
-        if self.states and b.state not in self.states:
-            return False
-        if self.older_than is not None and (b.state_age is None or b.state_age < self.older_than):
-            return False
-        if self.applications and not any(
-            fnmatch.fnmatchcase(b.application_name, pattern) for pattern in self.applications
-        ):
-            return False
-        if self.services and (b.tag is None or b.tag.service not in self.services):
-            return False
-        if self.pids and b.pid not in self.pids:
-            return False
-        return not (self.roles and b.role not in self.roles)
+        age = b.state_age
+        return (
+            (not self.states or b.state in self.states)
+            and (self.older_than is None or (age is not None and age >= self.older_than))
+            and (
+                not self.applications
+                or any(fnmatch.fnmatchcase(b.application_name, p) for p in self.applications)
+            )
+            and (not self.services or (b.tag is not None and b.tag.service in self.services))
+            and (not self.pids or b.pid in self.pids)
+            and (not self.roles or b.role in self.roles)
+        )
 
 
 def select(snap: Snapshot, filters: Filters) -> list[Backend]:
