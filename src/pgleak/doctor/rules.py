@@ -113,6 +113,36 @@ def _near_limit(snap: Snapshot, t: Thresholds) -> list[Finding]:
     return [Finding("near_limit", severity, [b.pid for b in snap.others], message, fix)]
 
 
+def _own_limits(snap: Snapshot, t: Thresholds) -> list[Finding]:
+    """The doctor's role or database near its own CONNECTION LIMIT (53300 before the server's)."""
+    server = snap.server
+    findings = []
+    for kind, what, limit, members, sql in (
+        (
+            "near_role_limit",
+            f"role {server.role}",
+            server.role_limit,
+            [b for b in snap.backends if b.role == server.role],
+            f'ALTER ROLE "{server.role}" CONNECTION LIMIT',
+        ),
+        (
+            "near_database_limit",
+            f"database {server.database}",
+            server.database_limit,
+            [b for b in snap.backends if b.database == server.database],
+            f'ALTER DATABASE "{server.database}" CONNECTION LIMIT',
+        ),
+    ):
+        if not limit or 100.0 * len(members) / limit < t.warn_percent:
+            continue
+        severity = "critical" if len(members) >= limit else "warning"
+        message = f"{what} holds {len(members)} connections of its limit {limit}"
+        fix = f"find the holder below; or raise it: {sql} {max(limit * 2, limit + 10)};"
+        pids = [b.pid for b in members if not b.is_self]
+        findings.append(Finding(kind, severity, pids, message, fix))
+    return findings
+
+
 def _idle_in_transaction(snap: Snapshot, t: Thresholds) -> list[Finding]:
     found = [
         b
@@ -291,6 +321,7 @@ def _privilege(snap: Snapshot, t: Thresholds) -> list[Finding]:
 #: In the order findings of one severity are shown: what hurts most first.
 _RULES: tuple[Callable[[Snapshot, Thresholds], list[Finding]], ...] = (
     _near_limit,
+    _own_limits,
     _idle_in_transaction,
     _leak_signature,
     _long_idle,
