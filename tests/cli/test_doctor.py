@@ -1,7 +1,7 @@
 """``pgleak doctor`` against the suite's real server, with real clients in every state.
 
 One scene for the module: two pgleak-tagged processes (``orders`` with 2 backends, one of them
-idle in a transaction, and ``orders`` again with 6: the leak signature), a backend in
+idle in a transaction, and ``orders`` again with 9: the leak signature), a backend in
 ``pg_sleep``, an untagged client. Thresholds of 0 stand in for minutes of waiting.
 """
 
@@ -36,7 +36,7 @@ class Scene:
 @pytest.fixture(scope="module")
 def scene(pg: Server) -> Iterator[Scene]:
     with (
-        holders(pg.dsn, ("orders", 2, True), ("orders", 6, False)) as (small, big),
+        holders(pg.dsn, ("orders", 2, True), ("orders", 9, False)) as (small, big),
         sleeper(pg.dsn) as sleeping,
         psycopg.connect(pg.dsn, autocommit=True) as untagged,
     ):
@@ -66,7 +66,7 @@ def test_json_attributes_every_backend_and_finds_each_problem(
     server = data["server"]
     assert {"version", "max_connections", "reserved", "used", "available"} <= set(server)
     assert server["max_connections"] == pg.max_connections
-    assert server["used"] >= 2 + 6 + 1 + 1 + 1  # the scene, and the doctor itself
+    assert server["used"] >= 2 + 9 + 1 + 1 + 1  # the scene, and the doctor itself
     assert server["used"] == sum(data["by_state"].values())
     assert server["available"] == server["max_connections"] - server["reserved"] - server["used"]
     assert data["by_state"]["idle in transaction"] >= 1
@@ -77,8 +77,8 @@ def test_json_attributes_every_backend_and_finds_each_problem(
     assert small["states"] == {"idle in transaction": 1, "idle": 1}
     assert small["call_site"] is None
     assert (big["count"], big["states"], sorted(big["backend_pids"])) == (
-        6,
-        {"idle": 6},
+        9,
+        {"idle": 9},
         sorted(scene.big.backend_pids),
     )
     untagged = [r for r in data["by_application"] if r["application_name"] == ""]
@@ -134,7 +134,7 @@ def test_human_output_is_tables_worst_first_without_colour_off_a_terminal(
     lines = table.splitlines()
     big = [line for line in lines if f" {scene.big.proc.pid} " in line]
     assert big
-    assert big[0].split()[:2] == ["6", "orders"]
+    assert big[0].split()[:2] == ["9", "orders"]
     # A transaction left open is listed before the larger idle group.
     small = next(n for n, line in enumerate(lines) if f" {scene.small.proc.pid} " in line)
     assert small < lines.index(big[0])
@@ -191,12 +191,12 @@ def test_terminate_dry_run_lists_the_matches_and_ends_nothing(
     assert code == 0
     expected = set(scene.big.backend_pids) | {scene.small.backend_pids[1]}
     assert {int(line.split()[3].rstrip(":")) for line in out.splitlines()[:-1]} == expected
-    assert "7 backend(s) match" in out
+    assert "10 backend(s) match" in out
     with psycopg.connect(pg.dsn, autocommit=True) as conn:
         rows = conn.execute(
             "select count(*) from pg_stat_activity where pid = any(%s)", (list(expected),)
         ).fetchone()
-    assert rows == (7,)
+    assert rows == (10,)
 
 
 def test_terminate_needs_a_filter_and_never_ends_the_doctor(
@@ -204,7 +204,7 @@ def test_terminate_needs_a_filter_and_never_ends_the_doctor(
 ) -> None:
     assert main(["doctor", pg.dsn, "--terminate"]) == 2
     assert "needs at least one filter" in capsys.readouterr().err
-    code, data = _json(capsys, pg.dsn, "--terminate", "--dry-run", "--application", "pgleak-*")
+    code, data = _json(capsys, pg.dsn, "--terminate", "--dry-run", "--application", "pgleak-doctor")
     assert code == 0
     assert data["matched"] == []
 

@@ -118,7 +118,8 @@ def test_the_dsn_comes_from_the_environment_and_its_password_is_not_printed(
     monkeypatch.setenv("DATABASE_URL", url)
     assert main(["doctor"]) == 2
     err = capsys.readouterr().err
-    assert "password authentication failed" in _one_line(err) and WRONG not in err
+    assert "password authentication failed" in _one_line(err)
+    assert WRONG not in err
     monkeypatch.delenv("DATABASE_URL")
     libpq = {"PGHOST": small.host, "PGPORT": str(small.port), "PGUSER": "app"}
     for name, value in {**libpq, "PGDATABASE": "postgres", "PGPASSWORD": PASSWORD}.items():
@@ -187,7 +188,8 @@ def test_a_role_near_its_own_connection_limit(
     assert code == 1
     assert (data["server"]["role_limit"], data["server"]["role_used"]) == (2, 2)
     [near] = [f for f in data["findings"] if f["kind"] == "near_role_limit"]
-    assert near["severity"] == "critical" and "role app holds 2" in near["message"]
+    assert near["severity"] == "critical"
+    assert "role app holds 2" in near["message"]
 
 
 def test_postgres_16_reserved_connections_count_as_reserved(
@@ -209,4 +211,5 @@ def test_postgres_16_reserved_connections_count_as_reserved(
     server = json.loads(capsys.readouterr().out)["server"]
     assert server["version_num"] >= 160000
     assert (server["superuser_reserved_connections"], server["reserved_connections"]) == (1, 2)
-    assert server["reserved"] == 3 and server["available"] == 8 - 3 - 1
+    assert server["reserved"] == 3
+    assert server["available"] == 8 - 3 - 1

@@ -8,6 +8,7 @@ reserved slots. Every message here is one line, with the password redacted; noth
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 from collections.abc import Mapping
@@ -50,6 +51,14 @@ def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def _os_user() -> str:
+    """libpq's default user name: the operating system's."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no name for this uid (a container): libpq would fail the same way
+        return ""
+
+
 def describe_target(dsn: str) -> str:
     """``user@host:port/dbname`` as libpq will resolve it (from the DSN and the environment)."""
     psycopg = _psycopg()
@@ -59,7 +68,7 @@ def describe_target(dsn: str) -> str:
         raise DoctorError(f"invalid connection string: {redact_dsn(_one_line(str(exc)))}") from None
     host = info.get("host") or os.environ.get("PGHOST") or "localhost"
     port = info.get("port") or os.environ.get("PGPORT") or "5432"
-    user = info.get("user") or os.environ.get("PGUSER") or ""
+    user = info.get("user") or os.environ.get("PGUSER") or _os_user()
     dbname = info.get("dbname") or os.environ.get("PGDATABASE") or user
     return redact_dsn(f"{user + '@' if user else ''}{host}:{port}/{dbname}")
 
