@@ -197,6 +197,11 @@ def test_terminate_dry_run_lists_the_matches_and_ends_nothing(
             "select count(*) from pg_stat_activity where pid = any(%s)", (list(expected),)
         ).fetchone()
     assert rows == (10,)
+    filters = ["--terminate", "--dry-run", "--service", "orders", "--state", "idle"]
+    code, young = _json(capsys, pg.dsn, *filters, "--older-than", "1h")
+    assert code == 0
+    assert young["matched"] == []
+    assert young["terminated"] == []
 
 
 def test_terminate_needs_a_filter_and_never_ends_the_doctor(
@@ -252,3 +257,13 @@ def test_terminate_keeps_to_its_database_unless_asked(
         assert [m["pid"] for m in everywhere["matched"]] == [pid]
         assert everywhere["matched"][0]["database"] == "doctor_other"
         other.execute("select 1")  # the dry run ended nothing
+
+
+def test_watch_redraws_the_tables(
+    pg: Server, scene: Scene, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["doctor", pg.dsn, "--watch", "0.01", "--count", "2"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert out.count("pgleak doctor: PostgreSQL") == 2
+    assert out.count("every 0.01s (Ctrl-C to stop)") == 2
