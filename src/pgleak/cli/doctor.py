@@ -233,7 +233,7 @@ def _show(conn: Any, args: argparse.Namespace, target: str) -> int:
         data = report(snap, findings)
         code = 1 if any(f.severity in ("critical", "warning") for f in findings) else 0
         if args.json:
-            text = to_json(data) if args.watch is None else to_json(data).replace("\n", "")
+            text = to_json(data, compact=args.watch is not None)
         else:
             text = to_human(data, colour=colour, target=target)
             if args.watch is not None:

@@ -125,8 +125,9 @@ def report(snap: Snapshot, findings: list[Finding]) -> dict[str, Any]:
     }
 
 
-def to_json(data: dict[str, Any]) -> str:
-    return json.dumps(data, indent=2, default=str)
+def to_json(data: dict[str, Any], *, compact: bool = False) -> str:
+    """The report as JSON: indented, or on one line (``--watch``: one object per line)."""
+    return json.dumps(data, indent=None if compact else 2, default=str)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "  ") -> str:
