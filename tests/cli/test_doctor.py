@@ -2,7 +2,8 @@
 
 One scene for the module: two pgleak-tagged processes (``orders`` with 2 backends, one of them
 idle in a transaction, and ``orders`` again with 9: the leak signature), a backend in
-``pg_sleep``, an untagged client. Thresholds of 0 stand in for minutes of waiting.
+``pg_sleep``, an untagged client, a transaction aborted by an error. Thresholds of 0 stand in
+for minutes of waiting.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ NOW = ("--idle-in-transaction-older-than", "0", "--idle-older-than", "0")
 
 
 class Scene:
-    def __init__(self, small: Holder, big: Holder, sleeping: int, untagged: Any) -> None:
+    def __init__(
+        self, small: Holder, big: Holder, sleeping: int, untagged: Any, aborted: Any
+    ) -> None:
         self.small = small
         self.big = big
         self.sleeping = sleeping
         self.untagged = untagged
+        self.aborted = aborted
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +43,11 @@ def scene(pg: Server) -> Iterator[Scene]:
         holders(pg.dsn, ("orders", 2, True), ("orders", 9, False)) as (small, big),
         sleeper(pg.dsn) as sleeping,
         psycopg.connect(pg.dsn, autocommit=True) as untagged,
+        psycopg.connect(pg.dsn, application_name="failed-import") as aborted,
     ):
-        yield Scene(small, big, sleeping, untagged)
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            aborted.execute("select 1/0")  # the transaction stays open, aborted
+        yield Scene(small, big, sleeping, untagged, aborted)
 
 
 def _json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
@@ -66,10 +73,11 @@ def test_json_attributes_every_backend_and_finds_each_problem(
     server = data["server"]
     assert {"version", "max_connections", "reserved", "used", "available"} <= set(server)
     assert server["max_connections"] == pg.max_connections
-    assert server["used"] >= 2 + 9 + 1 + 1 + 1  # the scene, and the doctor itself
+    assert server["used"] >= 2 + 9 + 1 + 1 + 1 + 1  # the scene, and the doctor itself
     assert server["used"] == sum(data["by_state"].values())
     assert server["available"] == server["max_connections"] - server["reserved"] - server["used"]
     assert data["by_state"]["idle in transaction"] >= 1
+    assert next(iter(data["by_state"])) == "idle in transaction (aborted)"  # worst first
     assert data["by_state"]["active"] >= 2  # pg_sleep and the doctor's own query
     host = socket.gethostname().split(".")[0]
     small, big = _row(data, scene.small), _row(data, scene.big)
@@ -92,6 +100,7 @@ def test_json_attributes_every_backend_and_finds_each_problem(
     in_txn = _finding(data, "idle_in_transaction")
     assert in_txn["severity"] == "warning"
     assert scene.small.backend_pids[0] in in_txn["pids"]
+    assert scene.aborted.info.backend_pid in in_txn["pids"]
     assert "select pg_backend_pid()" in in_txn["message"]
     assert "idle_in_transaction_session_timeout" in in_txn["fix"]
     leak = _finding(data, "leak_signature")
