@@ -25,7 +25,7 @@ from typing import Any
 
 from pgleak.embedded import stop_process, unprivileged
 
-__all__ = ["BouncerNotFound", "PgBouncer", "find_pgbouncer"]
+__all__ = ["BouncerNotFound", "PgBouncer", "find_pgbouncer", "require_pgbouncer"]
 
 _STARTUP_TIMEOUT = 20.0
 _STOP_TIMEOUT = 10.0
@@ -52,6 +52,19 @@ def find_pgbouncer() -> str:
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
     raise BouncerNotFound(INSTALL_HINT)
+
+
+def require_pgbouncer() -> None:
+    """Skip the calling test or fixture without ``pgbouncer``, or fail under
+    ``PGLEAK_REQUIRE_PGBOUNCER`` (CI installs it: a skip there would hide that)."""
+    import pytest
+
+    try:
+        find_pgbouncer()
+    except BouncerNotFound as exc:
+        if os.environ.get("PGLEAK_REQUIRE_PGBOUNCER"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
 
 
 def _free_port() -> int:

@@ -41,5 +41,14 @@ def test_demo_exits_zero_within_a_minute_and_names_the_leaking_line() -> None:
         assert event in out, f"{event} missing from the demo's output"
     exhausted = out[out.index("pool.exhausted") : out.index("the request failed")]
     assert exhausted.count(f"checked out at {site}") == 5
-    assert out.rstrip().splitlines()[-2].endswith(site)
+    doctor = out[out.index("pgleak doctor: PostgreSQL") : out.index("=== Shutting down")]
+    before = out[: out.index("=== The DBA's view")].rstrip().splitlines()
+    assert before[-2].endswith(site)
+    # The demo process holds its pool's backends: one line, its pgleak tag parsed back.
+    table = doctor[doctor.index("BY APPLICATION") : doctor.index("BY STATE")]
+    [row] = [line.split() for line in table.splitlines() if line.split()[1:2] == ["pgleak"]]
+    assert int(row[0]) >= 1
+    assert row[3].isdigit()
+    assert row[-1] == f"pgleak@{row[2]}:{row[3]}"
+    assert "max_connections=8" in doctor
     assert elapsed < 60

@@ -28,8 +28,11 @@ a code path that checks out again and again from the same line pays once per con
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import os
+import re
 import socket
 import sys
 import unicodedata
@@ -41,7 +44,7 @@ from urllib.parse import parse_qs, urlsplit
 from pgleak import _stack
 from pgleak._settings import Settings
 
-__all__ = ["Tags", "sanitize", "tags", "untagged"]
+__all__ = ["ParsedTag", "Tags", "parse_tag", "sanitize", "tags", "untagged"]
 
 #: PostgreSQL's NAMEDATALEN - 1: the longest ``application_name`` it keeps.
 LIMIT = 63
@@ -280,6 +283,82 @@ class Tags:
         driver = _driver(conn)
         if driver is not None:
             await driver.set_async(conn, tag, self._wanted)
+
+
+# -- reading tags back: what ``pgleak doctor`` does with pg_stat_activity ------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedTag:
+    """The fields of one ``application_name`` pgleak wrote; ``None`` where the tag has none."""
+
+    service: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    call_site: str | None = None
+    #: The application's own name, kept behind pgleak's tag by ``app_name_prefix``.
+    user: str | None = None
+
+
+# What each field may look like once written: the builder above sanitises and shortens them, so
+# these patterns match what _render produces, not what the application passed in.
+_FIELD_PATTERNS = {
+    "service": r"(?P<service>.+?)",
+    "host": r"(?P<host>[^\s@:]+?)",
+    "pid": r"(?P<pid>\d+)",
+    "site": r"(?P<site>[^\s:]+:\d+)",
+}
+_FIELD = re.compile(r"\{(service|host|pid|site)\}")
+
+
+@functools.lru_cache(maxsize=16)
+def _tag_pattern(template: str) -> re.Pattern[str] | None:
+    """A regex for the tags ``template`` produces; ``None`` if it has no field at all."""
+    parts: list[str] = []
+    seen: set[str] = set()
+    last = 0
+    for match in _FIELD.finditer(template):
+        parts.append(re.escape(template[last : match.start()]))
+        name = match.group(1)
+        # A field used twice is matched the second time by a backreference.
+        parts.append(f"(?P={name})" if name in seen else _FIELD_PATTERNS[name])
+        seen.add(name)
+        last = match.end()
+    parts.append(re.escape(template[last:]))
+    if not seen:
+        return None
+    # `app_name_prefix` appends " <the application's own name>".
+    return re.compile("^" + "".join(parts) + r"(?: (?P<user>.+))?$")
+
+
+def parse_tag(
+    value: str | None,
+    template: str = Settings.app_name_template,
+    site_template: str = Settings.app_name_site_template,
+) -> ParsedTag | None:
+    """The pgleak tag in an ``application_name``, or ``None`` if pgleak did not write it.
+
+    The inverse of :class:`Tags` for the templates in force (the defaults unless the caller
+    passes the ones its services use): the process tag is tried first, then the call-site tag.
+    A shortened host or service parses as what is left of it.
+    """
+    if not value:
+        return None
+    for candidate in (template, site_template):
+        pattern = _tag_pattern(candidate)
+        match = pattern.match(value) if pattern is not None else None
+        if match is None:
+            continue
+        fields = match.groupdict()
+        pid = fields.get("pid")
+        return ParsedTag(
+            service=fields.get("service"),
+            host=fields.get("host"),
+            pid=int(pid) if pid else None,
+            call_site=fields.get("site"),
+            user=fields.get("user"),
+        )
+    return None
 
 
 class _TaggedKwargs(dict[str, Any]):

@@ -21,7 +21,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -236,6 +236,7 @@ class EmbeddedPostgres:
         settings: Mapping[str, str] | None = None,
         source: Literal["auto", "system", "wheel"] = "auto",
         superuser_reserved_connections: int = 0,
+        hba: Sequence[str] | None = None,
     ) -> None:
         self.host = "127.0.0.1"
         self.port = 0
@@ -247,6 +248,9 @@ class EmbeddedPostgres:
         self._max_connections = max_connections
         self._reserved = superuser_reserved_connections
         self._settings = dict(settings or {})
+        # pg_hba.conf lines replacing initdb's trust-everyone default (e.g. to require a
+        # password of some roles); None keeps the default.
+        self._hba = list(hba) if hba is not None else None
         self._tmp: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._owner_pid = os.getpid()
@@ -383,6 +387,11 @@ class EmbeddedPostgres:
             raise RuntimeError(
                 f"initdb failed ({result.returncode}):\n{result.stdout}{result.stderr}"
             )
+        if self._hba is not None:
+            hba = self._tmp / "data" / "pg_hba.conf"
+            hba.write_text("".join(f"{line}\n" for line in self._hba))
+            if self._run_as:
+                os.chown(hba, self._run_as["user"], self._run_as["group"])
 
     def _launch(self) -> None:
         assert self._tmp is not None

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 import pgleak
-from pgleak._appname import LIMIT, Tags, sanitize
+from pgleak._appname import LIMIT, ParsedTag, Tags, parse_tag, sanitize
 from pgleak._settings import Settings, build_settings
 from pgleak._stack import _lineno
 
@@ -141,3 +141,47 @@ def test_site_tag_keeps_the_line_when_too_long() -> None:
     line = _lineno(test_site_tag_keeps_the_line_when_too_long.__code__, 0)
     assert tag.endswith(f"test_appname.py:{line}")
     assert len(tag) <= LIMIT
+
+
+# -- reading tags back (pgleak doctor) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "service"),
+    [
+        ({"service_name": "checkout-api"}, "checkout-api"),
+        ({"service_name": "a" * 80}, "a" * 80),  # shortened to fit: parses as what is left
+        ({"service_name": "café with @ and : inside"}, None),
+    ],
+)
+def test_the_process_tag_parses_back_into_its_fields(
+    settings: dict[str, object], service: str | None
+) -> None:
+    tags = _tags(**settings)
+    parsed = parse_tag(tags.base)
+    assert parsed is not None
+    assert parsed.pid == os.getpid()
+    assert parsed.host is not None
+    assert socket.gethostname().startswith(parsed.host)
+    if service is not None:
+        assert service.startswith(parsed.service or "")
+    assert tags.base == f"{parsed.service}@{parsed.host}:{parsed.pid}"
+
+
+def test_call_site_prefix_and_custom_templates_parse_back() -> None:
+    assert parse_tag("checkout-api:views.py:42") == ParsedTag(
+        service="checkout-api", call_site="views.py:42"
+    )
+    assert parse_tag("api@web-7:4242 my-own-name") == ParsedTag(
+        service="api", host="web-7", pid=4242, user="my-own-name"
+    )
+    custom = "{host}/{service}/{pid}"
+    tags = _tags(service_name="billing", app_name_template=custom)
+    parsed = parse_tag(tags.base, template=custom)
+    assert parsed is not None
+    assert (parsed.service, parsed.pid) == ("billing", os.getpid())
+
+
+@pytest.mark.parametrize("value", ["", "psql", "pgAdmin 4 - DB:postgres", "a@b", "x@y:z"])
+def test_names_pgleak_did_not_write_do_not_parse(value: str) -> None:
+    assert parse_tag(value) is None

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
 import pgleak
 from pgleak.testing import EventCapture, capture_events
-from tests.bouncer import BouncerNotFound, PgBouncer, find_pgbouncer
+from tests.bouncer import PgBouncer, require_pgbouncer
 from tests.conftest import Server
 
 #: Client connections the session bouncer takes; the next one is refused with 08P01.
@@ -22,12 +21,7 @@ def bouncer(pg: Server) -> Iterator[PgBouncer]:
 
     Skips when ``pgbouncer`` is not installed (CI installs it).
     """
-    try:
-        find_pgbouncer()
-    except BouncerNotFound as exc:
-        if os.environ.get("PGLEAK_REQUIRE_PGBOUNCER"):  # CI installs it: a skip would hide that
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+    require_pgbouncer()
     with PgBouncer(
         pg.host,
         pg.port,
