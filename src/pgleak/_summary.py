@@ -102,6 +102,13 @@ class SiteSummary:
             return
         self._count(event.event, c.site, event.pool, c.checkout_id, c.held_s)
 
+    def add_repeats(self, kind: str, site: str | None, pool: str, count: int) -> None:
+        """Count ``count`` more ``kind`` reports from ``site`` whose details are not known (a
+        log's ``report.suppressed`` record, read back by ``pgleak summary``)."""
+        if kind in COUNTED:
+            for _ in range(max(0, min(count, 1_000_000))):
+                self._count(kind, site, pool, None, None)
+
     def _count(
         self, kind: str, site: str | None, pool: str, checkout_id: int | None, held: float | None
     ) -> None:

@@ -22,6 +22,8 @@ COMMANDS = (
     "pgleak.cli.demo",
     "pgleak.cli.doctor",
     "pgleak.cli.capacity",
+    "pgleak.cli.run",
+    "pgleak.cli.summary",
 )
 
 
