@@ -69,19 +69,23 @@ def holder_finished(lease: Lease) -> bool:
     return thread is None or not thread.is_alive()
 
 
-def _under_pressure(core: Core, handle: PoolHandle, pool: Any, kind: PoolKind) -> bool:
+def _under_pressure(core: Core, handle: PoolHandle, pool: Any, kind: PoolKind, freed: int) -> bool:
+    """Whether the pool still needs slots, counting the ``freed`` ones given back this pass
+    as free already: an asyncio pool takes them back on its loop, a moment later. (A sync
+    pool's count has them back at once, so there they count twice: reclaim errs on the side of
+    taking fewer, and the next pass, a second later, goes on.)"""
     fraction = core.settings.reclaim_when_used
     stats = kind.stats(pool) if kind.stats is not None else None
     if stats is None:
         return False  # closed, or nothing known: no reclaim on a guess
-    if stats.waiting or len(handle.pending):
+    if max(stats.waiting or 0, len(handle.pending)) > freed:
         return True
     if not stats.max:
         return False
     used = stats.used
     if used is None:
         used = sum(1 for lease in list(core.leases.values()) if lease.pool is handle)
-    return used >= math.ceil(fraction * stats.max)
+    return used - freed >= math.ceil(fraction * stats.max)
 
 
 def sweep(core: Core, now: float) -> None:
@@ -102,14 +106,16 @@ def sweep(core: Core, now: float) -> None:
         give_back = kind.reclaim(pool)
         if give_back is None:
             continue  # this pool cannot be reclaimed from safely
+        freed = 0
         for lease in sorted(leases, key=lambda lease: lease.t0):
             try:
-                if not _under_pressure(core, handle, pool, kind):
+                if not _under_pressure(core, handle, pool, kind, freed):
                     break
                 conn = lease.ref() if lease.ref is not None else None
                 if conn is None or lease.id not in core.leases:
                     continue  # collected, or came back meanwhile
                 core.reclaimed(lease, now)
                 give_back(conn)
+                freed += 1
             except Exception as exc:
                 internal_error(f"{handle.kind}.reclaim", exc)
