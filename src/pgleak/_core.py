@@ -142,16 +142,16 @@ class PoolKind(NamedTuple):
             the user holds), any of them ``None`` when unknown.
         state: The transaction state of a lent connection ("idle in transaction"), read at
             report time on any thread, without a round trip; ``None`` when unknown.
-        reclaim: For a pool, the function that closes one of its lent connections and gives
-            the slot back through the library's own API, from the watchdog thread
-            (``reclaim=True``; see ``_reclaim``); ``None`` for a pool that cannot be reclaimed
-            from safely.
+        reclaim: For a pool, the function ``(lent connection, announce)`` that closes the
+            connection and gives its slot back through the library's own API, from the
+            watchdog thread, calling ``announce()`` just before (``reclaim=True``; see
+            ``_reclaim``); ``None`` for a pool that cannot be reclaimed from safely.
     """
 
     stats: Callable[[Any], PoolStats | None] | None = None
     target: Callable[[Any], tuple[str | None, int | None, str | None]] | None = None
     state: Callable[[Any], str | None] | None = None
-    reclaim: Callable[[Any], Callable[[Any], None] | None] | None = None
+    reclaim: Callable[[Any], Callable[[Any, Callable[[], None]], None] | None] | None = None
 
 
 class Observer(Protocol):

@@ -14,14 +14,18 @@ pgleak offers it under three conditions, all of which must hold (``reclaim=True`
 
 The connection is then closed and its slot given back through the library's own API (the
 adapter's ``PoolKind.reclaim``), so the pool's counts stay right and it can open a new one; a
-``leak.reclaimed`` event names the line that took it. It runs on the watchdog thread; the
-asyncio libraries' part runs on the pool's event loop (handed over thread-safely).
+``leak.reclaimed`` event names the line that took it. The adapter calls ``announce()`` (which
+reports it and takes the checkout out of the ledger) just before it gives the connection back,
+and only if it can: the checkin that the give-back causes is then no ``leak.returned``. It
+runs on the watchdog thread; the asyncio libraries' part runs on the pool's event loop (handed
+over thread-safely).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -39,14 +43,18 @@ __all__ = ["RECLAIMED", "holder_finished", "on_loop", "sweep"]
 CHECK_EVERY = 1.0
 
 
-def on_loop(loop: Any, give_back: Callable[[], Awaitable[object]], site: str) -> None:
+def on_loop(
+    loop: Any, give_back: Callable[[], Awaitable[object]], site: str, announce: Callable[[], None]
+) -> None:
     """Run an asyncio library's give-back on the pool's own loop, from the watchdog thread.
 
-    Not waited for: the loop may be busy, and the watchdog must not block on it. A failure is
-    pgleak's (logged once), never the application's.
+    ``announce`` (the ``leak.reclaimed`` report) runs first, and only if there is a loop to run
+    it on. Not waited for: the loop may be busy, and the watchdog must not block on it. A
+    failure is pgleak's (logged once), never the application's.
     """
     if loop is None or loop.is_closed():
         return
+    announce()
 
     def done(future: concurrent.futures.Future[object]) -> None:
         exc = future.exception()
@@ -58,6 +66,11 @@ def on_loop(loop: Any, give_back: Callable[[], Awaitable[object]], site: str) ->
 
 async def _call(give_back: Callable[[], Awaitable[object]]) -> object:
     return await give_back()
+
+
+def _announce(core: Core, lease: Lease, now: float, announced: list[bool]) -> None:
+    announced.append(True)
+    core.reclaimed(lease, now)
 
 
 def holder_finished(lease: Lease) -> bool:
@@ -114,8 +127,8 @@ def sweep(core: Core, now: float) -> None:
                 conn = lease.ref() if lease.ref is not None else None
                 if conn is None or lease.id not in core.leases:
                     continue  # collected, or came back meanwhile
-                core.reclaimed(lease, now)
-                give_back(conn)
-                freed += 1
+                announced: list[bool] = []
+                give_back(conn, functools.partial(_announce, core, lease, now, announced))
+                freed += len(announced)
             except Exception as exc:
                 internal_error(f"{handle.kind}.reclaim", exc)

@@ -23,7 +23,6 @@ SIZE = 3
 #: Kits whose connections pgleak does not reclaim, and why (docs/reclaim.md).
 NOT_RECLAIMED = {
     "psycopg2-simple": "SimpleConnectionPool is not thread-safe",
-    "sqlalchemy-async": "an asyncio engine closes connections inside its greenlet, on its loop",
 }
 RECLAIMED_SYNC = [kit for kit in SYNC_KITS if kit.name not in NOT_RECLAIMED]
 RECLAIMED_ASYNC = [kit for kit in ASYNC_KITS if kit.name not in NOT_RECLAIMED]

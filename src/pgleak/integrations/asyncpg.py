@@ -58,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -341,11 +342,11 @@ def _reclaim(pool: Any) -> Any:
     if loop is None:
         return None
 
-    def give_back_on_loop(con: Any) -> None:
+    def give_back_on_loop(con: Any, announce: Callable[[], None]) -> None:
         async def give_back() -> None:
             con.terminate()
 
-        _reclaim_on_loop(loop, give_back, "asyncpg.reclaim")
+        _reclaim_on_loop(loop, give_back, "asyncpg.reclaim", announce)
 
     return give_back_on_loop
 

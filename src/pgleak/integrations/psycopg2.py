@@ -59,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
@@ -206,7 +207,12 @@ def _reclaim(pool: Any) -> Any:
     """
     if not isinstance(pool, ThreadedConnectionPool):
         return None
-    return lambda conn: pool.putconn(conn, close=True)
+
+    def give_back(conn: Any, announce: Callable[[], None]) -> None:
+        announce()
+        pool.putconn(conn, close=True)
+
+    return give_back
 
 
 class Psycopg2Adapter(Adapter):

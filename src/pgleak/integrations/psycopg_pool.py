@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -150,16 +151,17 @@ def _reclaim(pool: Any) -> Any:
         if loop is None:
             return None
 
-        def give_back_async(conn: Any) -> None:
+        def give_back_async(conn: Any, announce: Callable[[], None]) -> None:
             async def give_back() -> None:
                 await conn.close()
                 await pool.putconn(conn)
 
-            _reclaim_on_loop(loop, give_back, "psycopg_pool.reclaim")
+            _reclaim_on_loop(loop, give_back, "psycopg_pool.reclaim", announce)
 
         return give_back_async
 
-    def give_back_sync(conn: Any) -> None:
+    def give_back_sync(conn: Any, announce: Callable[[], None]) -> None:
+        announce()
         conn.close()
         pool.putconn(conn)
 

@@ -72,6 +72,7 @@ from pgleak._adapter import Adapter, driver_state, driver_target, enter_scope, e
 from pgleak._appname import tags
 from pgleak._core import Lease, PoolHandle, PoolKind, PoolStats, core
 from pgleak._guard import internal_error
+from pgleak._reclaim import on_loop as _reclaim_on_loop
 from pgleak._redact import redact_dsn
 
 __all__ = ["SQLAlchemyAdapter"]
@@ -311,11 +312,29 @@ def _target(fairy: Any) -> tuple[str | None, int | None, str | None]:
 def _reclaim(pool: Any) -> Any:
     """``invalidate()`` the pooled connection: SQLAlchemy closes it and checks the slot back in.
 
-    Sync engines only: an asyncio engine's close must run inside its greenlet on the loop.
+    An asyncio engine's close awaits the driver, so there it runs in SQLAlchemy's greenlet
+    bridge on the connection's own event loop, which asyncpg's connection names (psycopg's
+    async connection does not: those are not reclaimed).
     """
-    if getattr(getattr(pool, "_dialect", None), "is_async", False):
-        return None
-    return lambda fairy: fairy.invalidate()
+    if not getattr(getattr(pool, "_dialect", None), "is_async", False):
+
+        def give_back(fairy: Any, announce: Callable[[], None]) -> None:
+            announce()
+            fairy.invalidate()
+
+        return give_back
+
+    def give_back_on_loop(fairy: Any, announce: Callable[[], None]) -> None:
+        from sqlalchemy.util import greenlet_spawn
+
+        loop = getattr(getattr(fairy, "driver_connection", None), "_loop", None)
+
+        async def invalidate() -> None:
+            await greenlet_spawn(fairy.invalidate)
+
+        _reclaim_on_loop(loop, invalidate, "sqlalchemy.reclaim", announce)
+
+    return give_back_on_loop
 
 
 def _state(fairy: Any) -> str | None:
