@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,16 @@ def full(dsn: str, slots: int, refusal: str) -> Iterator[list[Any]]:
     conns: list[Any] = []
     with pgleak.suppress():
         try:
-            for _ in range(slots):
-                conns.append(psycopg.connect(dsn))
+            deadline = time.monotonic() + 10
+            while len(conns) < slots:  # bounded: 10 s
+                try:
+                    conns.append(psycopg.connect(dsn))
+                except psycopg.OperationalError:
+                    # A server's connection from the request just served may still be
+                    # closing (Django closes it on request_finished, after the response).
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
             with pytest.raises(psycopg.OperationalError, match=refusal):
                 psycopg.connect(dsn).close()
             yield conns
