@@ -74,6 +74,13 @@ class Settings:
             connection was last tagged with (``docs/performance.md``); off by default.
         app_name_site_template: The per-checkout tag: fields as ``app_name_template``, plus
             ``{site}`` (``views.py:42``).
+        track_direct: Track connections opened with the driver's own ``connect()``
+            (``psycopg2.connect()``, ``psycopg.connect()``, ``asyncpg.connect()``) outside any
+            pool, each like a checkout of a pool named after its DSN: one dropped without
+            ``close()`` is ``leak.collected``, one open at exit ``leak.at_exit``.
+        direct_threshold: Seconds a direct connection may stay open before it is reported as
+            ``leak.suspected``. ``None`` (the default): never, as long-lived direct
+            connections (a worker's, a ``LISTEN`` loop's) are often meant to be.
         otel: OpenTelemetry spans (one per checkout, leak events on it) and pool metrics
             (``docs/otel.md``). ``None`` (the default): on when ``opentelemetry-api`` is
             importable, which costs nothing until the application sets up an SDK; ``True``
@@ -100,6 +107,8 @@ class Settings:
     app_name_prefix: bool = False
     app_name_call_site: bool = False
     app_name_site_template: str = "{service}:{site}"
+    track_direct: bool = True
+    direct_threshold: float | None = None
     otel: bool | None = None
 
 
@@ -132,6 +141,13 @@ def _positive_float(value: Any) -> float:
     if not math.isfinite(number) or number <= 0:
         raise ValueError("expected a positive, finite number of seconds")
     return number
+
+
+def _optional_seconds(value: Any) -> float | None:
+    """A positive number of seconds, or ``None`` (also ``""``, ``off``, ``none``): never."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"", "off", "none"}):
+        return None
+    return _positive_float(value)
 
 
 def _positive_int(value: Any) -> int:
@@ -202,6 +218,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "app_name_prefix": _parse_bool,
     "app_name_call_site": _parse_bool,
     "app_name_site_template": _template("site"),
+    "track_direct": _parse_bool,
+    "direct_threshold": _optional_seconds,
     "otel": _auto_bool,
 }
 

@@ -59,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
@@ -82,6 +83,7 @@ from pgleak._appname import tags, untagged
 from pgleak._core import PoolKind, PoolStats, core, suppressed
 from pgleak._guard import internal_error
 from pgleak._redact import redact_dsn
+from pgleak.integrations._direct import Driver, pool_call
 
 __all__ = ["Psycopg2Adapter"]
 
@@ -105,16 +107,20 @@ def _pool_name(pool: Any) -> str:
     The pool keeps what it passes to ``psycopg2.connect()``: a DSN (``key=value`` or URL) and
     keyword parameters, merged here the way ``connect`` merges them.
     """
-    args = getattr(pool, "_args", ())
-    kwargs = dict(untagged(getattr(pool, "_kwargs", None)) or {})
+    conninfo = _target(getattr(pool, "_args", ()), untagged(getattr(pool, "_kwargs", None)) or {})
+    target = f" ({conninfo})" if conninfo else ""
+    return f"psycopg2 {type(pool).__name__}{target}"
+
+
+def _target(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """The conninfo ``psycopg2.connect(*args, **kwargs)`` connects with, password redacted."""
     dsn = args[0] if args else kwargs.get("dsn")
     params = {key: value for key, value in kwargs.items() if key not in _NOT_CONNINFO}
     try:
         conninfo = make_dsn(dsn, **params)
-    except Exception:  # a DSN libpq cannot parse: the pool cannot connect with it either
+    except Exception:  # a DSN libpq cannot parse: connecting with it fails too
         conninfo = dsn if isinstance(dsn, str) else ""
-    target = f" ({redact_dsn(conninfo)})" if conninfo else ""
-    return f"psycopg2 {type(pool).__name__}{target}"
+    return redact_dsn(conninfo)
 
 
 def _is_exhausted(err: BaseException) -> bool:
@@ -179,7 +185,7 @@ def _tagging_connect(original: Any) -> Any:
         except Exception as exc:
             internal_error("psycopg2.application_name", exc)
         started = time.monotonic() if core.observer is not None else None
-        conn = original(pool, *args, **kwargs)
+        conn = pool_call(original, pool, *args, **kwargs)
         if started is not None:
             try:
                 core.connected(core.pool(pool, "psycopg2", _pool_name), started)
@@ -188,6 +194,23 @@ def _tagging_connect(original: Any) -> Any:
         return conn
 
     return _connect
+
+
+def _retag(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    return tags.libpq_kwargs(args[0] if args else kwargs.get("dsn"), kwargs)
+
+
+def _is_closed(conn: Any) -> bool:
+    return bool(conn.closed)
+
+
+#: ``psycopg2.connect()`` outside a pool. Its connection is a C type whose ``close()`` no hook
+#: reaches, and whose deallocation closes it before any weak reference hears of it: closed or
+#: leaked, a collected connection looks the same, so none is reported as ``leak.collected``.
+#: ``closed`` is read instead at ``direct_threshold`` and at exit, which is exact.
+_DIRECT = Driver(
+    "psycopg2.direct", describe=_target, retag=_retag, closed=_is_closed, unseen_close=True
+)
 
 
 def _stats(pool: Any) -> PoolStats | None:
@@ -221,3 +244,7 @@ class Psycopg2Adapter(Adapter):
         self.patch(SimpleConnectionPool, "getconn", _retrying_getconn)
         self.patch(ThreadedConnectionPool, "getconn", _retrying_getconn)
         core.register_kind(self.name, PoolKind(stats=_stats, target=driver_target))
+        # Where the pools connect too (``psycopg2.connect`` is looked up at each call), inside
+        # ``_connect``, which marks its connects as the pool's.
+        self.patch(psycopg2, "connect", _DIRECT.wrap("psycopg2.connect"))
+        _DIRECT.register()

@@ -64,6 +64,7 @@ from pgleak._appname import tags
 from pgleak._core import PoolKind, PoolStats, core
 from pgleak._guard import internal_error
 from pgleak._redact import redact_dsn
+from pgleak.integrations._direct import apool_call, pool_call
 
 __all__ = ["PsycopgPoolAdapter"]
 
@@ -155,7 +156,7 @@ def _tagging_connect(original: Any) -> Any:
     def _connect(pool: Any, *args: Any, **kwargs: Any) -> Any:
         _tag_kwargs(pool)
         started = _connect_started()
-        conn = original(pool, *args, **kwargs)
+        conn = pool_call(original, pool, *args, **kwargs)
         _connected(pool, started)
         return conn
 
@@ -166,7 +167,7 @@ def _atagging_connect(original: Any) -> Any:
     async def _connect(pool: Any, *args: Any, **kwargs: Any) -> Any:
         _tag_kwargs(pool)
         started = _connect_started()
-        conn = await original(pool, *args, **kwargs)
+        conn = await apool_call(original, pool, *args, **kwargs)
         _connected(pool, started)
         return conn
 
