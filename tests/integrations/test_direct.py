@@ -512,7 +512,9 @@ POOLS = {
 
 
 @pytest.mark.parametrize("name", list(POOLS))
-def test_pool_connections_are_never_direct(name: str, pg: Server, events: EventCapture) -> None:
+def test_pool_connections_are_never_direct(
+    name: str, pg: Server, events: EventCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[str] = []
     original = core.checkout
 
@@ -520,11 +522,9 @@ def test_pool_connections_are_never_direct(name: str, pg: Server, events: EventC
         seen.append(handle.kind)
         return original(handle, *args, **kwargs)
 
-    core.checkout = spy  # type: ignore[method-assign]
-    try:
-        POOLS[name](pg)
-    finally:
-        del core.checkout
+    monkeypatch.setattr(core, "checkout", spy)
+    POOLS[name](pg)
+    monkeypatch.undo()
     assert seen, "the pool's checkout was not tracked"
     assert not [kind for kind in seen if kind.endswith(".direct")]
     _settle()

@@ -82,11 +82,32 @@ class Driver:
         self.retag = retag
         self.closed = closed
         self.unseen_close = unseen_close
-        self._targets: dict[str, tuple[_Target, PoolHandle]] = {}
+        #: By name, and by the connect arguments that gave it (see :meth:`handle`).
+        self._targets: dict[Any, tuple[_Target, PoolHandle]] = {}
         self._lock = threading.Lock()
 
     def handle(self, label: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PoolHandle:
-        """The handle of the target ``(args, kwargs)`` connect to, named ``label (dsn)``."""
+        """The handle of the target ``(args, kwargs)`` connect to, named ``label (dsn)``.
+
+        Found by the call's own arguments when they are hashable (a program connects with the
+        same few again and again), so that parsing the DSN to name it happens once per target.
+        """
+        key: Any = None
+        try:
+            key = (label, args, tuple(kwargs.items()))
+            found = self._targets.get(key)
+        except TypeError:  # an unhashable argument (a dict of server settings): by name only
+            key = found = None
+        if found is not None:
+            return found[1]
+        found = self._named(label, args, kwargs)
+        if key is not None and len(self._targets) < _MAX_TARGETS:
+            self._targets[key] = found
+        return found[1]
+
+    def _named(
+        self, label: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[_Target, PoolHandle]:
         try:
             where = self.describe(args, kwargs)
         except Exception as exc:  # a DSN the driver will refuse too
@@ -95,7 +116,7 @@ class Driver:
         name = f"{label} ({where})" if where else label
         found = self._targets.get(name)
         if found is not None:
-            return found[1]
+            return found
         with self._lock:
             found = self._targets.get(name)
             if found is None:
@@ -106,7 +127,7 @@ class Driver:
                     target = _Target(name)
                     found = (target, core.pool(target, self.kind, _target_name))
                     self._targets[name] = found
-        return found[1]
+        return found
 
     def active(self) -> bool:
         """Whether a connect now is a direct one pgleak tracks (not a pool's, not suppressed)."""
