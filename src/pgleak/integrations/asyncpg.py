@@ -37,6 +37,13 @@ Hooks, and why each:
   the asyncpg instrumentation's query spans nest under it): attached in the caller's task once
   ``_acquire`` has returned, detached before ``release()`` hands over to its shielded task.
   ``await pool.acquire()`` has no block, and its span is never current.
+* ``connect_utils._connect``: what ``asyncpg.connect()`` awaits (looked up at each call, so a
+  ``from asyncpg import connect`` made before ``install()`` is covered): a direct connection
+  outside any pool (:mod:`pgleak.integrations._direct`), tagged through ``server_settings``,
+  retried, tracked from the line that opened it. The pool's own connects run inside
+  ``_get_new_connection``, marked as the pool's. ``Connection.close()`` / ``terminate()``
+  end it, except the ``terminate()`` that ``Connection.__del__`` runs on a connection nobody
+  closed: that one is ``leak.collected``.
 * Pool state for the metrics: ``get_size()``, ``get_idle_size()``, ``get_min_size()``,
   ``get_max_size()``.
 

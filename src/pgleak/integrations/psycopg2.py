@@ -42,7 +42,12 @@ What each call means:
 * ``closeall`` closes every connection, lent or not: whatever is still out is reported.
 * ``AbstractConnectionPool._connect``: the arguments the pool keeps for ``psycopg2.connect()``
   get the ``application_name`` tag, once, before the first connection (``minconn`` ones
-  included); the time it takes is ``db.client.connection.create_time``.
+  included); the time it takes is ``db.client.connection.create_time``. Its
+  ``psycopg2.connect()`` is marked as the pool's (:func:`pgleak.integrations._direct.pool_call`).
+* ``psycopg2.connect``: a direct connection, outside any pool
+  (:mod:`pgleak.integrations._direct`): tagged, retried, tracked from the line that opened it.
+  Its ``close()`` is a C method no hook reaches: ``closed`` is read at ``direct_threshold``,
+  at exit and, once reported, at each watchdog pass; a dropped one is never ``leak.collected``.
 
 psycopg2's pools have no ``with`` block, so a checkout's OpenTelemetry span is never current:
 it is recorded from ``getconn`` to ``putconn``, under the span that was current at ``getconn``.

@@ -14,7 +14,8 @@ Hooks, and why each:
   (Null pools) the caller. The ``kwargs`` the pool keeps get the ``application_name`` tag
   there, once (:meth:`pgleak._appname.Tags.tag_pool_kwargs`), so pools created before
   ``install()`` are tagged too; a ``kwargs`` callable (3.3) is wrapped instead. It is also
-  where the time to open a connection is measured (``db.client.connection.create_time``).
+  where the time to open a connection is measured (``db.client.connection.create_time``), and
+  where the driver's ``connect()`` is marked as the pool's, not a direct connection.
 * Pool state for the metrics comes from ``get_stats()`` (available) and the pool's
   ``min_size``/``max_size``, connections in use from the ledger; a Null pool keeps no idle
   connections.
