@@ -64,6 +64,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy
 from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import Pool
 
@@ -328,7 +329,7 @@ def iterations_for(per_iteration_ns: float, plan: Plan) -> int:
 # -- pgleak on / off -----------------------------------------------------------------------------
 
 _ORIGINAL_POOL_CONNECT = Pool.__dict__["connect"]
-_ORIGINAL_ENGINE_INIT = Engine.__dict__["__init__"]
+_ORIGINAL_ENGINE_CREATED = Dialect.__dict__["engine_created"]
 _ORIGINAL_ENGINE_DISPOSE = Engine.__dict__["dispose"]
 _ORIGINAL_CONNECTION_ENTER = Connection.__dict__["__enter__"]
 restore_failures: list[str] = []
@@ -345,8 +346,8 @@ def leave(config: Config, pools: list[Pool]) -> None:
     problems = []
     if Pool.__dict__["connect"] is not _ORIGINAL_POOL_CONNECT:
         problems.append("Pool.connect not restored")
-    if Engine.__dict__["__init__"] is not _ORIGINAL_ENGINE_INIT:
-        problems.append("Engine.__init__ not restored")
+    if Dialect.__dict__["engine_created"] is not _ORIGINAL_ENGINE_CREATED:
+        problems.append("Dialect.engine_created not restored")
     if Engine.__dict__["dispose"] is not _ORIGINAL_ENGINE_DISPOSE:
         problems.append("Engine.dispose not restored")
     if Connection.__dict__["__enter__"] is not _ORIGINAL_CONNECTION_ENTER:

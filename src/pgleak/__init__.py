@@ -5,8 +5,9 @@ One line at startup::
     import pgleak
     pgleak.install()
 
-and every connection checked out of a SQLAlchemy pool (more pools follow) is tracked: who took
-it, from which line, for how long. A connection held past ``leak_threshold``, one
+and every connection checked out of a SQLAlchemy engine (sync or asyncio), a psycopg 3 pool
+(``psycopg_pool``, sync or async), a psycopg2 pool, an asyncpg pool, or by Django is tracked:
+who took it, from which line, for how long. A connection held past ``leak_threshold``, one
 garbage-collected without being returned, one still out when its pool closes or the process
 exits, and every holder at the moment a pool runs dry are reported on the ``pgleak`` logger.
 """
@@ -33,6 +34,7 @@ from pgleak._events import Checkout, LeakEvent, Sink
 from pgleak._importhook import PostImportFinder
 from pgleak._report import LoggingSink
 from pgleak._settings import ConfigError, Settings, build_settings
+from pgleak._summary import SiteSummary
 
 if TYPE_CHECKING:
     from pgleak import _otel
@@ -52,6 +54,7 @@ __all__ = [
     "installed",
     "remove_sink",
     "settings",
+    "summary",
     "suppress",
     "uninstall",
 ]
@@ -63,6 +66,7 @@ _lock = threading.RLock()
 _adapters: dict[str, Adapter] = {}
 _finder = PostImportFinder()
 _logging_sink = LoggingSink(interval=lambda: core.settings.report_interval)
+_summary_sink = SiteSummary(interval=lambda: core.settings.summary_interval)
 _installed = False
 _exit_registered = False
 _fork_registered = False
@@ -122,10 +126,14 @@ def install(
             return new
         if _logging_sink not in core.sinks:
             core.sinks.insert(0, _logging_sink)
+        if _summary_sink not in core.sinks:
+            core.sinks.insert(1, _summary_sink)
         _register_process_hooks()
         _install_adapters(named)
         _installed = True
-        _log.debug("pgleak installed: %s; adapters: %s", new, sorted(_adapters))
+        _guard.say(
+            _log, logging.DEBUG, "pgleak installed: %s; adapters: %s", new, sorted(_adapters)
+        )
         return new
 
 
@@ -178,7 +186,7 @@ def _install_one(name: str, explicit: bool) -> None:
         except AdapterUnavailable as exc:
             if explicit:
                 raise
-            _log.debug("pgleak: integration %s skipped: %s", name, exc)
+            _guard.say(_log, logging.DEBUG, "pgleak: integration %s skipped: %s", name, exc)
             return
         except Exception as exc:
             # A library version that breaks an adapter must not break the application: an
@@ -225,8 +233,9 @@ def _uninstall_locked() -> None:
     core.watchdog.stop()
     core.clear()
     _retry.BUDGET.reset()
-    if _logging_sink in core.sinks:
-        core.sinks.remove(_logging_sink)
+    for sink in (_logging_sink, _summary_sink):
+        if sink in core.sinks:
+            core.sinks.remove(sink)
     _configure(Settings(enabled=False))
     _installed = False
 
@@ -244,6 +253,19 @@ def installed() -> list[str]:
 def settings() -> Settings:
     """The settings in force (disabled defaults before ``install()``)."""
     return core.settings
+
+
+def summary() -> list[dict[str, Any]]:
+    """The call sites that leaked, worst first: what to fix first after a week in production.
+
+    One dict per (call site, pool): ``site``, ``pool``, ``leaks`` (``leak.suspected`` +
+    ``leak.collected`` + ``leak.at_exit``), ``counts`` by event kind (``pool.exhausted``: the
+    site held a connection when its pool ran dry), ``held_total_s`` and ``held_max_s`` (each
+    checkout counted once, at its longest), ``first_seen`` and ``last_seen`` (Unix time).
+    Kept since the process started (or forked), across ``install()``/``uninstall()``; logged
+    as ``leak.summary`` every ``summary_interval`` and at exit. See docs/events.md.
+    """
+    return _summary_sink.sites()
 
 
 def checked_out(with_holder_stack: bool = False) -> list[Checkout]:
@@ -340,6 +362,7 @@ def _at_exit() -> None:
 def _after_fork_in_child() -> None:
     try:
         core.reset_after_fork()
+        _summary_sink.clear()  # the parent's leaks are the parent's to summarise
         _retry.BUDGET.reset()
         _guard.reset()
     except Exception as exc:  # pragma: no cover

@@ -30,10 +30,17 @@ from typing import Any, ClassVar
 
 from pgleak._appname import tags
 from pgleak._core import Lease, allowance, core
-from pgleak._guard import internal_error
+from pgleak._guard import internal_error, say
 from pgleak._importhook import PostImportFinder
 
-__all__ = ["Adapter", "AdapterUnavailable", "driver_target", "enter_scope", "exit_scope"]
+__all__ = [
+    "Adapter",
+    "AdapterUnavailable",
+    "driver_state",
+    "driver_target",
+    "enter_scope",
+    "exit_scope",
+]
 
 _log = logging.getLogger("pgleak")
 _MISSING = object()
@@ -187,6 +194,36 @@ def driver_target(conn: Any) -> tuple[str | None, int | None, str | None]:
     return None, None, None
 
 
+#: libpq's ``PQtransactionStatus`` (psycopg 3's ``pq.TransactionStatus``, psycopg2's
+#: ``TRANSACTION_STATUS_*``), in the words ``pg_stat_activity`` uses; UNKNOWN (a closed or
+#: broken connection) says nothing.
+_PQ_STATES: dict[int, str] = {
+    0: "idle",
+    1: "active",
+    2: "idle in transaction",
+    3: "in a failed transaction",
+}
+
+
+def driver_state(conn: Any) -> str | None:
+    """The transaction state of a psycopg 3, psycopg2 or asyncpg connection, with no round trip.
+
+    Called on the watchdog thread while the holder may be using the connection: libpq's
+    ``PQtransactionStatus`` only reads a field of the connection (and says "active" while a
+    command runs), asyncpg's ``is_in_transaction()`` reads one attribute of its protocol;
+    neither changes anything. asyncpg keeps no "failed" or "busy" state it would show, hence
+    its plainer words.
+    """
+    info = getattr(conn, "info", None)
+    status = getattr(info, "transaction_status", None) if info is not None else None
+    if status is not None:
+        return _PQ_STATES.get(int(status))
+    in_transaction = getattr(conn, "is_in_transaction", None)  # asyncpg.Connection
+    if in_transaction is not None and not conn.is_closed():
+        return "in a transaction" if in_transaction() else "not in a transaction"
+    return None
+
+
 class Adapter:
     """Base class of the per-library adapters; subclasses implement ``_install``.
 
@@ -234,12 +271,14 @@ class Adapter:
             try:
                 undo()
             except Exception as exc:  # a library that refuses to remove a listener
-                _log.warning("pgleak: could not remove a %s hook: %s", self.name, exc)
+                say(_log, logging.WARNING, "pgleak: could not remove a %s hook: %s", self.name, exc)
         self._undo.clear()
         for owner, attr, original, wrapper in reversed(self._patches):
             current = owner.__dict__.get(attr, _MISSING)
             if current is not wrapper:
-                _log.warning(
+                say(
+                    _log,
+                    logging.WARNING,
                     "pgleak: %s.%s was replaced after pgleak patched it; leaving it as it is",
                     getattr(owner, "__qualname__", owner),
                     attr,

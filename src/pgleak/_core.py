@@ -48,7 +48,7 @@ from pgleak._events import (
     LeakEvent,
     Sink,
 )
-from pgleak._guard import internal_error
+from pgleak._guard import internal_error, say
 from pgleak._settings import Settings
 
 __all__ = ["Core", "Lease", "Observer", "PoolHandle", "PoolKind", "PoolStats", "core"]
@@ -141,10 +141,13 @@ class PoolKind(NamedTuple):
         stats: The pool object's current :class:`PoolStats`, or ``None`` once it is closed.
         target: ``(host, port, database)`` of the server behind a lent connection (the object
             the user holds), any of them ``None`` when unknown.
+        state: The transaction state of a lent connection ("idle in transaction"), read at
+            report time on any thread, without a round trip; ``None`` when unknown.
     """
 
     stats: Callable[[Any], PoolStats | None] | None = None
     target: Callable[[Any], tuple[str | None, int | None, str | None]] | None = None
+    state: Callable[[Any], str | None] | None = None
 
 
 class Observer(Protocol):
@@ -804,8 +807,20 @@ class Core:
             holder_stack=holder_stack,
             holder_finished=finished,
             context=lease.context,
-            state=lease.state(),
+            state=lease.state() or self._driver_state(lease),
         )
+
+    def _driver_state(self, lease: Lease) -> str | None:
+        """What the pool's adapter reads off the lent connection (no adapter probe was set)."""
+        kind = self.kinds.get(lease.pool.kind)
+        conn = lease.ref() if lease.ref is not None else None
+        if kind is None or kind.state is None or conn is None:
+            return None
+        try:
+            return kind.state(conn)
+        except Exception as exc:
+            internal_error(f"{lease.pool.kind}.state", exc)
+            return None
 
     def _holder_now(self, lease: Lease) -> tuple[list[str] | None, bool]:
         """Where the holder is now, and whether it has finished.
@@ -822,7 +837,9 @@ class Core:
                     return None, True
                 if _current_task(task.get_loop()) is not task:
                     # Suspended at an await: its coroutine chain, oldest first.
-                    stack = _stack.format_frames(task.get_stack(), limit, newest_first=False)
+                    stack = _stack.format_frames(
+                        _stack.task_frames(task), limit, newest_first=False
+                    )
                     return stack, False
                 # Running (the loop is blocked inside it): the thread's live stack says where.
             thread = lease.thread[2]()
@@ -857,7 +874,9 @@ class Core:
         self.untracked += 1
         if not self._untracked_warned:
             self._untracked_warned = True
-            _log.warning(
+            say(
+                _log,
+                logging.WARNING,
                 "pgleak: %d checkouts are tracked (max_tracked); further checkouts are counted "
                 "but not tracked until some come back",
                 self.settings.max_tracked,

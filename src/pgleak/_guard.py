@@ -17,7 +17,7 @@ import logging
 import sys
 import threading
 
-__all__ = ["internal_error", "swallowed"]
+__all__ = ["internal_error", "say", "swallowed"]
 
 _log = logging.getLogger("pgleak.internal")
 
@@ -57,6 +57,19 @@ def internal_error(site: str, exc: BaseException) -> None:
                 )
     except Exception:  # pragma: no cover - the last line of defence
         pass
+
+
+def say(logger: logging.Logger, level: int, msg: str, *args: object) -> None:
+    """``logger.log(level, msg, *args)`` that never raises.
+
+    A handler or filter the application put on the ``pgleak`` logger may raise (logging only
+    shields ``emit`` failures that call ``handleError``); pgleak's own lines, at install, on a
+    checkout or at uninstall, must not carry that into the application's call.
+    """
+    try:
+        logger.log(level, msg, *args)
+    except Exception as exc:
+        internal_error("logging", exc)
 
 
 def reset() -> None:

@@ -81,6 +81,9 @@ class Settings:
         direct_threshold: Seconds a direct connection may stay open before it is reported as
             ``leak.suspected``. ``None`` (the default): never, as long-lived direct
             connections (a worker's, a ``LISTEN`` loop's) are often meant to be.
+        summary_interval: Seconds between two ``leak.summary`` records (the leaks by call
+            site, worst first; :func:`pgleak.summary`), logged only when something happened
+            since the last one; also logged at exit.
         otel: OpenTelemetry spans (one per checkout, leak events on it) and pool metrics
             (``docs/otel.md``). ``None`` (the default): on when ``opentelemetry-api`` is
             importable, which costs nothing until the application sets up an SDK; ``True``
@@ -109,6 +112,7 @@ class Settings:
     app_name_site_template: str = "{service}:{site}"
     track_direct: bool = True
     direct_threshold: float | None = None
+    summary_interval: float = 900.0
     otel: bool | None = None
 
 
@@ -220,6 +224,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "app_name_site_template": _template("site"),
     "track_direct": _parse_bool,
     "direct_threshold": _optional_seconds,
+    "summary_interval": _positive_float,
     "otel": _auto_bool,
 }
 

@@ -10,6 +10,12 @@ stdlib plumbing (``contextlib``, ``asyncio``, ``threading``), so the newest fram
 user's own line: ``with engine.begin()`` goes through ``contextlib`` and a dozen SQLAlchemy
 frames before it reaches the pool, and none of them answers "which line leaked?".
 
+Code a library generates at run time (SQLAlchemy's decorators: ``<sqlalchemy generated ...>``
+on 2.1, ``<string>`` on 2.0) has a pseudo-file name that says nothing of who made it; such a
+frame is judged by the module whose globals it runs in, so it counts as its library's frame.
+The frame is only at hand during capture, so those verdicts are remembered per code object for
+formatting later.
+
 SQLAlchemy's asyncio mode runs pool code in a greenlet whose stack ends at the greenlet
 boundary; the user's coroutine is on the other side, in the suspended parent greenlet. The walk
 continues into the parent's frame (``gr_frame``) so async checkouts also name the user's line.
@@ -25,7 +31,15 @@ from collections.abc import Iterable
 from types import CodeType, FrameType
 from typing import Any
 
-__all__ = ["RawStack", "capture", "format_frames", "format_raw", "register_library", "site"]
+__all__ = [
+    "RawStack",
+    "capture",
+    "format_frames",
+    "format_raw",
+    "register_library",
+    "site",
+    "task_frames",
+]
 
 #: ``(code, lasti, code, lasti, ...)``, newest frame first.
 RawStack = tuple[Any, ...]
@@ -63,12 +77,25 @@ def register_library(path: str | os.PathLike[str]) -> None:
         _skip_cache.clear()
 
 
-_KEEP, _SKIP, _SKIP_LOOP = 0, 1, 2
+#: Verdicts: keep the frame; drop it; drop it and stop (the event loop: what is below it is
+#: not the task's); ask the frame's module (a pseudo-file: truthy, so the hot loop's "keep?"
+#: test stays one truth test, and only dropped frames pay a second comparison).
+_KEEP, _SKIP, _SKIP_LOOP, _BY_MODULE = 0, 1, 2, -1
 _ASYNCIO_DIR = os.path.join(_stdlib, "asyncio") + os.sep
+#: module name -> verdict, for frames of pseudo-files (bounded like ``_skip_cache``).
+_module_cache: dict[str, int] = {}
+#: id(code) -> (code, verdict) for pseudo-file code seen at capture, where the frame (and so
+#: its module) was at hand; formatting has only the code. The code is kept to tell a reused id.
+_pseudo_codes: dict[int, tuple[CodeType, int]] = {}
 
 
 def _classify(filename: str) -> int:
-    absolute = os.path.abspath(filename) if filename and not filename.startswith("<") else filename
+    if filename.startswith("<"):
+        verdict = _BY_MODULE
+        if len(_skip_cache) < 100_000:
+            _skip_cache[filename] = verdict
+        return verdict
+    absolute = os.path.abspath(filename) if filename else filename
     if absolute.startswith(_ASYNCIO_DIR):
         verdict = _SKIP_LOOP
     elif absolute.startswith(tuple(_skip_prefixes)) or absolute.startswith(_STDLIB_PLUMBING):
@@ -102,6 +129,41 @@ def _verdict(filename: str) -> int:
     return _classify(filename) if verdict is None else verdict
 
 
+def _module_verdict(frame: FrameType) -> int:
+    """The verdict for a pseudo-file frame: that of the file of the module it runs in.
+
+    ``python -c`` and ``exec`` in the application run in ``__main__`` or the user's module and
+    are kept; a library's generated wrappers run in the library's module and are dropped.
+    """
+    code = frame.f_code
+    name = frame.f_globals.get("__name__")
+    verdict = _module_cache.get(name) if isinstance(name, str) else _KEEP
+    if verdict is None:
+        filename = getattr(sys.modules.get(name), "__file__", None)  # type: ignore[arg-type]
+        verdict = _KEEP
+        if isinstance(filename, str) and not filename.startswith("<"):
+            verdict = _SKIP if _verdict(filename) else _KEEP
+        if len(_module_cache) < 10_000:
+            _module_cache[name] = verdict  # type: ignore[index]
+    if len(_pseudo_codes) < 100_000:
+        _pseudo_codes[id(code)] = (code, verdict)
+    return verdict
+
+
+def _frame_verdict(frame: FrameType) -> int:
+    verdict = _verdict(frame.f_code.co_filename)
+    return _module_verdict(frame) if verdict == _BY_MODULE else verdict
+
+
+def _code_verdict(code: CodeType) -> int:
+    """A recorded frame's verdict; pseudo-file code by what capture learnt of its module."""
+    verdict = _verdict(code.co_filename)
+    if verdict == _BY_MODULE:
+        seen = _pseudo_codes.get(id(code))
+        return seen[1] if seen is not None and seen[0] is code else _KEEP
+    return verdict
+
+
 def capture(limit: int, start: int = 1, task: Any = None, thorough: bool = False) -> RawStack:
     """Up to ``limit`` frames from the user's checkout line outwards, as raw pairs.
 
@@ -132,7 +194,7 @@ def capture(limit: int, start: int = 1, task: Any = None, thorough: bool = False
         verdict = cache.get(frame.f_code.co_filename)
         if verdict is None:
             verdict = _classify(frame.f_code.co_filename)
-        if not verdict:
+        if not verdict or (verdict < 0 and not _module_verdict(frame)):
             break
         frame = frame.f_back
     out: list[Any] = []
@@ -152,8 +214,14 @@ def _capture_in_task(frame: FrameType | None, limit: int, task: Any, thorough: b
     loop_at = -1
     greenlets: list[Any] = []
     hops = 0
+    cache = _skip_cache
     while frame is not None:
-        verdict = _verdict(frame.f_code.co_filename)
+        # _frame_verdict(), inlined: this runs for every frame of every asyncio checkout.
+        verdict = cache.get(frame.f_code.co_filename)
+        if verdict is None:
+            verdict = _classify(frame.f_code.co_filename)
+        if verdict < 0:
+            verdict = _module_verdict(frame)
         if not verdict:
             append(frame.f_code)
             append(frame.f_lasti)
@@ -225,7 +293,7 @@ def _add_task_chain(out: list[Any], task: Any, loop_at: int, thorough: bool = Fa
             if frame is None:
                 break
             code = frame.f_code
-            if not _verdict(code.co_filename):
+            if not _frame_verdict(frame):
                 chain.append(code)
                 chain.append(frame.f_lasti)
                 ids.add(id(code))
@@ -268,7 +336,7 @@ def format_raw(raw: RawStack) -> list[str]:
     entries = [
         _entry(raw[i].co_filename, _lineno(raw[i], raw[i + 1]), raw[i].co_name)
         for i in range(0, len(raw) - 1, 2)
-        if not _verdict(raw[i].co_filename)
+        if not _code_verdict(raw[i])
     ]
     entries.reverse()
     return entries
@@ -290,7 +358,7 @@ def site(raw: RawStack) -> tuple[str, int, str] | None:
         hit = _site_cache.get((id(code), lasti))
         if hit is not None and hit[0] is code:
             return hit[1]
-        if _verdict(code.co_filename):
+        if _code_verdict(code):
             continue
         found = (code.co_filename, _lineno(code, lasti), getattr(code, "co_qualname", code.co_name))
         if len(_site_cache) < 10_000:
@@ -303,15 +371,41 @@ def format_frames(frames: Iterable[FrameType], limit: int, *, newest_first: bool
     """Format live frames (a holder's current position), dropping the same frames as capture."""
     kept: list[str] = []
     for frame in frames:
-        filename = frame.f_code.co_filename
-        if not _verdict(filename):
-            kept.append(_entry(filename, frame.f_lineno, frame.f_code.co_name))
+        if not _frame_verdict(frame):
+            kept.append(_entry(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
     if newest_first:
         kept = kept[:limit]
         kept.reverse()
     else:
         kept = kept[-limit:]
     return kept
+
+
+def task_frames(task: Any, limit: int = 200) -> list[FrameType]:
+    """A suspended task's frames, oldest first: its coroutine and every one it awaits.
+
+    ``Task.get_stack()`` gives only the outermost coroutine's frame on Python 3.11 (and its
+    docs say as much): a connection held across ``await fetch_rates()`` would show the line of
+    that call, not where inside the helper the task waits. The ``cr_await`` chain (and async
+    generators' ``ag_await``) leads there.
+    """
+    frames: list[FrameType] = []
+    coro = task.get_coro()
+    for _ in range(2 * limit):  # frameless links (``__await__`` wrappers) count too
+        if coro is None or len(frames) >= limit:
+            break
+        frame = (
+            getattr(coro, "cr_frame", None)
+            or getattr(coro, "gi_frame", None)
+            or getattr(coro, "ag_frame", None)
+        )
+        if frame is not None:
+            frames.append(frame)
+        nxt = _awaited(coro, False) or getattr(coro, "ag_await", None)
+        if nxt is None and frame is None:
+            break
+        coro = nxt
+    return frames
 
 
 def walk(frame: FrameType | None, limit: int = 200) -> list[FrameType]:

@@ -43,3 +43,23 @@ def test_when_logging_itself_fails_stderr_gets_one_line(capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert err.count("pgleak: internal error") == 1
     assert "site-c" in err
+
+
+@pytest.mark.internal_errors
+def test_a_raising_handler_on_the_pgleak_logger_never_reaches_install_or_uninstall() -> None:
+    """pgleak's own lines (install's debug line, uninstall's warnings) go through the guard."""
+    import pgleak
+
+    logger = logging.getLogger("pgleak")
+    handler = _Raising(level=logging.DEBUG)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        settings = pgleak.install()
+        assert settings.enabled
+        pgleak.uninstall()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert any(site == "logging" for site, _ in _guard.swallowed)

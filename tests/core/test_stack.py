@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -134,3 +135,36 @@ def test_format_frames_of_a_live_thread_drops_pgleak_frames() -> None:
     frame = sys._getframe()
     stack = _stack.format_frames(_stack.walk(frame), 10, newest_first=True)
     assert stack[-1].endswith("in test_format_frames_of_a_live_thread_drops_pgleak_frames")
+
+
+def _generated(module_name: str, filename: str) -> object:
+    """A function compiled from source at run time, as a library's decorator factory does."""
+    env: dict[str, object] = {"__name__": module_name, "_stack": _stack}
+    code = compile("def generated(limit):\n    return _stack.capture(limit)\n", filename, "exec")
+    exec(code, env)
+    return env["generated"]
+
+
+@pytest.mark.parametrize("filename", ["<sqlalchemy generated wrapper>", "<string>"])
+def test_pseudo_file_code_counts_as_the_module_it_runs_in(filename: str) -> None:
+    """SQLAlchemy 2.1 names its generated wrappers ``<sqlalchemy generated ...>``, 2.0 leaves
+    them ``<string>``: either way they run in SQLAlchemy's module and are its frames."""
+    import os
+
+    import sqlalchemy.orm.session
+
+    # As the SQLAlchemy adapter does at install (kept: it is what every install does anyway).
+    _stack.register_library(os.path.dirname(sqlalchemy.__file__ or ""))
+    library_made: Any = _generated(sqlalchemy.orm.session.__name__, filename)
+    raw = library_made(10)  # CALLS-GENERATED
+    stack = _stack.format_raw(raw)
+    assert_site(stack, "CALLS-GENERATED")
+    assert not any(entry.startswith("<") for entry in stack)
+    assert _stack.site(raw) is not None
+
+
+def test_pseudo_file_code_of_the_application_is_kept() -> None:
+    """``python -c`` and the application's own ``exec`` run in its modules: kept."""
+    user_made: Any = _generated("__main__", "<string>")
+    stack = _stack.format_raw(user_made(10))
+    assert stack[-1].startswith("<string>:2 in generated")

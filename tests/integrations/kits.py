@@ -37,6 +37,9 @@ class Kit:
         collectable: The pool keeps no reference to a lent connection, so a dropped one is
             garbage-collected (``leak.collected``); else it stays out until close or exit.
         is_async: The kit's callables are coroutine functions.
+        states: The transaction state reported for a connection just taken, and after
+            ``query`` (the libpq drivers begin a transaction with the first statement; asyncpg
+            does not, and its words are plainer: it keeps no "busy" or "failed" state).
     """
 
     name: str
@@ -51,6 +54,7 @@ class Kit:
     exhausted: tuple[type[BaseException], ...]
     collectable: bool
     is_async: bool = False
+    states: tuple[str, str] = ("idle", "idle in transaction")
 
     @property
     def take_site(self) -> str:
@@ -162,6 +166,7 @@ def sqlalchemy_kits() -> list[Kit]:
                 exhausted=_sa_exhausted(),
                 collectable=True,
                 is_async=True,
+                states=("not in a transaction", "in a transaction"),
             )
         )
     return kits
@@ -364,6 +369,7 @@ def asyncpg_kits() -> list[Kit]:
             exhausted=(asyncio.TimeoutError,),
             collectable=False,
             is_async=True,
+            states=("not in a transaction", "not in a transaction"),
         )
     ]
 

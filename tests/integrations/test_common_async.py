@@ -76,6 +76,52 @@ def test_held_past_threshold_names_task_and_line_then_returned(
     assert returned.checkout.checkout_id == event.checkout.checkout_id
 
 
+async def _slow_remote_call(done: asyncio.Event) -> None:
+    await done.wait()  # REMOTE-CALL
+
+
+def test_holder_now_follows_the_await_chain_into_a_helper(
+    kit: Kit, pg: Server, events: EventCapture
+) -> None:
+    """A connection held across a slow call shows the helper's line, not the call's."""
+
+    async def leaker(pool: Any, done: asyncio.Event) -> None:
+        conn = await kit.take(pool)
+        await _slow_remote_call(done)  # CALLING
+        await kit.give(pool, conn)
+
+    async def body(pool: Any) -> None:
+        done = asyncio.Event()
+        task = asyncio.create_task(leaker(pool, done), name="leaky-task")
+        await asyncio.to_thread(events.wait_for, "leak.suspected")
+        done.set()
+        await task
+
+    _run(kit, pg, body)
+    [event] = events.of("leak.suspected")
+    assert event.checkout is not None
+    holder_stack = _outside_kits(event.checkout.holder_stack or [])
+    assert_site(holder_stack, "REMOTE-CALL")
+    assert_site(holder_stack[:-1], "CALLING")
+
+
+def test_reports_say_the_connections_transaction_state(
+    kit: Kit, pg: Server, events: EventCapture
+) -> None:
+    """Read off the driver at report time: a held connection's open transaction is visible."""
+
+    async def body(pool: Any) -> None:
+        fresh, busy = await kit.take(pool), await kit.take(pool)
+        await kit.query(busy)
+        await asyncio.to_thread(events.wait_for, "leak.suspected", 2)
+        for conn in (fresh, busy):
+            await kit.give(pool, conn)
+
+    _run(kit, pg, body)
+    suspected = events.of("leak.suspected")
+    assert sorted(e.checkout.state or "" for e in suspected if e.checkout) == sorted(kit.states)
+
+
 def test_watchdog_reports_while_the_loop_is_blocked(
     kit: Kit, pg: Server, events: EventCapture
 ) -> None:

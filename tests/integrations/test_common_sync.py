@@ -141,6 +141,26 @@ def test_exhausted_pool_lists_every_holder_oldest_first(
     assert_site(event.waiter.stack[:-1], "WAITER")
 
 
+def test_reports_say_the_connections_transaction_state(
+    kit: Kit, pool: Any, events: EventCapture
+) -> None:
+    """Read off the driver at report time: a held connection's open transaction is visible."""
+    fresh, busy = kit.take(pool), kit.take(pool)
+    kit.query(busy)
+    try:
+        suspected = events.wait_for("leak.suspected", count=2)
+        rest = kit.take(pool)
+        with pytest.raises(kit.exhausted):
+            kit.take(pool)
+        [exhausted] = events.of("pool.exhausted")
+    finally:
+        for conn in (fresh, busy, rest):
+            kit.give(pool, conn)
+    states = {e.checkout.checkout_id: e.checkout.state or "" for e in suspected if e.checkout}
+    assert sorted(states.values()) == sorted(kit.states)
+    assert [holder.state for holder in exhausted.holders] == [*kit.states, kit.states[0]]
+
+
 def test_many_threads_leave_the_ledger_empty(kit: Kit, pg: Server, installed: object) -> None:
     pool = kit.open(pg, POOL_SIZE, 30)
     errors: list[BaseException] = []

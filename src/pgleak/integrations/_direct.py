@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from pgleak import _retry
-from pgleak._adapter import atag, driver_target, tag
+from pgleak._adapter import atag, driver_state, driver_target, tag
 from pgleak._appname import tags
 from pgleak._core import Lease, PoolHandle, PoolKind, PoolStats, core, pooled, suppressed
 from pgleak._guard import internal_error
@@ -206,7 +206,9 @@ class Driver:
         return make
 
     def register(self) -> None:
-        core.register_kind(self.kind, PoolKind(stats=_no_stats, target=driver_target))
+        core.register_kind(
+            self.kind, PoolKind(stats=_no_stats, target=driver_target, state=driver_state)
+        )
 
 
 async def _aclose(conn: Any) -> None:

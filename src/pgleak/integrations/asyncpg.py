@@ -79,7 +79,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without asy
     raise AdapterUnavailable("asyncpg is not installed") from _exc
 
 from pgleak import _retry, _stack
-from pgleak._adapter import Adapter, atag, driver_target, enter_scope, exit_scope
+from pgleak._adapter import Adapter, atag, driver_state, driver_target, enter_scope, exit_scope
 from pgleak._appname import tags
 from pgleak._core import Lease, PoolKind, PoolStats, core
 from pgleak._guard import internal_error
@@ -410,7 +410,9 @@ class AsyncpgAdapter(Adapter):
         self.hold_unlimited(Pool, SHORTCUTS, is_async=True)
         self.patch(PoolAcquireContext, "__aenter__", _wrap_aenter)
         self.patch(PoolAcquireContext, "__aexit__", _wrap_aexit)
-        core.register_kind(self.name, PoolKind(stats=_stats, target=driver_target))
+        core.register_kind(
+            self.name, PoolKind(stats=_stats, target=driver_target, state=driver_state)
+        )
         self.patch(connect_utils, "_connect", _DIRECT.awrap("asyncpg.connect"))
         self.patch(Connection, "close", _wrap_close)
         self.patch(Connection, "terminate", _wrap_terminate)

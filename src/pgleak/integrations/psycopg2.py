@@ -83,7 +83,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without psy
     raise AdapterUnavailable("psycopg2 is not installed") from _exc
 
 from pgleak import _retry, _stack
-from pgleak._adapter import Adapter, driver_target, tag
+from pgleak._adapter import Adapter, driver_state, driver_target, tag
 from pgleak._appname import tags, untagged
 from pgleak._core import PoolKind, PoolStats, core, suppressed
 from pgleak._guard import internal_error
@@ -248,7 +248,9 @@ class Psycopg2Adapter(Adapter):
         self.patch(AbstractConnectionPool, "_connect", _tagging_connect)
         self.patch(SimpleConnectionPool, "getconn", _retrying_getconn)
         self.patch(ThreadedConnectionPool, "getconn", _retrying_getconn)
-        core.register_kind(self.name, PoolKind(stats=_stats, target=driver_target))
+        core.register_kind(
+            self.name, PoolKind(stats=_stats, target=driver_target, state=driver_state)
+        )
         # Where the pools connect too (``psycopg2.connect`` is looked up at each call), inside
         # ``_connect``, which marks its connects as the pool's.
         self.patch(psycopg2, "connect", _DIRECT.wrap("psycopg2.connect"))

@@ -60,7 +60,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without psy
     raise AdapterUnavailable("psycopg_pool is not installed") from _exc
 
 from pgleak import _retry, _stack
-from pgleak._adapter import Adapter, driver_target
+from pgleak._adapter import Adapter, driver_state, driver_target
 from pgleak._appname import tags
 from pgleak._core import PoolKind, PoolStats, core
 from pgleak._guard import internal_error
@@ -198,7 +198,9 @@ class PsycopgPoolAdapter(Adapter):
                 cls, "close", namer=_pool_name, detail="pool.close()", is_async=is_async
             )
             self.track_scope(cls, "connection")
-        core.register_kind(self.name, PoolKind(stats=_stats, target=driver_target))
+        core.register_kind(
+            self.name, PoolKind(stats=_stats, target=driver_target, state=driver_state)
+        )
         self.patch(ConnectionPool, "_connect", _tagging_connect)
         self.patch(AsyncConnectionPool, "_connect", _atagging_connect)
         self.patch(NullConnectionPool, "_getconn_unchecked", _retrying_getconn_unchecked)

@@ -72,7 +72,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without SQL
     raise AdapterUnavailable("SQLAlchemy is not installed") from _exc
 
 from pgleak import _retry, _stack
-from pgleak._adapter import Adapter, driver_target, enter_scope, exit_scope
+from pgleak._adapter import Adapter, driver_state, driver_target, enter_scope, exit_scope
 from pgleak._appname import tags
 from pgleak._core import Lease, PoolHandle, PoolKind, PoolStats, core
 from pgleak._guard import internal_error
@@ -320,6 +320,11 @@ def _target(fairy: Any) -> tuple[str | None, int | None, str | None]:
     return driver_target(getattr(fairy, "driver_connection", None))
 
 
+def _state(fairy: Any) -> str | None:
+    driver_connection = getattr(fairy, "driver_connection", None)
+    return None if driver_connection is None else driver_state(driver_connection)
+
+
 class SQLAlchemyAdapter(Adapter):
     name = "sqlalchemy"
     module = "sqlalchemy"
@@ -406,7 +411,7 @@ class SQLAlchemyAdapter(Adapter):
         self.patch(Connection, "__enter__", _make_enter)
         self.patch(Connection, "__exit__", _make_exit)
         self.when_imported("sqlalchemy.ext.asyncio", self._install_asyncio)
-        core.register_kind(self.name, PoolKind(stats=_stats, target=_target))
+        core.register_kind(self.name, PoolKind(stats=_stats, target=_target, state=_state))
 
     def _install_asyncio(self) -> None:
         from sqlalchemy.ext.asyncio import AsyncConnection

@@ -63,7 +63,7 @@ from pgleak._adapter import Adapter, tag
 from pgleak._appname import tags
 from pgleak._core import Lease, PoolHandle, core
 from pgleak._core import context as _context
-from pgleak._guard import internal_error
+from pgleak._guard import internal_error, say
 from pgleak.integrations._direct import pool_call
 
 __all__ = ["DjangoAdapter"]
@@ -259,7 +259,9 @@ def _park(wrapper: Any) -> None:
     alias = wrapper.alias
     if alias not in _warned_asgi:
         _warned_asgi.add(alias)
-        _log.warning(
+        say(
+            _log,
+            logging.WARNING,
             "pgleak: Django database %r keeps connections open after a request "
             "(CONN_MAX_AGE=%r), but under ASGI each request runs in a thread of its own that "
             "ends with it: every such connection stays open, unused, until the garbage "
@@ -474,7 +476,12 @@ class DjangoAdapter(Adapter):
         try:
             from django.db.backends.postgresql.base import DatabaseWrapper
         except Exception as exc:  # no psycopg/psycopg2: Django cannot use PostgreSQL here
-            _log.debug("pgleak: Django's postgresql backend is not importable: %s", exc)
+            say(
+                _log,
+                logging.DEBUG,
+                "pgleak: Django's postgresql backend is not importable: %s",
+                exc,
+            )
             return
         _HAS_POOL = hasattr(DatabaseWrapper, "pool")
         hooks: tuple[tuple[str, Callable[[Any], Any]], ...] = (

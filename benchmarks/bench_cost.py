@@ -1,0 +1,536 @@
+"""What pgleak adds to one checkout + checkin, per pool path and setting, measured in one process.
+
+Usage::
+
+    python benchmarks/bench_cost.py            # every path and setting (a few minutes)
+    python benchmarks/bench_cost.py --quick    # smoke run for CI
+    python benchmarks/bench_cost.py --paths psycopg_pool,asyncpg --settings default
+
+The method, chosen for shared, noisy machines (wall-time ratios of separate processes swing by
+20% between runs of the same code):
+
+* one process, one throwaway server, pools of one warmed-up connection;
+* blocks of ``N`` bare checkout + checkin cycles alternate with blocks of the same cycles with
+  pgleak installed (``install()`` before the block, ``uninstall()`` after it), the order
+  swapped every round so that drift cancels;
+* each block is timed with ``time.thread_time_ns()``: CPU time of this thread only, so other
+  processes on the machine do not inflate it (an asyncio loop runs its I/O callbacks in the
+  same thread, so the driver's work is counted, the server's is not);
+* the result is the median over rounds of the paired difference (instrumented minus bare, per
+  cycle), with the bare cost beside it;
+* the wall time of a bare checkout + ``SELECT 1`` + checkin cycle is measured too, to state the
+  added cost as a share of a cycle that does something.
+
+Settings: ``default`` (stack on; OpenTelemetry API present, no SDK; tags and retry on),
+``no_stack`` (``capture_stack=False``), and ``otel_sdk`` (an SDK tracer provider with a batch
+processor whose exporter drops every span: a span per checkout). For ``otel_sdk`` the SDK's own
+cost of the same span (``start_span`` with the same attributes, two more at the end, ``end``, on
+the same provider) is measured alone and subtracted, leaving pgleak's share.
+
+``--held`` measures the watchdog with 10,000 checkouts held at once (its thread's CPU per second
+of wall time, and memory per held checkout), and memory over 1,000,000 checkout + checkin
+cycles; through the core directly, since no server takes 10,000 connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import platform
+import statistics
+import sys
+import threading
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pgleak
+from pgleak.embedded import EmbeddedPostgres
+
+TARGETS_US = {"default": 3.0, "no_stack": 1.0, "otel_sdk": 5.0}
+PATHS = (
+    "sqlalchemy",
+    "sqlalchemy_async",
+    "psycopg_pool",
+    "psycopg_pool_async",
+    "psycopg2",
+    "asyncpg",
+)
+#: Frames between the loop and the module's top: checkouts happen deep in an application.
+DEPTH = 20
+
+Cycle = Callable[[int], Any]  # runs n cycles; returns None or an awaitable
+
+
+@dataclass
+class Row:
+    path: str
+    setting: str
+    added_ns: float
+    bare_ns: float
+    query_ns: float
+    sdk_span_ns: float | None = None
+
+    @property
+    def own_ns(self) -> float:
+        return self.added_ns - (self.sdk_span_ns or 0.0)
+
+
+def _otel_settings() -> dict[str, Any] | None:
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+    except ImportError:
+        return None
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
+    return {"otel": True, "tracer_provider": provider}
+
+
+#: The attributes pgleak puts on a checkout span (docs/otel.md), as the SDK receives them.
+_SPAN_ATTRIBUTES: dict[str, Any] = {
+    "db.system.name": "postgresql",
+    "db.client.connection.pool.name": "psycopg_pool ConnectionPool 'pool-1' (host=127.0.0.1)",
+    "server.address": "127.0.0.1",
+    "server.port": 5432,
+    "db.namespace": "postgres",
+    "code.file.path": "/srv/app/orders.py",
+    "code.line.number": 42,
+    "code.function.name": "order_history",
+    "pgleak.checkout_id": 1234,
+    "pgleak.holder": "thread 'MainThread'",
+    "pgleak.waited_s": 0.0,
+}
+
+
+def _sdk_span_ns(settings: dict[str, Any], n: int) -> float:
+    """The SDK's own cost of a span like pgleak's checkout span, made directly.
+
+    Start with the same attributes, two more at the end, end: what any instrumentation that
+    reported the same span would pay the SDK (its attribute validation is most of it).
+    What pgleak adds beyond this is its own share.
+    """
+    tracer = settings["tracer_provider"].get_tracer("bench")
+    samples = []
+    for _ in range(9):
+        t = time.thread_time_ns()
+        for _ in range(n):
+            span = tracer.start_span(
+                "pgleak.checkout", start_time=time.time_ns(), attributes=_SPAN_ATTRIBUTES
+            )
+            span.set_attributes({"pgleak.held_s": 0.001, "pgleak.outcome": "returned"})
+            span.end(end_time=time.time_ns())
+        samples.append((time.thread_time_ns() - t) / n)
+    return statistics.median(samples)
+
+
+def _deep(depth: int, fn: Callable[[], Any]) -> Any:
+    return fn() if depth == 0 else _deep(depth - 1, fn)
+
+
+async def _adeep(depth: int, fn: Callable[[], Awaitable[Any]]) -> Any:
+    return await fn() if depth == 0 else await _adeep(depth - 1, fn)
+
+
+class Bench:
+    """Alternating bare and instrumented blocks of one path, in the thread that runs it."""
+
+    def __init__(self, rounds: int, cycles: int) -> None:
+        self.rounds = rounds
+        self.cycles = cycles
+
+    def sync(self, run: Cycle, settings: dict[str, Any]) -> tuple[float, float]:
+        def block(installed: bool) -> float:
+            if installed:
+                pgleak.install(**settings)
+            try:
+                run(20)
+                gc.disable()
+                t = time.thread_time_ns()
+                _deep(DEPTH, lambda: run(self.cycles))
+                spent = time.thread_time_ns() - t
+                gc.enable()
+            finally:
+                if installed:
+                    pgleak.uninstall()
+            return spent / self.cycles
+
+        return self._pairs(block)
+
+    async def asyncio(
+        self, run: Callable[[int], Awaitable[Any]], settings: dict[str, Any]
+    ) -> tuple[float, float]:
+        results: list[tuple[float, float]] = []
+        for i in range(self.rounds):
+            pair: dict[bool, float] = {}
+            for installed in (False, True) if i % 2 == 0 else (True, False):
+                if installed:
+                    pgleak.install(**settings)
+                try:
+                    await run(20)
+                    gc.disable()
+                    t = time.thread_time_ns()
+                    await _adeep(DEPTH, lambda: run(self.cycles))
+                    spent = time.thread_time_ns() - t
+                    gc.enable()
+                finally:
+                    if installed:
+                        pgleak.uninstall()
+                pair[installed] = spent / self.cycles
+            results.append((pair[True] - pair[False], pair[False]))
+        return _medians(results)
+
+    def _pairs(self, block: Callable[[bool], float]) -> tuple[float, float]:
+        results = []
+        for i in range(self.rounds):
+            order = (False, True) if i % 2 == 0 else (True, False)
+            pair = {installed: block(installed) for installed in order}
+            results.append((pair[True] - pair[False], pair[False]))
+        return _medians(results)
+
+
+def _medians(results: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+
+
+def _wall_ns(run: Callable[[int], Any], n: int) -> float:
+    samples = []
+    for _ in range(5):
+        t = time.perf_counter_ns()
+        run(n)
+        samples.append((time.perf_counter_ns() - t) / n)
+    return statistics.median(samples)
+
+
+async def _awall_ns(run: Callable[[int], Awaitable[Any]], n: int) -> float:
+    samples = []
+    for _ in range(5):
+        t = time.perf_counter_ns()
+        await run(n)
+        samples.append((time.perf_counter_ns() - t) / n)
+    return statistics.median(samples)
+
+
+# -- the six paths ------------------------------------------------------------------------------
+
+
+def sync_paths(server: EmbeddedPostgres) -> dict[str, tuple[Any, Cycle, Cycle, Callable[[], None]]]:
+    """path -> (pool, bare cycles, query cycles, close)."""
+    import psycopg2.pool
+    import psycopg_pool
+    import sqlalchemy as sa
+
+    dsn = f"host={server.host} port={server.port} user={server.user} dbname={server.dbname}"
+    url = f"postgresql+psycopg://{server.user}@{server.host}:{server.port}/{server.dbname}"
+    out: dict[str, tuple[Any, Cycle, Cycle, Callable[[], None]]] = {}
+
+    engine = sa.create_engine(url, pool_size=1, max_overflow=0)
+    select = sa.text("SELECT 1")
+
+    def sa_bare(n: int) -> None:
+        connect = engine.connect
+        for _ in range(n):
+            with connect():
+                pass
+
+    def sa_query(n: int) -> None:
+        connect = engine.connect
+        for _ in range(n):
+            with connect() as conn:
+                conn.execute(select)
+
+    out["sqlalchemy"] = (engine, sa_bare, sa_query, engine.dispose)
+
+    pool = psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=1, open=True)
+    pool.wait()
+
+    def pp_bare(n: int) -> None:
+        connection = pool.connection
+        for _ in range(n):
+            with connection():
+                pass
+
+    def pp_query(n: int) -> None:
+        connection = pool.connection
+        for _ in range(n):
+            with connection() as conn:
+                conn.execute("SELECT 1")
+
+    out["psycopg_pool"] = (pool, pp_bare, pp_query, pool.close)
+
+    p2 = psycopg2.pool.ThreadedConnectionPool(1, 1, dsn)
+
+    def p2_bare(n: int) -> None:
+        getconn, putconn = p2.getconn, p2.putconn
+        for _ in range(n):
+            putconn(getconn())
+
+    def p2_query(n: int) -> None:
+        getconn, putconn = p2.getconn, p2.putconn
+        for _ in range(n):
+            conn = getconn()
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            conn.rollback()
+            putconn(conn)
+
+    out["psycopg2"] = (p2, p2_bare, p2_query, p2.closeall)
+    return out
+
+
+async def async_paths(
+    server: EmbeddedPostgres,
+) -> dict[str, tuple[Any, Callable[[int], Awaitable[None]], Callable[[int], Awaitable[None]], Any]]:
+    import asyncpg
+    import psycopg_pool
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    dsn = f"host={server.host} port={server.port} user={server.user} dbname={server.dbname}"
+    base = f"{server.user}@{server.host}:{server.port}/{server.dbname}"
+    out: dict[str, Any] = {}
+
+    engine = create_async_engine(f"postgresql+asyncpg://{base}", pool_size=1, max_overflow=0)
+    select = text("SELECT 1")
+
+    async def sa_bare(n: int) -> None:
+        connect = engine.connect
+        for _ in range(n):
+            async with connect():
+                pass
+
+    async def sa_query(n: int) -> None:
+        connect = engine.connect
+        for _ in range(n):
+            async with connect() as conn:
+                await conn.execute(select)
+
+    out["sqlalchemy_async"] = (engine, sa_bare, sa_query, engine.dispose)
+
+    pool = psycopg_pool.AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False)
+    await pool.open(wait=True)
+
+    async def pp_bare(n: int) -> None:
+        connection = pool.connection
+        for _ in range(n):
+            async with connection():
+                pass
+
+    async def pp_query(n: int) -> None:
+        connection = pool.connection
+        for _ in range(n):
+            async with connection() as conn:
+                await conn.execute("SELECT 1")
+
+    out["psycopg_pool_async"] = (pool, pp_bare, pp_query, pool.close)
+
+    apool = await asyncpg.create_pool(f"postgresql://{base}", min_size=1, max_size=1)
+
+    async def apg_bare(n: int) -> None:
+        acquire = apool.acquire
+        for _ in range(n):
+            async with acquire():
+                pass
+
+    async def apg_query(n: int) -> None:
+        acquire = apool.acquire
+        for _ in range(n):
+            async with acquire() as conn:
+                await conn.fetchval("SELECT 1")
+
+    out["asyncpg"] = (apool, apg_bare, apg_query, apool.close)
+    return out
+
+
+def measure(
+    server: EmbeddedPostgres, paths: list[str], settings: dict[str, dict[str, Any]], bench: Bench
+) -> list[Row]:
+    rows: list[Row] = []
+    spans: dict[str, float] = {}
+    for name, kwargs in settings.items():
+        if "tracer_provider" in kwargs:
+            spans[name] = _sdk_span_ns(kwargs, 2000)
+
+    sync = {k: v for k, v in sync_paths(server).items() if k in paths}
+    for path, (_, bare, query, close) in sync.items():
+        bare(200)
+        query_ns = _wall_ns(query, 500)
+        for name, kwargs in settings.items():
+            added, bare_ns = bench.sync(bare, kwargs)
+            rows.append(Row(path, name, added, bare_ns, query_ns, spans.get(name)))
+            _log(rows[-1])
+        close()
+
+    async def run_async() -> None:
+        found = {k: v for k, v in (await async_paths(server)).items() if k in paths}
+        for path, (_, bare, query, close) in found.items():
+            await bare(200)
+            query_ns = await _awall_ns(query, 300)
+            for name, kwargs in settings.items():
+                added, bare_ns = await bench.asyncio(bare, kwargs)
+                rows.append(Row(path, name, added, bare_ns, query_ns, spans.get(name)))
+                _log(rows[-1])
+            await close()
+
+    if any(p in paths for p in ("sqlalchemy_async", "psycopg_pool_async", "asyncpg")):
+        asyncio.run(run_async())
+    return rows
+
+
+def _log(row: Row) -> None:
+    print(
+        f"  {row.path:20s} {row.setting:9s} +{row.added_ns / 1000:6.2f} µs over "
+        f"{row.bare_ns / 1000:6.2f} µs",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+# -- 10,000 held, 1,000,000 cycles ---------------------------------------------------------------
+
+
+class _Conn:
+    """Stands for a connection object: weak-referenceable, nothing more (the core needs no more)."""
+
+
+def held(count: int, cycles: int) -> dict[str, float]:
+    from pgleak._core import core
+
+    pgleak.install(leak_threshold=3600)
+    try:
+        pool_obj = _Conn()
+        handle = core.pool(pool_obj, "bench")
+        conns = [_Conn() for _ in range(count)]
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+
+        def take(conn: _Conn) -> Any:
+            return _deep(DEPTH, lambda: core.checkout(handle, conn, index=True))
+
+        leases = [take(c) for c in conns]
+        per_held = (tracemalloc.get_traced_memory()[0] - before) / count
+        tracemalloc.stop()
+        thread = core.watchdog.thread
+        assert thread is not None
+        assert thread.ident is not None
+        clock = time.pthread_getcpuclockid(thread.ident)
+        cpu0, wall0 = time.clock_gettime(clock), time.monotonic()
+        end = wall0 + 5.0
+        while time.monotonic() < end:  # bounded: five seconds of the watchdog's own passes
+            core.watchdog.wake()
+            time.sleep(0.25)
+        share = (time.clock_gettime(clock) - cpu0) / (time.monotonic() - wall0)
+        for lease in leases:
+            if lease is not None:
+                core.checkin(lease)
+        conn = _Conn()
+        for _ in range(cycles // 10):  # warm-up: caches filled, free lists primed
+            lease = core.checkout(handle, conn, index=True)
+            if lease is not None:
+                core.checkin(lease)
+        gc.collect()
+        tracemalloc.start()
+        start = tracemalloc.get_traced_memory()[0]
+        for _ in range(cycles):
+            lease = core.checkout(handle, conn, index=True)
+            if lease is not None:
+                core.checkin(lease)
+        gc.collect()
+        growth = tracemalloc.get_traced_memory()[0] - start
+        tracemalloc.stop()
+    finally:
+        pgleak.uninstall()
+    return {"sweep_cpu_share": share, "bytes_per_held": per_held, "growth_bytes": growth}
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def print_table(rows: list[Row]) -> None:
+    print(
+        "| path | setting | added per checkout + checkin | bare cycle "
+        "| share of a SELECT 1 cycle | target |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        target = TARGETS_US.get(row.setting)
+        own = row.own_ns / 1000
+        added = f"+{row.added_ns / 1000:.2f} µs"
+        if row.sdk_span_ns is not None:
+            added += f" (SDK span {row.sdk_span_ns / 1000:.2f} µs; pgleak's own +{own:.2f} µs)"
+        verdict = "" if target is None else ("met" if own <= target else f"NOT met (≤ {target} µs)")
+        share = 100 * row.added_ns / row.query_ns if row.query_ns else float("nan")
+        print(
+            f"| {row.path} | {row.setting} | {added} | {row.bare_ns / 1000:.2f} µs | "
+            f"{share:+.1f}% of {row.query_ns / 1000:.0f} µs | {verdict} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few, short rounds")
+    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated; default all")
+    parser.add_argument("--settings", default="default,no_stack,otel_sdk", help="comma-separated")
+    parser.add_argument("--held", action="store_true", help="also 10,000 held and 1M cycles")
+    args = parser.parse_args(argv)
+    paths = [p for p in args.paths.split(",") if p]
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        parser.error(f"unknown paths: {', '.join(sorted(unknown))}")
+    settings: dict[str, dict[str, Any]] = {}
+    for name in args.settings.split(","):
+        if name == "default":
+            settings[name] = {}
+        elif name == "no_stack":
+            settings[name] = {"capture_stack": False}
+        elif name == "otel_sdk":
+            otel = _otel_settings()
+            if otel is None:
+                print("opentelemetry-sdk not installed: otel_sdk skipped", file=sys.stderr)
+                continue
+            settings[name] = otel
+        else:
+            parser.error(f"unknown setting {name!r}")
+    bench = Bench(rounds=3, cycles=300) if args.quick else Bench(rounds=21, cycles=3000)
+    with EmbeddedPostgres(max_connections=20) as server:
+        rows = measure(server, paths, settings, bench)
+    print()
+    print_table(rows)
+    if args.held:
+        count, cycles = (1000, 10_000) if args.quick else (10_000, 1_000_000)
+        result = held(count, cycles)
+        print()
+        print(
+            f"{count:,} checkouts held: watchdog thread CPU "
+            f"{100 * result['sweep_cpu_share']:.2f}% of a core; {result['bytes_per_held']:.0f} "
+            f"bytes per held checkout (stack on, {DEPTH} frames deep)"
+        )
+        print(
+            f"{cycles:,} checkout + checkin cycles after warm-up: traced memory grew by "
+            f"{result['growth_bytes']:,} bytes"
+        )
+    print()
+    print(
+        f"CPython {platform.python_version()}, {threading.active_count()} threads; "
+        f"median of {bench.rounds} rounds of {bench.cycles} cycles, bare and pgleak blocks "
+        "alternating, thread CPU time; SELECT 1 share against the bare cycle's wall time."
+    )
+    print(f"Command: `.venv/bin/python benchmarks/bench_cost.py {' '.join(argv or sys.argv[1:])}`")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
