@@ -50,13 +50,14 @@ def _asyncpg(url: str, loop: asyncio.AbstractEventLoop) -> Callable[[str, int], 
     return lambda _dsn, n: loop.run_until_complete(run(n))
 
 
-def _cpu_per_call(work: Callable[[str, int], None], dsn: str, n: int) -> float:
+def _per_call(work: Callable[[str, int], None], dsn: str, n: int) -> tuple[float, float]:
+    """(client CPU seconds, wall seconds) per connect + close."""
     gc.collect()
     gc.disable()
     try:
-        start = time.thread_time()
+        start, wall = time.thread_time(), time.perf_counter()
         work(dsn, n)
-        return (time.thread_time() - start) / n
+        return (time.thread_time() - start) / n, (time.perf_counter() - wall) / n
     finally:
         gc.enable()
 
@@ -75,7 +76,7 @@ def main() -> None:
             "psycopg.connect": (_psycopg, dsn),
             "asyncpg.connect": (_asyncpg(url, loop), url),
         }
-        results: dict[str, dict[bool, list[float]]] = {
+        results: dict[str, dict[bool, list[tuple[float, float]]]] = {
             name: {False: [], True: []} for name in drivers
         }
         for work, target in drivers.values():  # warm up imports, caches, the server
@@ -85,19 +86,20 @@ def main() -> None:
                 if on:
                     pgleak.install()
                 for name, (work, target) in drivers.items():
-                    results[name][on].append(_cpu_per_call(work, target, n))
+                    results[name][on].append(_per_call(work, target, n))
                 if on:
                     pgleak.uninstall()
     loop.close()
-    print(f"{rounds} rounds x {n} connect + close per driver; client CPU time per connect")
-    print("| driver | without pgleak | with `install()` | added |")
-    print("|---|---:|---:|---:|")
+    print(f"{rounds} rounds x {n} connect + close per driver; medians per connect + close")
+    print("| driver | CPU without | CPU with `install()` | added | wall without | added (wall) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, by in results.items():
-        bare, with_ = statistics.median(by[False]), statistics.median(by[True])
-        added = with_ - bare
+        cpu = [statistics.median(t[0] for t in by[on]) for on in (False, True)]
+        wall = [statistics.median(t[1] for t in by[on]) for on in (False, True)]
         print(
-            f"| {name} | {bare * 1e6:.0f} µs | {with_ * 1e6:.0f} µs | "
-            f"{added * 1e6:+.1f} µs ({added / bare:+.1%}) |"
+            f"| {name} | {cpu[0] * 1e6:.0f} µs | {cpu[1] * 1e6:.0f} µs | "
+            f"{(cpu[1] - cpu[0]) * 1e6:+.0f} µs | {wall[0] * 1e3:.2f} ms | "
+            f"{(wall[1] - wall[0]) / wall[0]:+.1%} |"
         )
 
 

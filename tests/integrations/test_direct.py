@@ -29,7 +29,7 @@ from pgleak._core import core
 from pgleak._events import CONNECT_RETRY
 from pgleak.testing import EventCapture, capture_events
 from tests.conftest import Server
-from tests.helpers import assert_site
+from tests.helpers import assert_site, site_of
 from tests.integrations.test_retry_real import MAX, Target, small
 
 __all__ = ["small"]  # the fixture, imported to be used here
@@ -541,3 +541,16 @@ def test_connections_to_one_dsn_share_one_pool(pg: Server, events: EventCapture)
         for conn in conns:
             conn.close()
     assert _direct_leases() == []
+
+
+def test_call_site_tag_names_the_opening_line(kit: Kit, pg: Server) -> None:
+    pgleak.install(app_name_call_site=True, service_name="svc")
+    try:
+        conn = kit.open(pg.dsn)
+        try:
+            site = site_of(kit.marker, depth=1).rsplit("/", 1)[-1]
+            assert kit.app_name(conn) == f"svc:{site}"
+        finally:
+            kit.close(conn)
+    finally:
+        pgleak.uninstall()
