@@ -554,3 +554,22 @@ def test_call_site_tag_names_the_opening_line(kit: Kit, pg: Server) -> None:
             kit.close(conn)
     finally:
         pgleak.uninstall()
+
+
+def test_target_names_are_bounded() -> None:
+    """A program connecting to ever new DSNs keeps a bounded number of targets: past the
+    bound, new ones share one name per driver."""
+    from pgleak.integrations import _direct
+    from pgleak.integrations.psycopg2 import _target
+
+    driver = _direct.Driver(
+        "test.direct", describe=_target, retag=lambda a, k: None, closed=lambda c: False
+    )
+    names = {
+        driver.handle("psycopg2.connect", (f"host=h{i} dbname=d password=s3cret",), {}).name
+        for i in range(2 * _direct._MAX_TARGETS)
+    }
+    assert len(driver._targets) <= _direct._MAX_TARGETS + 1
+    assert "psycopg2.connect (other targets)" in names
+    assert "psycopg2.connect (host=h0 dbname=d password=***)" in names
+    assert not any("s3cret" in name for name in names)

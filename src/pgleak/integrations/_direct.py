@@ -21,7 +21,6 @@ psycopg2's, whose ``close()`` is a C method no hook reaches, is not reported as 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -84,7 +83,6 @@ class Driver:
         self.unseen_close = unseen_close
         #: By name, and by the connect arguments that gave it (see :meth:`handle`).
         self._targets: dict[Any, tuple[_Target, PoolHandle]] = {}
-        self._lock = threading.Lock()
 
     def handle(self, label: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PoolHandle:
         """The handle of the target ``(args, kwargs)`` connect to, named ``label (dsn)``.
@@ -117,17 +115,15 @@ class Driver:
         found = self._targets.get(name)
         if found is not None:
             return found
-        with self._lock:
+        if len(self._targets) >= _MAX_TARGETS:
+            name = f"{label} (other targets)"
             found = self._targets.get(name)
-            if found is None:
-                if len(self._targets) >= _MAX_TARGETS:
-                    name = f"{label} (other targets)"
-                    found = self._targets.get(name)
-                if found is None:
-                    target = _Target(name)
-                    found = (target, core.pool(target, self.kind, _target_name))
-                    self._targets[name] = found
-        return found
+            if found is not None:
+                return found
+        target = _Target(name)
+        # No lock (a fork could inherit it held): two threads naming one new target at once
+        # both build one, and setdefault keeps the first; the other's handle dies with it.
+        return self._targets.setdefault(name, (target, core.pool(target, self.kind, _target_name)))
 
     def active(self) -> bool:
         """Whether a connect now is a direct one pgleak tracks (not a pool's, not suppressed)."""
