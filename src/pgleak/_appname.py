@@ -174,7 +174,9 @@ class Tags:
         """
         if not self.enabled:
             return None
-        parsed = _parse_conninfo(dsn) if isinstance(dsn, str) and dsn else {}
+        # Both keys looked for contain "application_name": a DSN without it needs no parsing.
+        named = isinstance(dsn, str) and "application_name" in dsn
+        parsed = _parse_conninfo(dsn) if named else {}
         user = (
             kwargs.get("application_name")
             or parsed.get("application_name")

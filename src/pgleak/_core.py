@@ -64,6 +64,10 @@ _current_task = asyncio.current_task
 suppressed: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "pgleak_suppressed", default=False
 )
+#: Set by the pool adapters around the pool's own connect (``psycopg_pool``'s ``_connect``,
+#: SQLAlchemy's ``do_connect``, ...): the driver's ``connect()`` running there opens a pool's
+#: connection, which the pool's adapter tracks, and is not a direct connection.
+pooled: contextvars.ContextVar[bool] = contextvars.ContextVar("pgleak_pooled", default=False)
 #: Set inside ``pgleak.allow_long_hold()``: the hold allowance in seconds for new checkouts.
 #: ``math.inf`` (never set by users: ``allow_long_hold`` takes finite values) marks checkouts a
 #: pool makes and returns by itself (``asyncpg.Pool.fetch()``): holders, never leaks.
@@ -184,6 +188,7 @@ class Lease:
     """
 
     __slots__ = (
+        "closed",
         "context",
         "deadline",
         "flagged",
@@ -196,10 +201,12 @@ class Lease:
         "raw",
         "ref",
         "reported",
+        "self_returning",
         "t0",
         "t_in",
         "task",
         "thread",
+        "unseen_close",
     )
 
     def __init__(
@@ -236,6 +243,14 @@ class Lease:
         self.t_in: float | None = None
         #: The observer's per-checkout state (OpenTelemetry: the span and its parent).
         self.otel: Any = None
+        #: A checkout its pool returns by itself (``asyncpg.Pool.fetch()``): never reported.
+        self.self_returning = False
+        #: Reads whether the connection (alive, passed in) is closed; for connections that
+        #: can be closed where no hook sees it (see :meth:`Core.checkout`).
+        self.closed: Callable[[Any], bool] | None = None
+        #: Its ``close()`` cannot be hooked at all (psycopg2's C type): collected, it says
+        #: nothing (closed or not, it looks the same by then).
+        self.unseen_close = False
 
     @property
     def threshold(self) -> float:
@@ -415,6 +430,9 @@ class Core:
         conn: Any = None,
         index: bool = False,
         since: float | None = None,
+        hold: float | None = None,
+        closed: Callable[[Any], bool] | None = None,
+        unseen_close: bool = False,
     ) -> Lease | None:
         """Record that ``conn`` (the object the user holds) was checked out of ``pool``.
 
@@ -425,6 +443,13 @@ class Core:
                 when the adapter has no per-checkout object of its own to keep it in.
             since: When the caller started waiting for this connection (:meth:`wait_start`),
                 if the adapter knows; the start of the checkout's span.
+            hold: The hold allowed before ``leak.suspected``, instead of ``leak_threshold``
+                (``math.inf``: never); a direct connection's ``direct_threshold``.
+            closed: Reads whether ``conn`` is closed: asked before reporting it held too long
+                or still open at exit, so a connection closed by a path no hook sees (the
+                server broke it; psycopg2's unhookable ``close()``) counts as back then.
+            unseen_close: ``conn``'s ``close()`` is invisible to pgleak, so its garbage
+                collection is no evidence of a leak: it leaves the ledger without a report.
 
         Returns:
             The lease the adapter hands back to :meth:`checkin`, or ``None`` when pgleak is off,
@@ -437,7 +462,7 @@ class Core:
         if len(leases) >= settings.max_tracked:
             self._over_bound()
             return None
-        threshold = settings.leak_threshold
+        threshold = settings.leak_threshold if hold is None else hold
         extra = allowance.get()
         threshold = max(threshold, extra)
         task = _current_task() if _get_running_loop() is not None else None
@@ -452,6 +477,11 @@ class Core:
             None if task is None else (weakref.ref(task), task.get_name()),
         )
         lease.context = context.get()
+        if extra == math.inf:
+            lease.self_returning = True
+        if closed is not None:
+            lease.closed = closed
+            lease.unseen_close = unseen_close
         if conn is not None:
             try:
                 ref = _ConnRef(conn, self._on_collected)
@@ -627,8 +657,10 @@ class Core:
                     internal_error("sink.flush", exc)
 
     def _report_at_exit(self, lease: Lease, now: float, detail: str) -> None:
-        if lease.deadline == math.inf:
+        if lease.self_returning:
             return  # a checkout the pool returns by itself (a shortcut still running)
+        if self._closed_unseen(lease):
+            return
         # Out of the ledger, but still found by its connection: if it does come back after
         # all, its checkin sees the flag and a leak.returned follows.
         if self.leases.pop(lease.id, None) is None:
@@ -643,7 +675,7 @@ class Core:
         return [
             self._snapshot(lease, now, with_holder_stack)
             for lease in list(self.leases.values())
-            if _alive(lease)
+            if _alive(lease) and not self._closed_unseen(lease)
         ]
 
     def mark(self) -> int:
@@ -705,6 +737,8 @@ class Core:
         next_deadline = math.inf
         for lease in list(self.leases.values()):
             if lease.flagged:
+                if lease.unseen_close:  # reported: its close is seen only here, as a return
+                    self._closed_unseen(lease)
                 continue
             if lease.deadline > now:
                 next_deadline = min(next_deadline, lease.deadline)
@@ -713,6 +747,8 @@ class Core:
             # saw the flag, t_in is already set and nothing is reported (it came back); if it
             # returns after, it sees the flag and queues leak.returned, which is emitted only
             # once this report has been (``reported`` is set here, on this thread).
+            if self._closed_unseen(lease):
+                continue
             lease.flagged = True
             if lease.t_in is not None:
                 continue
@@ -735,6 +771,11 @@ class Core:
                 lease = self.leases.get(lease_id)
                 if lease is None or not self._forget(lease):
                     continue
+                if lease.unseen_close:  # closed or not: nothing to tell
+                    lease.t_in = when
+                    if self.observer is not None:
+                        self._observe_checkin(lease, False, discarded=True)
+                    continue
                 lease.flagged = lease.reported = True
                 self._emit_about(COLLECTED, lease, when, with_holder_stack=False)
             else:  # RETURNED or _SETTLE: a lease the watchdog had looked at came back
@@ -747,6 +788,28 @@ class Core:
                     except Exception as exc:
                         internal_error("observer.checkin", exc)
 
+    def _closed_unseen(self, lease: Lease) -> bool:
+        """Whether ``lease``'s connection was closed where no hook saw it; then checked in.
+
+        Off the hot path only (the watchdog's deadline, exit, listings): a read of the live
+        connection's state, never I/O.
+        """
+        closed = lease.closed
+        if closed is None or lease.ref is None:
+            return False
+        conn = lease.ref()
+        if conn is None:
+            return False
+        try:
+            if not closed(conn):
+                return False
+        except Exception as exc:
+            internal_error(f"{lease.pool.kind}.closed", exc)
+            return False
+        del conn
+        self.checkin(lease)
+        return True
+
     def _emit_about(
         self,
         kind: str,
@@ -755,11 +818,12 @@ class Core:
         with_holder_stack: bool,
         detail: str | None = None,
     ) -> None:
+        threshold = lease.threshold
         event = LeakEvent(
             kind,
             lease.pool.name,
             checkout=self._snapshot(lease, now, with_holder_stack),
-            threshold_s=lease.threshold,
+            threshold_s=threshold if math.isfinite(threshold) else None,
             detail=detail,
         )
         self.emit(event)

@@ -74,13 +74,20 @@ class Settings:
             connection was last tagged with (``docs/performance.md``); off by default.
         app_name_site_template: The per-checkout tag: fields as ``app_name_template``, plus
             ``{site}`` (``views.py:42``).
+        track_direct: Track connections opened with the driver's own ``connect()``
+            (``psycopg2.connect()``, ``psycopg.connect()``, ``asyncpg.connect()``) outside any
+            pool, each like a checkout of a pool named after its DSN: one dropped without
+            ``close()`` is ``leak.collected``, one open at exit ``leak.at_exit``.
+        direct_threshold: Seconds a direct connection may stay open before it is reported as
+            ``leak.suspected``. ``None`` (the default): never, as long-lived direct
+            connections (a worker's, a ``LISTEN`` loop's) are often meant to be.
         summary_interval: Seconds between two ``leak.summary`` records (the leaks by call
             site, worst first; :func:`pgleak.summary`), logged only when something happened
             since the last one; also logged at exit.
         reclaim: Close and give back to its pool a connection whose holder has ended (its
             thread or task is done), once it is older than ``reclaim_after`` and while the pool
             is under pressure (``reclaim_when_used`` of it out, or callers waiting); reported
-            as ``leak.reclaimed``. Off by default: see docs/reclaim.md.
+            as ``leak.reclaimed``. Off by default: see docs/production.md.
         reclaim_after: Seconds a checkout must be old before it can be reclaimed.
         reclaim_when_used: The share of a pool's connections out that counts as pressure.
         otel: OpenTelemetry spans (one per checkout, leak events on it) and pool metrics
@@ -109,6 +116,8 @@ class Settings:
     app_name_prefix: bool = False
     app_name_call_site: bool = False
     app_name_site_template: str = "{service}:{site}"
+    track_direct: bool = True
+    direct_threshold: float | None = None
     summary_interval: float = 900.0
     reclaim: bool = False
     reclaim_after: float = 300.0
@@ -154,6 +163,13 @@ def _fraction(value: Any) -> float:
     if not 0 < number <= 1:
         raise ValueError("expected a fraction (0 < x <= 1)")
     return number
+
+
+def _optional_seconds(value: Any) -> float | None:
+    """A positive number of seconds, or ``None`` (also ``""``, ``off``, ``none``): never."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"", "off", "none"}):
+        return None
+    return _positive_float(value)
 
 
 def _positive_int(value: Any) -> int:
@@ -224,6 +240,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "app_name_prefix": _parse_bool,
     "app_name_call_site": _parse_bool,
     "app_name_site_template": _template("site"),
+    "track_direct": _parse_bool,
+    "direct_threshold": _optional_seconds,
     "summary_interval": _positive_float,
     "reclaim": _parse_bool,
     "reclaim_after": _positive_float,

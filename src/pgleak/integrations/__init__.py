@@ -15,6 +15,7 @@ __all__ = ["ADAPTERS", "load"]
 ADAPTERS: dict[str, tuple[str, str]] = {
     "sqlalchemy": ("sqlalchemy", "pgleak.integrations.sqlalchemy:SQLAlchemyAdapter"),
     "psycopg_pool": ("psycopg_pool", "pgleak.integrations.psycopg_pool:PsycopgPoolAdapter"),
+    "psycopg": ("psycopg", "pgleak.integrations.psycopg:PsycopgAdapter"),
     "psycopg2": ("psycopg2", "pgleak.integrations.psycopg2:Psycopg2Adapter"),
     "asyncpg": ("asyncpg", "pgleak.integrations.asyncpg:AsyncpgAdapter"),
     "django": ("django", "pgleak.integrations.django:DjangoAdapter"),

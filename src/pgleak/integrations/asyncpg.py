@@ -37,6 +37,13 @@ Hooks, and why each:
   the asyncpg instrumentation's query spans nest under it): attached in the caller's task once
   ``_acquire`` has returned, detached before ``release()`` hands over to its shielded task.
   ``await pool.acquire()`` has no block, and its span is never current.
+* ``connect_utils._connect``: what ``asyncpg.connect()`` awaits (looked up at each call, so a
+  ``from asyncpg import connect`` made before ``install()`` is covered): a direct connection
+  outside any pool (:mod:`pgleak.integrations._direct`), tagged through ``server_settings``,
+  retried, tracked from the line that opened it. The pool's own connects run inside
+  ``_get_new_connection``, marked as the pool's. ``Connection.close()`` / ``terminate()``
+  end it, except the ``terminate()`` that ``Connection.__del__`` runs on a connection nobody
+  closed: that one is ``leak.collected``.
 * Pool state for the metrics: ``get_size()``, ``get_idle_size()``, ``get_min_size()``,
   ``get_max_size()``.
 
@@ -57,12 +64,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 try:
     import asyncpg
+    from asyncpg import connect_utils
+    from asyncpg.connection import Connection
     from asyncpg.pool import Pool, PoolAcquireContext, PoolConnectionHolder, PoolConnectionProxy
 except ImportError as _exc:  # pragma: no cover - exercised by users without asyncpg
     from pgleak._adapter import AdapterUnavailable
@@ -76,6 +86,7 @@ from pgleak._core import Lease, PoolKind, PoolStats, core
 from pgleak._guard import internal_error
 from pgleak._reclaim import on_loop as _reclaim_on_loop
 from pgleak._redact import redact_dsn
+from pgleak.integrations._direct import Driver, apool_call, checked_in
 
 __all__ = ["SHORTCUTS", "AsyncpgAdapter"]
 
@@ -106,8 +117,16 @@ def _pool_name(pool: Any) -> str:
     asyncpg keeps what ``create_pool`` was given: a DSN (positional or ``dsn=``), keyword
     arguments, or both (keywords override the DSN's parts).
     """
-    args = tuple(getattr(pool, "_connect_args", None) or ())
-    kwargs: dict[str, Any] = dict(getattr(pool, "_connect_kwargs", None) or {})
+    where = _target(
+        tuple(getattr(pool, "_connect_args", None) or ()),
+        dict(getattr(pool, "_connect_kwargs", None) or {}),
+    )
+    target = f" ({where})" if where else ""
+    return f"asyncpg {type(pool).__name__}{target}"
+
+
+def _target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """``host=db port=5432 user=app database=shop`` of connect arguments, no password."""
     parts: list[str] = []
     dsn = args[0] if args else kwargs.get("dsn")
     if isinstance(dsn, str) and dsn:
@@ -119,8 +138,7 @@ def _pool_name(pool: Any) -> str:
         if isinstance(value, (list, tuple)):
             value = ",".join(map(str, value))
         parts.append(f"{key}={value}")
-    target = f" ({' '.join(parts)})" if parts else ""
-    return f"asyncpg {type(pool).__name__}{target}"
+    return " ".join(parts)
 
 
 def _connection_of(proxy: Any) -> Any:
@@ -267,7 +285,7 @@ def _wrap_get_new_connection(original: Any) -> Any:
 
         async def attempt() -> Any:
             started = time.monotonic() if core.observer is not None else None
-            con = await original(pool, *args, **kwargs)
+            con = await apool_call(original, pool, *args, **kwargs)
             if started is not None:
                 core.connected(handle, started)
             return con
@@ -322,6 +340,48 @@ def _wrap_aexit(original: Any) -> Any:
     return __aexit__
 
 
+def _retag(_args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    return tags.asyncpg_kwargs(kwargs.get("dsn"), kwargs)
+
+
+def _is_closed(conn: Any) -> bool:
+    return bool(conn.is_closed())
+
+
+#: ``asyncpg.connect()`` outside a pool (hooked at ``connect_utils._connect``, which it looks
+#: up at each call: also reached through a ``from asyncpg import connect`` made earlier).
+_DIRECT = Driver("asyncpg.direct", describe=_target, retag=_retag, closed=_is_closed)
+
+
+def _wrap_close(original: Any) -> Any:
+    """``Connection.close()``: a direct connection's checkin, however the close ends."""
+
+    async def close(con: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await original(con, *args, **kwargs)
+        finally:
+            checked_in(_DIRECT, con)
+
+    return close
+
+
+def _wrap_terminate(original: Any) -> Any:
+    """``Connection.terminate()``: a checkin too, unless ``__del__`` is terminating a
+    connection nobody closed: that one is about to be ``leak.collected``."""
+
+    def terminate(con: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(con, *args, **kwargs)
+        finally:
+            if sys._getframe(1).f_code is not _DEL_CODE:
+                checked_in(_DIRECT, con)
+
+    return terminate
+
+
+_DEL_CODE = getattr(getattr(Connection, "__del__", None), "__code__", None)
+
+
 def _stats(pool: Any) -> PoolStats | None:
     if pool.is_closing():
         return None
@@ -372,3 +432,7 @@ class AsyncpgAdapter(Adapter):
             self.name,
             PoolKind(stats=_stats, target=driver_target, state=driver_state, reclaim=_reclaim),
         )
+        self.patch(connect_utils, "_connect", _DIRECT.awrap("asyncpg.connect"))
+        self.patch(Connection, "close", _wrap_close)
+        self.patch(Connection, "terminate", _wrap_terminate)
+        _DIRECT.register()

@@ -42,7 +42,12 @@ What each call means:
 * ``closeall`` closes every connection, lent or not: whatever is still out is reported.
 * ``AbstractConnectionPool._connect``: the arguments the pool keeps for ``psycopg2.connect()``
   get the ``application_name`` tag, once, before the first connection (``minconn`` ones
-  included); the time it takes is ``db.client.connection.create_time``.
+  included); the time it takes is ``db.client.connection.create_time``. Its
+  ``psycopg2.connect()`` is marked as the pool's (:func:`pgleak.integrations._direct.pool_call`).
+* ``psycopg2.connect``: a direct connection, outside any pool
+  (:mod:`pgleak.integrations._direct`): tagged, retried, tracked from the line that opened it.
+  Its ``close()`` is a C method no hook reaches: ``closed`` is read at ``direct_threshold``,
+  at exit and, once reported, at each watchdog pass; a dropped one is never ``leak.collected``.
 
 psycopg2's pools have no ``with`` block, so a checkout's OpenTelemetry span is never current:
 it is recorded from ``getconn`` to ``putconn``, under the span that was current at ``getconn``.
@@ -59,7 +64,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import Any
 
@@ -83,6 +88,7 @@ from pgleak._appname import tags, untagged
 from pgleak._core import PoolKind, PoolStats, core, suppressed
 from pgleak._guard import internal_error
 from pgleak._redact import redact_dsn
+from pgleak.integrations._direct import Driver, pool_call
 
 __all__ = ["Psycopg2Adapter"]
 
@@ -106,16 +112,20 @@ def _pool_name(pool: Any) -> str:
     The pool keeps what it passes to ``psycopg2.connect()``: a DSN (``key=value`` or URL) and
     keyword parameters, merged here the way ``connect`` merges them.
     """
-    args = getattr(pool, "_args", ())
-    kwargs = dict(untagged(getattr(pool, "_kwargs", None)) or {})
+    conninfo = _target(getattr(pool, "_args", ()), untagged(getattr(pool, "_kwargs", None)) or {})
+    target = f" ({conninfo})" if conninfo else ""
+    return f"psycopg2 {type(pool).__name__}{target}"
+
+
+def _target(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """The conninfo ``psycopg2.connect(*args, **kwargs)`` connects with, password redacted."""
     dsn = args[0] if args else kwargs.get("dsn")
     params = {key: value for key, value in kwargs.items() if key not in _NOT_CONNINFO}
     try:
         conninfo = make_dsn(dsn, **params)
-    except Exception:  # a DSN libpq cannot parse: the pool cannot connect with it either
+    except Exception:  # a DSN libpq cannot parse: connecting with it fails too
         conninfo = dsn if isinstance(dsn, str) else ""
-    target = f" ({redact_dsn(conninfo)})" if conninfo else ""
-    return f"psycopg2 {type(pool).__name__}{target}"
+    return redact_dsn(conninfo)
 
 
 def _is_exhausted(err: BaseException) -> bool:
@@ -180,7 +190,7 @@ def _tagging_connect(original: Any) -> Any:
         except Exception as exc:
             internal_error("psycopg2.application_name", exc)
         started = time.monotonic() if core.observer is not None else None
-        conn = original(pool, *args, **kwargs)
+        conn = pool_call(original, pool, *args, **kwargs)
         if started is not None:
             try:
                 core.connected(core.pool(pool, "psycopg2", _pool_name), started)
@@ -189,6 +199,23 @@ def _tagging_connect(original: Any) -> Any:
         return conn
 
     return _connect
+
+
+def _retag(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    return tags.libpq_kwargs(args[0] if args else kwargs.get("dsn"), kwargs)
+
+
+def _is_closed(conn: Any) -> bool:
+    return bool(conn.closed)
+
+
+#: ``psycopg2.connect()`` outside a pool. Its connection is a C type whose ``close()`` no hook
+#: reaches, and whose deallocation closes it before any weak reference hears of it: closed or
+#: leaked, a collected connection looks the same, so none is reported as ``leak.collected``.
+#: ``closed`` is read instead at ``direct_threshold`` and at exit, which is exact.
+_DIRECT = Driver(
+    "psycopg2.direct", describe=_target, retag=_retag, closed=_is_closed, unseen_close=True
+)
 
 
 def _stats(pool: Any) -> PoolStats | None:
@@ -241,3 +268,7 @@ class Psycopg2Adapter(Adapter):
             self.name,
             PoolKind(stats=_stats, target=driver_target, state=driver_state, reclaim=_reclaim),
         )
+        # Where the pools connect too (``psycopg2.connect`` is looked up at each call), inside
+        # ``_connect``, which marks its connects as the pool's.
+        self.patch(psycopg2, "connect", _DIRECT.wrap("psycopg2.connect"))
+        _DIRECT.register()

@@ -14,7 +14,8 @@ Hooks, and why each:
   (Null pools) the caller. The ``kwargs`` the pool keeps get the ``application_name`` tag
   there, once (:meth:`pgleak._appname.Tags.tag_pool_kwargs`), so pools created before
   ``install()`` are tagged too; a ``kwargs`` callable (3.3) is wrapped instead. It is also
-  where the time to open a connection is measured (``db.client.connection.create_time``).
+  where the time to open a connection is measured (``db.client.connection.create_time``), and
+  where the driver's ``connect()`` is marked as the pool's, not a direct connection.
 * Pool state for the metrics comes from ``get_stats()`` (available) and the pool's
   ``min_size``/``max_size``, connections in use from the ledger; a Null pool keeps no idle
   connections.
@@ -66,6 +67,7 @@ from pgleak._core import PoolKind, PoolStats, core
 from pgleak._guard import internal_error
 from pgleak._reclaim import on_loop as _reclaim_on_loop
 from pgleak._redact import redact_dsn
+from pgleak.integrations._direct import apool_call, pool_call
 
 __all__ = ["PsycopgPoolAdapter"]
 
@@ -184,7 +186,7 @@ def _tagging_connect(original: Any) -> Any:
     def _connect(pool: Any, *args: Any, **kwargs: Any) -> Any:
         _tag_kwargs(pool)
         started = _connect_started()
-        conn = original(pool, *args, **kwargs)
+        conn = pool_call(original, pool, *args, **kwargs)
         _connected(pool, started)
         return conn
 
@@ -195,7 +197,7 @@ def _atagging_connect(original: Any) -> Any:
     async def _connect(pool: Any, *args: Any, **kwargs: Any) -> Any:
         _tag_kwargs(pool)
         started = _connect_started()
-        conn = await original(pool, *args, **kwargs)
+        conn = await apool_call(original, pool, *args, **kwargs)
         _connected(pool, started)
         return conn
 

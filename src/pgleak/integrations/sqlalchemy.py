@@ -27,6 +27,9 @@ Hooks, and why each:
   core when a pool is disposed with connections still out. Never ``Engine.__init__``:
   ``create_engine()`` decides which keywords are the engine's by reading that function's own
   code object, which a wrapper would change.
+* ``_ConnectionRecord.__connect``: where the pool opens every connection, through
+  ``do_connect`` or a ``creator=`` function (which bypasses ``do_connect``); the driver
+  ``connect()`` run inside it is marked as the pool's, so it is not tracked as a direct one.
 
 OpenTelemetry (only does anything with an observer installed):
 
@@ -62,6 +65,7 @@ try:
     from sqlalchemy import event, exc
     from sqlalchemy.engine import Connection, Dialect, Engine
     from sqlalchemy.pool import Pool, QueuePool
+    from sqlalchemy.pool.base import _ConnectionRecord
 except ImportError as _exc:  # pragma: no cover - exercised by users without SQLAlchemy
     from pgleak._adapter import AdapterUnavailable
 
@@ -74,6 +78,7 @@ from pgleak._core import Lease, PoolHandle, PoolKind, PoolStats, core
 from pgleak._guard import internal_error
 from pgleak._reclaim import on_loop as _reclaim_on_loop
 from pgleak._redact import redact_dsn
+from pgleak.integrations._direct import pool_call
 
 __all__ = ["SQLAlchemyAdapter"]
 
@@ -225,6 +230,13 @@ def _on_do_connect(dialect: Any, record: Any, cargs: list[Any], cparams: dict[st
 
     sleep = (_greenlet_sleep() if getattr(dialect, "is_async", False) else None) or time.sleep
     return _retry.retry_connect(attempt, pool=target, sleep=sleep)
+
+
+def _record_connect(original: Any) -> Any:
+    def __connect(record: Any, *args: Any, **kwargs: Any) -> Any:
+        return pool_call(original, record, *args, **kwargs)
+
+    return __connect
 
 
 def _lease_of(connection: Any) -> Lease | None:
@@ -419,6 +431,7 @@ class SQLAlchemyAdapter(Adapter):
             return dispose
 
         self.patch(Pool, "connect", make_connect)
+        self.patch(_ConnectionRecord, "_ConnectionRecord__connect", _record_connect)
         # Not ``Engine.__init__``: ``create_engine()`` reads the keywords it accepts off the
         # code object of ``Engine.__init__`` itself, and a wrapper's ``*args, **kwargs`` would
         # make it refuse ``execution_options=``, ``logging_name=`` and the rest.

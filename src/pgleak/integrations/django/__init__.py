@@ -28,6 +28,8 @@ Hooks, and why each:
   reaches the application exactly as without pgleak). In pool mode the pool connects, in its
   own workers with its own backoff; the psycopg_pool adapter makes the checkout and this hook
   only names the pool, tags its connect arguments and lets the lease say the transaction state.
+  Either way the driver's ``connect()`` run inside it is marked as the adapter's own, so it
+  is not also tracked as a direct connection.
 * ``DatabaseWrapper.get_connection_params``: the ``application_name`` tag, as libpq's
   ``fallback_application_name`` (the user's ``OPTIONS["application_name"]`` or ``PGAPPNAME``
   wins). Not in pool mode: the pool keeps the arguments for the process's life, so they are
@@ -62,6 +64,7 @@ from pgleak._appname import tags
 from pgleak._core import Lease, PoolHandle, core
 from pgleak._core import context as _context
 from pgleak._guard import internal_error, say
+from pgleak.integrations._direct import pool_call
 
 __all__ = ["DjangoAdapter"]
 
@@ -331,11 +334,11 @@ def _get_new_connection(original: Any) -> Any:
         pool = _pool_of(self)
         if pool is not None:
             _prepare_pool(self, pool)
-            conn = original(self, conn_params)
+            conn = pool_call(original, self, conn_params)
             _adopt_pool_lease(self, conn)
             return conn
         return _retry.retry_connect(
-            functools.partial(original, self, conn_params),
+            functools.partial(pool_call, original, self, conn_params),
             pool=functools.partial(_database, self),
         )
 
