@@ -98,3 +98,23 @@ def test_create_engine_takes_every_keyword_it_takes_without_pgleak(
 def test_create_engine_refuses_what_it_refuses_without_pgleak(installed: None) -> None:
     with pytest.raises(TypeError, match="no_such_argument"):
         sa.create_engine("sqlite://", no_such_argument=1)
+
+
+def test_sqlalchemy_connection_info_holds_only_what_the_user_put_there(
+    installed: None, pg: Server
+) -> None:
+    # Connection.info is the user's dictionary on the pooled connection; SQLAlchemy's own
+    # test_engine.py::test_connection_info compares it whole. pgleak's lease lives elsewhere.
+    engine = sa.create_engine(pg.url("psycopg"), pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            assert len(pgleak.checked_out()) == 1
+            assert conn.info == {}
+            conn.info["foo"] = "bar"
+        assert pgleak.checked_out() == []  # the checkin still found the lease
+        with engine.connect() as conn:  # the same pooled connection, its info kept
+            assert conn.info == {"foo": "bar"}
+            assert len(pgleak.checked_out()) == 1
+        assert pgleak.checked_out() == []
+    finally:
+        engine.dispose()
