@@ -1,0 +1,29 @@
+"""Put on PYTHONPATH by scripts/upstream-suites: pgleak installed at interpreter start.
+
+This is how an application runs under pgleak when it cannot edit its entry point. Any
+sitecustomize further down sys.path (a distribution's, a venv's) still runs first, so the
+only difference between the plain run and this one is pgleak.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_saved = list(sys.path)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+_self = sys.modules.pop("sitecustomize", None)
+try:
+    importlib.import_module("sitecustomize")
+except ImportError:
+    pass
+finally:
+    sys.path[:] = _saved
+    if _self is not None:
+        sys.modules["sitecustomize"] = _self
+
+import pgleak  # noqa: E402
+
+pgleak.install()
