@@ -27,3 +27,15 @@ finally:
 import pgleak  # noqa: E402
 
 pgleak.install()
+
+# Proof for the harness that pgleak was in effect: which adapters each process had at its end.
+_proof = os.environ.get("PGLEAK_UPSTREAM_PROOF")
+if _proof:
+    import atexit
+    import json
+
+    def _record(path: str = _proof) -> None:
+        with open(path, "a") as out:
+            out.write(json.dumps({"pid": os.getpid(), "installed": pgleak.installed()}) + "\n")
+
+    atexit.register(_record)
