@@ -7,8 +7,8 @@ test that passes plain but not with pgleak (issue 14: a wrapper must never chang
 
 Sources come from PyPI sdists of the exact installed versions (``pip download --no-binary``),
 cached under .cache/upstream/. psycopg's pool tests are in no sdist: that suite runs only when
-``--psycopg-tests DIR`` names the ``tests/`` directory of a psycopg source checkout (of the
-tag matching the installed psycopg-pool), and is reported as not run otherwise.
+``--psycopg-source DIR`` names a psycopg source checkout (its ``tests/`` and ``tools/``, at
+the tag matching the installed psycopg-pool), and is reported as not run otherwise.
 
 Both runs of a suite use one server, started here by ``pgleak.embedded``. "With pgleak" means a
 sitecustomize on PYTHONPATH (scripts/upstream/with-pgleak) that calls ``pgleak.install()`` at
@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "scripts" / "upstream"
 CACHE = ROOT / ".cache" / "upstream"
 FAILING = ("failed", "error", "missing")
+TEST_DEPS = ("anyio", "sniffio", "pproxy")
 SUITE_TIMEOUT = 3600.0
 
 _APPNAME = (
@@ -83,7 +84,7 @@ class Context:
     venv_python: Path
     server: Server
     versions: dict[str, str]
-    psycopg_tests: Path | None
+    psycopg_source: Path | None
     quick: bool
     deps: Path
 
@@ -153,18 +154,20 @@ def sdist(python: Path, name: str, version: str) -> Path:
 
 
 def test_deps(python: Path) -> Path:
-    """Test-only requirements the suites need and pgleak's venv lacks (anyio's pytest plugin,
-    for psycopg's async pool tests), in a directory of their own: the venv stays untouched."""
+    """Test-only requirements the suites need and pgleak's venv lacks (anyio's pytest plugin
+    for psycopg's async pool tests, pproxy for its reconnection tests), in a directory of their
+    own: the venv stays untouched."""
     deps = CACHE / "deps"
-    if not (deps / ".complete").exists():
+    marker, want = deps / ".complete", " ".join(TEST_DEPS)
+    if not marker.exists() or marker.read_text() != want:
         log("installing test-only requirements into .cache/upstream/deps (once)")
         shutil.rmtree(deps, ignore_errors=True)
         subprocess.run(
-            [*PIP(python, "install"), "--target", str(deps), "anyio", "sniffio"],
+            [*PIP(python, "install"), "--target", str(deps), *TEST_DEPS],
             check=True,
             timeout=600,
         )
-        (deps / ".complete").touch()
+        marker.write_text(want)
     return deps
 
 
@@ -232,13 +235,16 @@ def sqlalchemy_run(driver: str, paths: list[str], quick: list[str]) -> Callable[
 
 
 def psycopg_pool_run(suite: Suite, ctx: Context, results: Path, select: list[str] | None) -> Run:
-    assert ctx.psycopg_tests is not None
-    # The tests import themselves as the package `tests`, with psycopg's pytest settings.
+    assert ctx.psycopg_source is not None
+    # The tests import themselves as the package `tests` (and start tools/pproxy_fix.py), with
+    # psycopg's pytest settings; a copy, so that the checkout gets no caches or bytecode.
     root = CACHE / "psycopg-run"
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    shutil.copytree(ctx.psycopg_tests, root / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("tests", "tools"):
+        skip = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(ctx.psycopg_source / part, root / part, ignore=skip)
     (root / "pytest.ini").write_text(
         "[pytest]\naddopts = -ra\nfilterwarnings =\n    error\n"
         # pytest-timeout's own thread is no reason to fail psycopg's warning-strict run
@@ -304,7 +310,7 @@ SUITES = [
         ("psycopg-pool",),
         "psycopg_pool",
         psycopg_pool_run,
-        "psycopg's tests/pool/ (from --psycopg-tests)",
+        "psycopg's tests/pool/ (from --psycopg-source)",
     ),
     Suite("asyncpg", ("asyncpg",), "asyncpg", asyncpg_run, "asyncpg tests/test_pool.py"),
     Suite("django", ("Django",), "django", django_run, "Django's backends tests on PostgreSQL"),
@@ -437,9 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="one file or module per suite")
     parser.add_argument(
-        "--psycopg-tests",
-        default=os.environ.get("PGLEAK_PSYCOPG_TESTS"),
-        help="tests/ of a psycopg source checkout (pool tests are in no sdist)",
+        "--psycopg-source",
+        default=os.environ.get("PGLEAK_PSYCOPG_SOURCE"),
+        help="a psycopg source checkout, for its tests/pool (they are in no sdist)",
     )
     parser.add_argument("--max-connections", type=int, default=200)
     args = parser.parse_args(argv)
@@ -455,12 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     versions.update(installed_versions(python, ["psycopg", "pgleak"]))
     log("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
 
-    psycopg_tests = Path(args.psycopg_tests).resolve() if args.psycopg_tests else None
+    psycopg_source = Path(args.psycopg_source).resolve() if args.psycopg_source else None
+    if psycopg_source is not None and not (psycopg_source / "tests" / "pool").is_dir():
+        parser.error(f"--psycopg-source: no tests/pool in {psycopg_source}")
     logs = CACHE / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     pg, server = start_server(args.max_connections)
-    ctx = Context(python, server, versions, psycopg_tests, args.quick, test_deps(python))
+    ctx = Context(python, server, versions, psycopg_source, args.quick, test_deps(python))
     regressions: list[tuple[str, str, str]] = []
     broken: list[str] = []
     not_run: list[str] = []
@@ -472,8 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             if missing:
                 not_run.append(f"{suite.name}: {', '.join(missing)} not installed")
                 continue
-            if suite.name == "psycopg-pool" and psycopg_tests is None:
-                not_run.append(f"{suite.name}: no --psycopg-tests (its tests are in no sdist)")
+            if suite.name == "psycopg-pool" and psycopg_source is None:
+                not_run.append(f"{suite.name}: no --psycopg-source (its tests are in no sdist)")
                 continue
             try:
                 plain = run_once(suite, ctx, False, logs)
