@@ -17,8 +17,9 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 _self = sys.modules.pop("sitecustomize", None)
 try:
     importlib.import_module("sitecustomize")
-except ImportError:
-    pass
+except ModuleNotFoundError as exc:  # there is no other; an import error inside one is raised
+    if exc.name != "sitecustomize":
+        raise
 finally:
     sys.path[:] = _saved
     if _self is not None:
