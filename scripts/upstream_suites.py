@@ -14,7 +14,7 @@ Both runs of a suite use one server, started here by ``pgleak.embedded``. "With 
 sitecustomize on PYTHONPATH (scripts/upstream/with-pgleak) that calls ``pgleak.install()`` at
 interpreter start. Outcomes are read per test (pytest's --junitxml; for Django a recording test
 runner) and compared. Exit status: 0 when nothing regressed, 1 when something did, 2 when the
-harness itself could not run a suite.
+harness itself could not run a suite, or ran none.
 """
 
 from __future__ import annotations
@@ -536,7 +536,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"REGRESSION {name}: {test} passed plain, {outcome} with pgleak")
     if failing:
         return 1
-    return 2 if broken else 0
+    if not table:
+        log("no suite ran: nothing was checked")
+    return 2 if broken or not table else 0
 
 
 if __name__ == "__main__":
