@@ -133,3 +133,23 @@ def test_a_wrapper_on_a_subclass_sees_later_swaps_of_the_base_method() -> None:
     finally:
         toy.uninstall()
     assert "ensure" not in Child.__dict__
+
+
+def test_sqlalchemy_connection_info_holds_only_what_the_user_put_there(
+    installed: None, pg: Server
+) -> None:
+    # Connection.info is the user's dictionary on the pooled connection; SQLAlchemy's own
+    # test_engine.py::test_connection_info compares it whole. pgleak's lease lives elsewhere.
+    engine = sa.create_engine(pg.url("psycopg"), pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            assert len(pgleak.checked_out()) == 1
+            assert conn.info == {}
+            conn.info["foo"] = "bar"
+        assert pgleak.checked_out() == []  # the checkin still found the lease
+        with engine.connect() as conn:  # the same pooled connection, its info kept
+            assert conn.info == {"foo": "bar"}
+            assert len(pgleak.checked_out()) == 1
+        assert pgleak.checked_out() == []
+    finally:
+        engine.dispose()

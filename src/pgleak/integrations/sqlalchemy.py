@@ -5,9 +5,11 @@ Hooks, and why each:
 * Pool events ``checkout`` / ``checkin`` / ``detach``, listened on the ``Pool`` class so that
   engines created before ``install()`` are covered too. ``checkout`` fires once per fairy
   (nested checkouts of one connection do not re-fire), ``checkin`` once when it comes back.
-  The lease rides in ``ConnectionPoolEntry.info``, which lives as long as the DBAPI connection,
-  so a checkin in another task than the checkout (``async with engine.connect()`` closes in a
-  new task) still finds it.
+  The lease rides in an attribute of the pool's ``ConnectionPoolEntry``, which lives as long as
+  the DBAPI connection, so a checkin in another task than the checkout (``async with
+  engine.connect()`` closes in a new task) still finds it. Not in its ``.info``: that is the
+  user's dictionary (``Connection.info``), and applications and SQLAlchemy's own tests compare
+  it whole.
 * Garbage-collected fairies: sync pools reset them and fire ``checkin`` from a weakref callback;
   async pools fire ``detach`` and no ``checkin``. The core sees in both cases that the
   user-facing fairy is dead and reports ``leak.collected``.
@@ -111,7 +113,7 @@ def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         since = _since.get() if core.observer is not None else None
         lease = core.checkout(_handle(proxy._pool), proxy, since=since)
         if lease is not None:
-            record.info[_KEY] = lease
+            setattr(record, _KEY, lease)
     except Exception as err:
         internal_error("sqlalchemy.checkout", err)
         return
@@ -142,7 +144,7 @@ def _tag_checkout(dbapi_connection: Any, proxy: Any, lease: Any) -> None:
 
 def _on_checkin(dbapi_connection: Any, record: Any) -> None:
     try:
-        lease = record.info.pop(_KEY, None)
+        lease = vars(record).pop(_KEY, None)
         if lease is not None:
             core.checkin(lease)
     except Exception as err:
@@ -151,7 +153,7 @@ def _on_checkin(dbapi_connection: Any, record: Any) -> None:
 
 def _on_detach(dbapi_connection: Any, record: Any) -> None:
     try:
-        lease = record.info.pop(_KEY, None)
+        lease = vars(record).pop(_KEY, None)
         if lease is not None:
             core.discard(lease)
     except Exception as err:
@@ -245,7 +247,7 @@ def _lease_of(connection: Any) -> Lease | None:
     record = getattr(fairy, "_connection_record", None)
     if record is None:
         return None
-    lease: Lease | None = record.info.get(_KEY)
+    lease: Lease | None = getattr(record, _KEY, None)
     return lease
 
 
