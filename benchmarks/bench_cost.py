@@ -45,7 +45,12 @@ import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_checkout as common
 
 import pgleak
 from pgleak.embedded import EmbeddedPostgres
@@ -80,23 +85,9 @@ class Row:
 
 
 def _otel_settings() -> dict[str, Any] | None:
-    try:
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import (
-            BatchSpanProcessor,
-            SpanExporter,
-            SpanExportResult,
-        )
-    except ImportError:
-        return None
-
-    class Drop(SpanExporter):
-        def export(self, spans: Any) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
-
-    provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(Drop()))
-    return {"otel": True, "tracer_provider": provider}
+    """An SDK tracer provider with a batch processor that drops every span; no metrics."""
+    sdk = common._otel_sdk()
+    return None if sdk is None else {"otel": True, "tracer_provider": sdk["tracer_provider"]}
 
 
 #: The attributes pgleak puts on a checkout span (docs/otel.md), as the SDK receives them.
