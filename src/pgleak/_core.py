@@ -865,8 +865,8 @@ class Core:
         """Where the holder is now, and whether it has finished.
 
         "Stuck in a slow call" and "forgot to return" look alike from the ledger; the holder's
-        current line tells them apart, and a finished holder settles it: nothing is left that
-        could give the connection back.
+        current line tells them apart, and a finished holder all but settles it: only code that
+        kept the connection somewhere else could still give it back.
         """
         limit = self.settings.stack_depth
         try:

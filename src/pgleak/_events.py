@@ -54,7 +54,7 @@ class Checkout:
         holder_stack: Where the holder is *now*, same format; ``None`` when not known (the
             holder has finished, or the snapshot did not ask for it).
         holder_finished: The holding thread or task has ended while the connection is still
-            out: nothing is left that could return it.
+            out (other code may still hold the connection and return it).
         context: What the holder was doing at checkout, from ``pgleak.context()`` (a web
             integration sets the request: ``GET /orders/42``); also part of ``holder``.
         state: The connection's state when the snapshot was made, where the integration can

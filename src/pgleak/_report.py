@@ -75,9 +75,10 @@ def _holder_lines(checkout: Checkout, indent: str) -> list[str]:
     if checkout.holder_stack is not None:
         lines += _frames("holder is now at", checkout.holder_stack, indent)
     elif checkout.holder_finished:
-        lines.append(
-            f"{indent}the holder has finished: nothing is left that could return this connection"
-        )
+        # Only what is known: the connection object is still alive somewhere (or it would have
+        # been collected), and other code could still give it back.
+        taker = "task" if checkout.holder.startswith("task ") else "thread"
+        lines.append(f"{indent}the {taker} that took it has ended")
     return lines
 
 

@@ -76,7 +76,7 @@ def test_a_holder_that_finished_without_returning_is_called_out(
     assert event.checkout.holder == "thread 'request-7'"
     assert event.checkout.holder_finished is True
     assert event.checkout.holder_stack is None
-    assert any("the holder has finished" in r.getMessage() for r in caplog.records)
+    assert any("the thread that took it has ended" in r.getMessage() for r in caplog.records)
 
 
 def test_a_short_hold_is_not_reported(engine: sa.Engine, events: EventCapture) -> None:
