@@ -33,7 +33,7 @@ from pgleak._core import context as _context
 from pgleak._events import Checkout, LeakEvent, Sink
 from pgleak._importhook import PostImportFinder
 from pgleak._report import LoggingSink
-from pgleak._settings import ConfigError, Settings, build_settings
+from pgleak._settings import ConfigError, Settings, build_settings, env_typos
 from pgleak._summary import SiteSummary
 
 if TYPE_CHECKING:
@@ -129,12 +129,30 @@ def install(
         if _summary_sink not in core.sinks:
             core.sinks.insert(1, _summary_sink)
         _register_process_hooks()
+        _warn_env_typos()
         _install_adapters(named)
         _installed = True
         _guard.say(
             _log, logging.DEBUG, "pgleak installed: %s; adapters: %s", new, sorted(_adapters)
         )
         return new
+
+
+_typos_warned: set[str] = set()
+
+
+def _warn_env_typos() -> None:
+    """Say once per variable that a ``PGLEAK_*`` variable looks like a misspelt setting."""
+    for variable, meant in env_typos():
+        if variable not in _typos_warned:
+            _typos_warned.add(variable)
+            _guard.say(
+                _log,
+                logging.WARNING,
+                "pgleak: %s is not a pgleak setting and is ignored: did you mean %s?",
+                variable,
+                meant,
+            )
 
 
 def _observer(new: Settings, tracer_provider: Any, meter_provider: Any) -> _otel.Telemetry | None:

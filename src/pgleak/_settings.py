@@ -9,12 +9,13 @@ first checkout: a typo in production config should fail the deploy, not hide unt
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["ConfigError", "Settings", "build_settings"]
+__all__ = ["ConfigError", "Settings", "build_settings", "env_typos"]
 
 
 class ConfigError(ValueError):
@@ -250,6 +251,29 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def _closest(name: str) -> str | None:
+    found = difflib.get_close_matches(name.lower(), list(_PARSERS), n=1, cutoff=0.8)
+    return found[0] if found else None
+
+
+def env_typos(environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """``PGLEAK_*`` variables that name no setting but nearly name one: ``(variable, the
+    setting's variable)``. A misspelt variable would otherwise be ignored in silence; those
+    that resemble no setting (a tool's own ``PGLEAK_*``) are left alone."""
+    env = os.environ if environ is None else environ
+    typos = []
+    for variable in sorted(env):
+        if not variable.startswith("PGLEAK_"):
+            continue
+        knob = variable[len("PGLEAK_") :].lower()
+        if knob in _PARSERS:
+            continue
+        close = _closest(knob)
+        if close is not None:
+            typos.append((variable, env_name(close)))
+    return typos
+
+
 def env_name(knob: str) -> str:
     """The environment variable that sets ``knob``."""
     return "PGLEAK_" + knob.upper()
@@ -267,9 +291,11 @@ def build_settings(
     env = os.environ if environ is None else environ
     unknown = sorted(set(overrides) - set(_PARSERS))
     if unknown:
-        raise ConfigError(
-            f"unknown pgleak setting(s): {', '.join(unknown)}; known: {', '.join(_PARSERS)}"
+        named = ", ".join(
+            name + (f" (did you mean {close}?)" if (close := _closest(name)) else "")
+            for name in unknown
         )
+        raise ConfigError(f"unknown pgleak setting(s): {named}; known: {', '.join(_PARSERS)}")
     values: dict[str, Any] = {}
     for knob, parse in _PARSERS.items():
         if knob in overrides:

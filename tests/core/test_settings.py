@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pgleak._settings import ConfigError, Settings, build_settings
+from pgleak._settings import ConfigError, Settings, build_settings, env_typos
 
 
 def test_defaults() -> None:
@@ -56,3 +56,44 @@ def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(AttributeError):
         settings.leak_threshold = 1  # type: ignore[misc]
+
+
+def test_an_unknown_keyword_names_the_closest_setting() -> None:
+    with pytest.raises(ConfigError, match=r"leak_treshold \(did you mean leak_threshold\?\)"):
+        build_settings({"leak_treshold": 5}, environ={})
+    with pytest.raises(ConfigError, match=r"unknown pgleak setting\(s\): frobnicate; known:"):
+        build_settings({"frobnicate": 1}, environ={})
+
+
+def test_misspelt_env_variables_are_found_and_others_left_alone() -> None:
+    env = {
+        "PGLEAK_LEAK_TRESHOLD": "5",  # a typo: said
+        "PGLEAK_STAK_DEPTH": "8",  # a typo: said
+        "PGLEAK_LEAK_THRESHOLD": "5",  # a setting
+        "PGLEAK_TEST_DSN": "host=x",  # a tool's own variable, like no setting: left alone
+    }
+    assert env_typos(env) == [
+        ("PGLEAK_LEAK_TRESHOLD", "PGLEAK_LEAK_THRESHOLD"),
+        ("PGLEAK_STAK_DEPTH", "PGLEAK_STACK_DEPTH"),
+    ]
+
+
+def test_install_warns_once_about_a_misspelt_variable(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import pgleak
+
+    monkeypatch.setenv("PGLEAK_REPORT_INTERVALL", "10")
+    caplog.set_level(logging.WARNING, logger="pgleak")
+    try:
+        pgleak.install()
+        pgleak.install()
+    finally:
+        pgleak.uninstall()
+    said = [r.getMessage() for r in caplog.records if "PGLEAK_REPORT_INTERVALL" in r.getMessage()]
+    assert said == [
+        "pgleak: PGLEAK_REPORT_INTERVALL is not a pgleak setting and is ignored: "
+        "did you mean PGLEAK_REPORT_INTERVAL?"
+    ]
