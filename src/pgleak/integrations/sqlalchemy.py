@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import gc
 import os
 import time
 from collections.abc import Callable
@@ -93,7 +94,28 @@ _since: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 )
 
 
+def _engine_of(pool: Any) -> Any:
+    """The engine whose pool ``pool`` is, found through the garbage collector's referrers.
+
+    Only for pools of engines created before ``install()`` (the others are named as they are
+    made), once per pool, when its name is first needed for a report: it scans every tracked
+    object, which costs milliseconds on a large heap. On 3.10 the engine refers to its pool
+    through its ``__dict__``; from 3.11 the engine itself is the referrer.
+    """
+    for referrer in gc.get_referrers(pool):
+        if isinstance(referrer, Engine) and referrer.pool is pool:
+            return referrer
+        if isinstance(referrer, dict) and referrer.get("pool") is pool:
+            for owner in gc.get_referrers(referrer):
+                if isinstance(owner, Engine) and owner.pool is pool:
+                    return owner
+    return None
+
+
 def _pool_name(pool: Any) -> str:
+    engine = _engine_of(pool)
+    if engine is not None:
+        return _engine_name(engine)
     dialect: Any = getattr(pool, "_dialect", None)
     name = getattr(dialect, "name", None)
     driver = f" {name}+{getattr(dialect, 'driver', '?')}" if name else ""
