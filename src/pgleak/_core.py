@@ -77,6 +77,10 @@ allowance: contextvars.ContextVar[float] = contextvars.ContextVar("pgleak_allowa
 context: contextvars.ContextVar[str | None] = contextvars.ContextVar("pgleak_context", default=None)
 
 
+#: Lost slots remembered per pool (``PoolHandle.lost``).
+_MAX_LOST = 50
+
+
 class PoolHandle:
     """pgleak's view of one pool object: a weak reference and a lazily computed name.
 
@@ -84,7 +88,7 @@ class PoolHandle:
     URL (and redacting its password), which the hot path must not pay for.
     """
 
-    __slots__ = ("__weakref__", "_name", "_namer", "kind", "observed", "pending", "ref")
+    __slots__ = ("__weakref__", "_name", "_namer", "kind", "lost", "observed", "pending", "ref")
 
     def __init__(self, obj: Any, kind: str, namer: Callable[[Any], str] | None) -> None:
         self.kind = kind
@@ -96,6 +100,10 @@ class PoolHandle:
         #: What an observer derived from this pool and keeps with it (OpenTelemetry's pool
         #: attributes); dropped when the pool is renamed.
         self.observed: Any = None
+        #: Checkouts collected without being returned from a pool that keeps only a count of
+        #: what it lends (``PoolKind.loses_slots``): their slots are gone for good, and a
+        #: ``pool.exhausted`` report lists them. The newest few only.
+        self.lost: collections.deque[Checkout] = collections.deque(maxlen=_MAX_LOST)
         self.ref: Callable[[], Any]
         try:
             self.ref = weakref.ref(obj)
@@ -156,6 +164,9 @@ class PoolKind(NamedTuple):
     target: Callable[[Any], tuple[str | None, int | None, str | None]] | None = None
     state: Callable[[Any], str | None] | None = None
     reclaim: Callable[[Any], Callable[[Any, Callable[[], None]], None] | None] | None = None
+    #: The pool keeps no reference to what it lends, only a count: a lent connection that is
+    #: garbage-collected never gives its slot back (psycopg_pool).
+    loses_slots: bool = False
 
 
 class Observer(Protocol):
@@ -615,7 +626,14 @@ class Core:
             stack=_stack.format_raw(waiter_raw),
             context=during,
         )
-        event = LeakEvent(EXHAUSTED, pool.name, holders=holders, waiter=waiter, detail=detail)
+        event = LeakEvent(
+            EXHAUSTED,
+            pool.name,
+            holders=holders,
+            waiter=waiter,
+            detail=detail,
+            lost=tuple(pool.lost),
+        )
         self.emit(event)
         observer = self.observer_now()
         if observer is not None:
@@ -777,7 +795,10 @@ class Core:
                         self._observe_checkin(lease, False, discarded=True)
                     continue
                 lease.flagged = lease.reported = True
-                self._emit_about(COLLECTED, lease, when, with_holder_stack=False)
+                event = self._emit_about(COLLECTED, lease, when, with_holder_stack=False)
+                kind_info = self.kinds.get(lease.pool.kind)
+                if event.checkout is not None and kind_info is not None and kind_info.loses_slots:
+                    lease.pool.lost.append(event.checkout)
             else:  # RETURNED or _SETTLE: a lease the watchdog had looked at came back
                 if kind == RETURNED and item.reported:
                     self._emit_about(RETURNED, item, when, with_holder_stack=False)
@@ -817,7 +838,7 @@ class Core:
         now: float,
         with_holder_stack: bool,
         detail: str | None = None,
-    ) -> None:
+    ) -> LeakEvent:
         threshold = lease.threshold
         event = LeakEvent(
             kind,
@@ -833,6 +854,7 @@ class Core:
                 observer.lease_event(lease, event, now)
             except Exception as exc:
                 internal_error("observer.event", exc)
+        return event
 
     def _snapshot(self, lease: Lease, now: float, with_holder_stack: bool) -> Checkout:
         end = lease.t_in if lease.t_in is not None and lease.t_in < now else now

@@ -107,6 +107,9 @@ class LeakEvent:
             ``held_s`` is how long it waited, ``None`` if the pool did not say).
         detail: A short extra sentence (why an at-exit report fired, what the pool said, the
             driver's error of a refused connection attempt).
+        lost: For ``pool.exhausted`` of a pool that keeps only a count of what it lends
+            (psycopg_pool): the checkouts garbage-collected without being returned, whose slots
+            are gone for good; newest last.
         extra: Event-specific fields, merged into :meth:`as_dict`; for ``connect.*``:
             ``attempt``, ``sleep_s``, ``sqlstate``, ``held`` (connections this process holds),
             ``held_over_threshold``, ``elapsed_s``, ``reason`` (why pgleak gave up).
@@ -120,6 +123,7 @@ class LeakEvent:
     waiter: Checkout | None = None
     detail: str | None = None
     extra: Mapping[str, Any] | None = None
+    lost: tuple[Checkout, ...] = ()
 
     __module__ = "pgleak"
 
@@ -152,6 +156,7 @@ class LeakEvent:
         }
         if self.event == EXHAUSTED:
             data["holders"] = [holder.as_dict() for holder in self.holders]
+            data["lost"] = [lost.as_dict() for lost in self.lost]
             data["waited_s"] = None if self.waiter is None else round(self.waiter.held_s, 3)
         if self.detail:
             data["detail"] = self.detail

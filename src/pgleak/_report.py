@@ -168,9 +168,15 @@ def format_event(event: LeakEvent) -> str:
             if math.isnan(waited_s)
             else f" after waiting {_seconds(waited_s)}"
         )
+        lost = (
+            f" and {len(event.lost)} slot(s) lost to connections garbage-collected without "
+            "being returned"
+            if event.lost
+            else ""
+        )
         head = (
             f"pool.exhausted: no connection available from pool {event.pool}{waited}; "
-            f"{len(event.holders)} connection(s) held, oldest first:"
+            f"{len(event.holders)} connection(s) held{lost}, oldest first:"
         )
         lines = [head]
         for n, holder in enumerate(event.holders, 1):
@@ -179,6 +185,13 @@ def format_event(event: LeakEvent) -> str:
                 f"(checkout #{holder.checkout_id}), checked out at {holder.site or '?'}"
             )
             lines += _holder_lines(holder, "    ")
+        for n, gone in enumerate(event.lost, len(event.holders) + 1):
+            lines.append(
+                f"  #{n} lost: garbage-collected after {_seconds(gone.held_s)} without being "
+                f"returned, its slot never given back (holder {gone.holder}, checkout "
+                f"#{gone.checkout_id}), checked out at {gone.site or '?'}"
+            )
+            lines += _frames("checked out at", gone.stack, "    ")
         if waiter is not None:
             lines += _frames(f"the checkout that failed ({waiter.holder})", waiter.stack)
         if event.detail:

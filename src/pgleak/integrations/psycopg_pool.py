@@ -229,7 +229,13 @@ class PsycopgPoolAdapter(Adapter):
             self.track_scope(cls, "connection")
         core.register_kind(
             self.name,
-            PoolKind(stats=_stats, target=driver_target, state=driver_state, reclaim=_reclaim),
+            PoolKind(
+                stats=_stats,
+                target=driver_target,
+                state=driver_state,
+                reclaim=_reclaim,
+                loses_slots=True,
+            ),
         )
         self.patch(ConnectionPool, "_connect", _tagging_connect)
         self.patch(AsyncConnectionPool, "_connect", _atagging_connect)

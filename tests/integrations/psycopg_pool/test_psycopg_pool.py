@@ -146,3 +146,33 @@ def test_named_integration_installs_alone() -> None:
     finally:
         pgleak.uninstall()
     assert PsycopgPoolAdapter.name == "psycopg_pool"
+
+
+def test_exhaustion_names_the_slots_lost_to_collected_connections(
+    pg: Server, events: EventCapture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """psycopg_pool keeps only a count of what it lends: a connection dropped without
+    ``putconn`` takes its slot with it, and the report of the pool running dry says where."""
+    import gc
+    import logging
+
+    from psycopg_pool import PoolTimeout
+
+    caplog.set_level(logging.ERROR, logger="pgleak")
+    with ConnectionPool(pg.dsn, min_size=0, max_size=2) as small:
+        for _ in range(2):
+            small.getconn()  # DROPPED
+        gc.collect()
+        events.wait_for("leak.collected", count=2)
+        with pytest.raises(PoolTimeout):
+            small.getconn(timeout=0.3)
+    [event] = events.of("pool.exhausted")
+    assert event.holders == ()
+    assert len(event.lost) == 2
+    for lost in event.lost:
+        assert_site(lost.stack, "DROPPED")
+    assert len(event.as_dict()["lost"]) == 2
+    [record] = [r for r in caplog.records if r.getMessage().startswith("pool.exhausted")]
+    message = record.getMessage()
+    assert "0 connection(s) held and 2 slot(s) lost to connections garbage-collected" in message
+    assert message.count("lost: garbage-collected after") == 2
