@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import logging
+import logging as _logging  # `pgleak.logging` is a submodule: this name must not clash
 import math
 import os
 import sys
@@ -61,7 +61,7 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-_log = logging.getLogger("pgleak")
+_log = _logging.getLogger("pgleak")
 _lock = threading.RLock()
 _adapters: dict[str, Adapter] = {}
 _finder = PostImportFinder()
@@ -133,7 +133,7 @@ def install(
         _install_adapters(named)
         _installed = True
         _guard.say(
-            _log, logging.DEBUG, "pgleak installed: %s; adapters: %s", new, sorted(_adapters)
+            _log, _logging.DEBUG, "pgleak installed: %s; adapters: %s", new, sorted(_adapters)
         )
         return new
 
@@ -148,7 +148,7 @@ def _warn_env_typos() -> None:
             _typos_warned.add(variable)
             _guard.say(
                 _log,
-                logging.WARNING,
+                _logging.WARNING,
                 "pgleak: %s is not a pgleak setting and is ignored: did you mean %s?",
                 variable,
                 meant,
@@ -204,7 +204,7 @@ def _install_one(name: str, explicit: bool) -> None:
         except AdapterUnavailable as exc:
             if explicit:
                 raise
-            _guard.say(_log, logging.DEBUG, "pgleak: integration %s skipped: %s", name, exc)
+            _guard.say(_log, _logging.DEBUG, "pgleak: integration %s skipped: %s", name, exc)
             return
         except Exception as exc:
             # A library version that breaks an adapter must not break the application: an

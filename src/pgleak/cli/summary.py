@@ -4,8 +4,8 @@
     kubectl logs web-7 | pgleak summary -
     pgleak summary --json app.log
 
-The log is JSON lines, as a JSON log formatter writes them: one that puts a record's `pgleak`
-fields at the top level or under "pgleak" (python-json-logger does the latter). A
+The log is JSON lines, as a JSON log formatter writes them: pgleak.logging.JSONFormatter, or
+any that puts a record's `pgleak` fields at the top level or under "pgleak". A
 running process logs a `leak.summary` record every summary_interval (15 min) when something
 leaked, and one at exit; the newest is printed. A log with no summary record yet (a process
 still in its first interval) is summarised from the leak reports it holds. Lines that are not
