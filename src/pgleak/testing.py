@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -61,13 +62,24 @@ class EventCapture:
         """Wait until ``count`` events of ``kind`` have arrived; return them.
 
         Nudges the watchdog while waiting, so queued reports (collected connections, returned
-        ones) are delivered now rather than on its next one-second pass.
+        ones) are delivered now rather than on its next one-second pass. Waiting for
+        ``leak.collected`` also runs the garbage collector at each poll: a dropped connection
+        is often in a reference cycle (a SQLAlchemy connection that ran a query is), which
+        only the collector frees.
 
         Raises:
             AssertionError: they did not arrive within ``timeout`` seconds.
         """
+
+        def arrived(events: list[LeakEvent]) -> bool:
+            if sum(e.event == kind for e in events) >= count:
+                return True
+            if kind == "leak.collected":
+                gc.collect()
+            return False
+
         try:
-            self.wait_until(lambda events: sum(e.event == kind for e in events) >= count, timeout)
+            self.wait_until(arrived, timeout)
         except AssertionError:
             seen = [event.event for event in self.events]
             raise AssertionError(

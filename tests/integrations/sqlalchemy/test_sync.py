@@ -325,3 +325,19 @@ def test_tracking_is_bounded_by_max_tracked(
         assert pgleak.checked_out() == []
     finally:
         engine.dispose()
+
+
+def test_waiting_for_collected_runs_the_collector_itself(
+    engine: sa.Engine, events: EventCapture
+) -> None:
+    """The documented ``pgleak.testing`` example: no ``gc.collect()`` of the test's own, although
+    a connection that ran a query sits in a reference cycle."""
+    gc.disable()  # the cycle is freed only by a collection: wait_for must run it
+    try:
+        conn = engine.connect()  # DROPPED
+        conn.execute(sa.text("SELECT 1"))
+        del conn
+        [event] = events.wait_for("leak.collected")
+    finally:
+        gc.enable()
+    assert_site(event.stack, "DROPPED")
