@@ -52,6 +52,7 @@ __all__ = [
     "context",
     "install",
     "installed",
+    "pending",
     "remove_sink",
     "settings",
     "summary",
@@ -132,9 +133,18 @@ def install(
         _warn_env_typos()
         _install_adapters(named)
         _installed = True
+        waiting = pending()
         _guard.say(
-            _log, _logging.DEBUG, "pgleak installed: %s; adapters: %s", new, sorted(_adapters)
+            _log,
+            _logging.INFO,
+            "pgleak %s installed: leak_threshold=%ss, stack %s; tracking %s%s",
+            __version__,
+            f"{new.leak_threshold:g}",
+            f"depth {new.stack_depth}" if new.capture_stack else "off",
+            ", ".join(sorted(_adapters)) or "nothing yet",
+            f"; waiting for the import of {', '.join(waiting)}" if waiting else "",
         )
+        _guard.say(_log, _logging.DEBUG, "pgleak settings: %s", new)
         return new
 
 
@@ -264,8 +274,23 @@ def _configure(new: Settings) -> None:
 
 
 def installed() -> list[str]:
-    """The names of the adapters currently installed."""
+    """The names of the adapters currently installed (see :func:`pending` for the others)."""
     return sorted(_adapters)
+
+
+def pending() -> list[str]:
+    """The adapters waiting for their library to be imported: each installs itself then.
+
+    An application that imports a library after ``install()`` sees it here until the import.
+    """
+    from pgleak.integrations import ADAPTERS
+
+    waiting = set(_finder.hooks)
+    return sorted(
+        name
+        for name, (module, _) in ADAPTERS.items()
+        if module in waiting and name not in _adapters
+    )
 
 
 def settings() -> Settings:
