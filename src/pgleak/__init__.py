@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from pgleak import _appname, _guard, _retry
+from pgleak import _appname, _dump, _guard, _retry
 from pgleak._adapter import Adapter, AdapterUnavailable
 from pgleak._core import allowance, core, suppressed
 from pgleak._core import context as _context
@@ -130,6 +130,7 @@ def install(
         if _summary_sink not in core.sinks:
             core.sinks.insert(1, _summary_sink)
         _register_process_hooks()
+        _dump.configure(new.dump_signal)
         _warn_env_typos()
         _install_adapters(named)
         _installed = True
@@ -252,6 +253,7 @@ def _uninstall_locked() -> None:
             core.flush()
         except Exception as exc:
             _guard.internal_error("uninstall.flush", exc)
+    _dump.configure(None)
     _finder.hooks.clear()
     _finder.unregister()
     for adapter in reversed(list(_adapters.values())):

@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
-from pgleak import _reclaim, _stack
+from pgleak import _dump, _reclaim, _stack
 from pgleak._events import (
     AT_EXIT,
     COLLECTED,
@@ -738,6 +738,10 @@ class Core:
         cap = self.settings.leak_threshold / 2
         if self.settings.reclaim:
             cap = min(cap, _reclaim.CHECK_EVERY)
+        if self.settings.dump_signal:
+            cap = min(cap, _dump.CHECK_EVERY)
+            if _dump.due():
+                _dump.write(self.checked_out(with_holder_stack=True))
         return min(next_deadline - _monotonic(), cap)
 
     def reclaimed(self, lease: Lease, now: float) -> None:

@@ -91,6 +91,10 @@ class Settings:
             as ``leak.reclaimed``. Off by default: see docs/production.md.
         reclaim_after: Seconds a checkout must be old before it can be reclaimed.
         reclaim_when_used: The share of a pool's connections out that counts as pressure.
+        dump_signal: A signal (``SIGUSR2``) on which the process logs every connection checked
+            out right now, with its line and where its holder is (``pool.checked_out``); unset:
+            none. Opt-in, since servers use some signals themselves (gunicorn's master takes
+            SIGUSR2 for its binary upgrade).
         otel: OpenTelemetry spans (one per checkout, leak events on it) and pool metrics
             (``docs/otel.md``). ``None`` (the default): on when ``opentelemetry-api`` is
             importable, which costs nothing until the application sets up an SDK; ``True``
@@ -123,6 +127,7 @@ class Settings:
     reclaim: bool = False
     reclaim_after: float = 300.0
     reclaim_when_used: float = 0.9
+    dump_signal: str | None = None
     otel: bool | None = None
 
 
@@ -171,6 +176,18 @@ def _optional_seconds(value: Any) -> float | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in {"", "off", "none"}):
         return None
     return _positive_float(value)
+
+
+def _signal_name(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"", "off", "none"}):
+        return None
+    import signal
+
+    name = str(value).strip().upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    if not isinstance(getattr(signal, name, None), int) or name in {"SIGKILL", "SIGSTOP"}:
+        raise ValueError("expected a signal this platform can handle, e.g. SIGUSR2")
+    return name
 
 
 def _positive_int(value: Any) -> int:
@@ -247,6 +264,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "reclaim": _parse_bool,
     "reclaim_after": _positive_float,
     "reclaim_when_used": _fraction,
+    "dump_signal": _signal_name,
     "otel": _auto_bool,
 }
 

@@ -97,3 +97,14 @@ def test_install_warns_once_about_a_misspelt_variable(
         "pgleak: PGLEAK_REPORT_INTERVALL is not a pgleak setting and is ignored: "
         "did you mean PGLEAK_REPORT_INTERVAL?"
     ]
+
+
+@pytest.mark.parametrize("value", ["SIGNOPE", "SIGKILL", "9x"])
+def test_a_bad_dump_signal_names_the_knob(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"invalid value for dump_signal"):
+        build_settings({"dump_signal": value}, environ={})
+
+
+def test_dump_signal_names_are_normalised() -> None:
+    assert build_settings({"dump_signal": "usr2"}, environ={}).dump_signal == "SIGUSR2"
+    assert build_settings({}, environ={"PGLEAK_DUMP_SIGNAL": "off"}).dump_signal is None

@@ -147,3 +147,51 @@ def test_nothing_happened_logs_nothing(caplog: pytest.LogCaptureFixture) -> None
     sink(_event("leak.returned", "app.py:1 in f", 1, 0.5))  # a follow-up alone is no news
     sink.flush(force=True)
     assert not _summaries(caplog)
+
+
+def test_the_dump_signal_logs_what_is_checked_out(pg: Server, tmp_path: Any) -> None:
+    """``PGLEAK_DUMP_SIGNAL=SIGUSR2``: ``kill -USR2`` a running process, read what it holds."""
+    import signal
+
+    script = tmp_path / "holder.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""\
+            import logging, sys, threading
+            logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+            import pgleak
+            pgleak.install(leak_threshold=60, dump_signal="SIGUSR2")
+            from psycopg_pool import ConnectionPool
+            pool = ConnectionPool({pg.dsn!r}, min_size=0, max_size=2)
+            conn = pool.getconn()  # HELD
+            print("holding", flush=True)
+            sys.stdin.readline()  # until the test has read the dump
+            pool.putconn(conn)
+            """
+        )
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdin is not None
+    try:
+        lines = []
+        for line in process.stdout:  # bounded by the process's own output
+            lines.append(line)
+            if line.startswith("holding"):
+                process.send_signal(signal.SIGUSR2)
+            if "holder is now at" in line:
+                break
+        process.stdin.write("\n")
+        process.stdin.close()
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = "".join(lines)
+    assert "pool.checked_out: 1 connection(s) checked out now, oldest first:" in text
+    assert f"checked out at {script}:7 in <module>" in text
