@@ -13,6 +13,17 @@ import pytest
 from pgleak import _stack
 from tests.helpers import assert_site
 
+#: The walks a stack can come from: the C one (``pgleak._speedups``) where it was built, and
+#: always the Python one it falls back to; every test here runs with each.
+_WALKS = ["python"] + (["c"] if _stack._load_speedups() is not None else [])
+
+
+@pytest.fixture(autouse=True, params=_WALKS)
+def walk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    walk: str = request.param
+    monkeypatch.setattr(_stack, "_fast", _stack._load_speedups() if walk == "c" else None)
+    return walk
+
 
 def _recurse(depth: int, limit: int) -> _stack.RawStack:
     if depth == 0:
@@ -168,3 +179,37 @@ def test_pseudo_file_code_of_the_application_is_kept() -> None:
     user_made: Any = _generated("__main__", "<string>")
     stack = _stack.format_raw(user_made(10))
     assert stack[-1].startswith("<string>:2 in generated")
+
+
+def _both(limit: int, task: Any = None) -> tuple[_stack.RawStack, _stack.RawStack]:
+    """The same frames captured by the C walk and by the Python walk, from the same line."""
+    fast = _stack._fast
+    try:
+        # C first: after the caches are cleared, it meets frames only Python can judge.
+        _stack._fast = _stack._load_speedups()
+        c = _stack.capture(limit, 2, task)
+        _stack._fast = None
+        python = _stack.capture(limit, 2, task)
+    finally:
+        _stack._fast = fast
+    return python, c
+
+
+@pytest.mark.parametrize("walk", ["c"], indirect=True)
+def test_c_walk_records_what_the_python_walk_records(walk: str) -> None:
+    """Thread and task walks, a limit that cuts, frames of a pseudo-file and of a file seen
+    for the first time (which the C walk hands back to Python): the same pairs."""
+    generated: Any = _generated("__main__", "<string>")
+    del generated  # compiled only so that a pseudo-file verdict is cached for "__main__"
+    _stack._skip_cache.clear()
+    for limit in (1, 5, 40):
+        python, c = _both(limit)
+        assert python == c
+        assert len(c) == 2 * min(limit, len(_stack.walk(sys._getframe())))
+
+    async def in_task() -> tuple[_stack.RawStack, _stack.RawStack]:
+        return _both(40, asyncio.current_task())
+
+    python, c = asyncio.run(in_task())
+    assert python == c
+    assert _stack.format_raw(c)[-1].endswith("in in_task")
