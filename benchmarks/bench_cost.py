@@ -17,7 +17,9 @@ The method, chosen for shared, noisy machines (wall-time ratios of separate proc
   processes on the machine do not inflate it (an asyncio loop runs its I/O callbacks in the
   same thread, so the driver's work is counted, the server's is not);
 * the result is the median over rounds of the paired difference (instrumented minus bare, per
-  cycle), with the bare cost beside it;
+  cycle), with the bare cost beside it, and a 95% confidence interval of that median from the
+  order statistics of the rounds (distribution-free: one disturbed round moves it little, and
+  a wide interval says the machine was too busy for the number to mean much);
 * the wall time of a bare checkout + ``SELECT 1`` + checkin cycle is measured too, to state the
   added cost as a share of a cycle that does something.
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import math
 import platform
 import statistics
 import sys
@@ -78,6 +81,9 @@ class Row:
     bare_ns: float
     query_ns: float
     sdk_span_ns: float | None = None
+    #: 95% confidence interval of the median added cost (order statistics of the rounds).
+    added_lo_ns: float = float("nan")
+    added_hi_ns: float = float("nan")
 
     @property
     def own_ns(self) -> float:
@@ -135,6 +141,10 @@ async def _adeep(depth: int, fn: Callable[[], Awaitable[Any]]) -> Any:
     return await fn() if depth == 0 else await _adeep(depth - 1, fn)
 
 
+#: (median added, median bare, the added median's 95% interval low and high), ns per cycle.
+Result = tuple[float, float, float, float]
+
+
 class Bench:
     """Alternating bare and instrumented blocks of one path, in the thread that runs it."""
 
@@ -142,7 +152,7 @@ class Bench:
         self.rounds = rounds
         self.cycles = cycles
 
-    def sync(self, run: Cycle, settings: dict[str, Any]) -> tuple[float, float]:
+    def sync(self, run: Cycle, settings: dict[str, Any]) -> Result:
         def block(installed: bool) -> float:
             if installed:
                 pgleak.install(**settings)
@@ -162,7 +172,7 @@ class Bench:
 
     async def asyncio(
         self, run: Callable[[int], Awaitable[Any]], settings: dict[str, Any]
-    ) -> tuple[float, float]:
+    ) -> Result:
         results: list[tuple[float, float]] = []
         for i in range(self.rounds):
             pair: dict[bool, float] = {}
@@ -183,7 +193,7 @@ class Bench:
             results.append((pair[True] - pair[False], pair[False]))
         return _medians(results)
 
-    def _pairs(self, block: Callable[[bool], float]) -> tuple[float, float]:
+    def _pairs(self, block: Callable[[bool], float]) -> Result:
         results = []
         for i in range(self.rounds):
             order = (False, True) if i % 2 == 0 else (True, False)
@@ -192,8 +202,29 @@ class Bench:
         return _medians(results)
 
 
-def _medians(results: list[tuple[float, float]]) -> tuple[float, float]:
-    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+def _medians(results: list[tuple[float, float]]) -> Result:
+    lo, hi = _median_ci([r[0] for r in results])
+    added = statistics.median(r[0] for r in results)
+    return added, statistics.median(r[1] for r in results), lo, hi
+
+
+def _median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median: the k-th smallest and k-th largest value,
+    k the largest rank the binomial(n, 1/2) puts below (1 - confidence) / 2 on each side.
+
+    On a shared machine one round can be far off; this says how far the median itself can be
+    trusted (21 rounds: from the 6th to the 16th value). Too few rounds: the whole range.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    tail = (1 - confidence) / 2
+    k, mass = 0, 0.0
+    while k < n and mass + math.comb(n, k) / 2**n <= tail:
+        mass += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return ordered[0], ordered[-1]
+    return ordered[k - 1], ordered[n - k]
 
 
 def _wall_ns(run: Callable[[int], Any], n: int) -> float:
@@ -359,8 +390,8 @@ def measure(
         bare(200)
         query_ns = _wall_ns(query, 500)
         for name, kwargs in settings.items():
-            added, bare_ns = bench.sync(bare, kwargs)
-            rows.append(Row(path, name, added, bare_ns, query_ns, spans.get(name)))
+            added, bare_ns, lo, hi = bench.sync(bare, kwargs)
+            rows.append(Row(path, name, added, bare_ns, query_ns, spans.get(name), lo, hi))
             _log(rows[-1])
         close()
 
@@ -370,8 +401,8 @@ def measure(
             await bare(200)
             query_ns = await _awall_ns(query, 300)
             for name, kwargs in settings.items():
-                added, bare_ns = await bench.asyncio(bare, kwargs)
-                rows.append(Row(path, name, added, bare_ns, query_ns, spans.get(name)))
+                added, bare_ns, lo, hi = await bench.asyncio(bare, kwargs)
+                rows.append(Row(path, name, added, bare_ns, query_ns, spans.get(name), lo, hi))
                 _log(rows[-1])
             await close()
 
@@ -382,7 +413,8 @@ def measure(
 
 def _log(row: Row) -> None:
     print(
-        f"  {row.path:20s} {row.setting:9s} +{row.added_ns / 1000:6.2f} µs over "
+        f"  {row.path:20s} {row.setting:9s} +{row.added_ns / 1000:6.2f} µs "
+        f"[{row.added_lo_ns / 1000:.2f}, {row.added_hi_ns / 1000:.2f}] over "
         f"{row.bare_ns / 1000:6.2f} µs",
         file=sys.stderr,
         flush=True,
@@ -452,10 +484,10 @@ def held(count: int, cycles: int) -> dict[str, float]:
 
 def print_table(rows: list[Row]) -> None:
     print(
-        "| path | setting | added per checkout + checkin | bare cycle "
+        "| path | setting | added per checkout + checkin | 95% CI of the median | bare cycle "
         "| share of a SELECT 1 cycle | target |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         target = TARGETS_US.get(row.setting)
         own = row.own_ns / 1000
@@ -465,7 +497,9 @@ def print_table(rows: list[Row]) -> None:
         verdict = "" if target is None else ("met" if own <= target else f"NOT met (≤ {target} µs)")
         share = 100 * row.added_ns / row.query_ns if row.query_ns else float("nan")
         print(
-            f"| {row.path} | {row.setting} | {added} | {row.bare_ns / 1000:.2f} µs | "
+            f"| {row.path} | {row.setting} | {added} | "
+            f"{row.added_lo_ns / 1000:.2f} to {row.added_hi_ns / 1000:.2f} µs | "
+            f"{row.bare_ns / 1000:.2f} µs | "
             f"{share:+.1f}% of {row.query_ns / 1000:.0f} µs | {verdict} |"
         )
 
@@ -476,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated; default all")
     parser.add_argument("--settings", default="default,no_stack,otel_sdk", help="comma-separated")
     parser.add_argument("--held", action="store_true", help="also 10,000 held and 1M cycles")
+    parser.add_argument("--rounds", type=int, help="bare/pgleak block pairs per row (21)")
+    parser.add_argument("--cycles", type=int, help="checkout + checkin cycles per block (3000)")
     args = parser.parse_args(argv)
     paths = [p for p in args.paths.split(",") if p]
     unknown = set(paths) - set(PATHS)
@@ -495,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
             settings[name] = otel
         else:
             parser.error(f"unknown setting {name!r}")
-    bench = Bench(rounds=3, cycles=300) if args.quick else Bench(rounds=21, cycles=3000)
+    rounds, cycles = (3, 300) if args.quick else (21, 3000)
+    bench = Bench(rounds=args.rounds or rounds, cycles=args.cycles or cycles)
     with EmbeddedPostgres(max_connections=20) as server:
         rows = measure(server, paths, settings, bench)
     print()

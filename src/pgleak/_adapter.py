@@ -545,6 +545,7 @@ class Adapter:
                 by a cancellation gives the connection back before the cancellation goes on.
         """
         kind = self.name
+        pools = core._pools
 
         def waiting(pool: Any) -> tuple[Any, float | None]:
             # Only an observer needs the wait's start (and the handle, before the call);
@@ -624,7 +625,16 @@ class Adapter:
                         raise
                     if handle is not None:
                         core.wait_end(handle)
-                    lease = checked_out(pool, conn, handle, since)
+                    # checked_out(), inlined: this wrapper is every checkout.
+                    try:
+                        if handle is None:
+                            handle = pools.get(id(pool))
+                            if handle is None or handle.ref() is not pool:
+                                handle = core.pool(pool, kind, namer)
+                        lease = core.checkout(handle, conn, True, since)
+                    except Exception as exc:
+                        internal_error(f"{kind}.checkout", exc)
+                        lease = None
                     if give_back is not None and tags.call_site and lease is not None:
                         tag(conn, lease, kind)
                     return conn
@@ -649,6 +659,7 @@ class Adapter:
         failed reset is the pool's business, not a leak.
         """
         kind = self.name
+        by_conn = core.by_conn
 
         def lease_of(conn: Any) -> Any:
             # Looked up before the pool has the connection back: a pool may lend the same
@@ -691,7 +702,11 @@ class Adapter:
 
             def make(original: Any) -> Any:
                 def release(pool: Any, *args: Any, **kwargs: Any) -> Any:
-                    lease = lease_of(conn_of(args, kwargs))
+                    # lease_of(), inlined: this wrapper is every checkin.
+                    conn = args[0] if args else kwargs.get(conn_param)
+                    lease = by_conn.get(id(conn))
+                    if lease is not None and (lease.ref is None or lease.ref() is not conn):
+                        lease = None  # an id reused after its connection died
                     try:
                         result = original(pool, *args, **kwargs)
                     except refused:
@@ -699,7 +714,11 @@ class Adapter:
                     except BaseException:
                         checked_in(lease)
                         raise
-                    checked_in(lease)
+                    if lease is not None:
+                        try:
+                            core.checkin(lease)
+                        except Exception as exc:
+                            internal_error(f"{kind}.checkin", exc)
                     return result
 
                 return release

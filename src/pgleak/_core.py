@@ -319,7 +319,8 @@ class Core:
         self.settings = Settings(enabled=False)
         self.leases: dict[int, Lease] = {}
         # id(connection) -> lease, for pools that hand out the connection itself and keep no
-        # object of their own per checkout (psycopg_pool, psycopg2, asyncpg).
+        # object of their own per checkout (psycopg_pool, psycopg2, asyncpg). Never replaced:
+        # adapters' wrappers keep a reference to it (one lookup less per checkin).
         self.by_conn: dict[int, Lease] = {}
         self.sinks: list[Sink] = []
         self._ids = itertools.count(1)
@@ -327,6 +328,7 @@ class Core:
         # by the watchdog. deque.append is atomic and takes no lock, so a weakref callback that
         # fires in the middle of anything (even inside the watchdog) cannot deadlock on it.
         self._pending: collections.deque[tuple[str, Any, float]] = collections.deque()
+        # id(pool) -> handle; never replaced (adapters' wrappers read it directly).
         self._pools: dict[int, PoolHandle] = {}
         self.untracked = 0
         self._untracked_warned = False
@@ -339,6 +341,8 @@ class Core:
         self.waker: Callable[[], Observer | None] | None = None
         #: What each adapter can tell about its pools (:class:`PoolKind`), by adapter name.
         self.kinds: dict[str, PoolKind] = {}
+        #: ``_on_collected`` bound once, not per checkout (every weak reference takes it).
+        self._collected = self._on_collected
         from pgleak._watchdog import Watchdog
 
         self.watchdog = Watchdog(self._tick)
@@ -466,6 +470,8 @@ class Core:
             The lease the adapter hands back to :meth:`checkin`, or ``None`` when pgleak is off,
             suppressed, or at its tracking bound.
         """
+        # Every line here runs on every checkout: locals over attributes, no calls that can be
+        # avoided, the rare cases (a hold allowance, a closed-check, an observer) tested last.
         settings = self.settings
         if not settings.enabled or suppressed.get():
             return None
@@ -475,8 +481,10 @@ class Core:
             return None
         threshold = settings.leak_threshold if hold is None else hold
         extra = allowance.get()
-        threshold = max(threshold, extra)
-        task = _current_task() if _get_running_loop() is not None else None
+        if extra > threshold:  # noqa: PLR1730 - max() is a call, on every checkout
+            threshold = extra
+        loop = _get_running_loop()
+        task = None if loop is None else _current_task(loop)
         t0 = _monotonic()
         lease = Lease(
             next(self._ids),
@@ -495,21 +503,22 @@ class Core:
             lease.unseen_close = unseen_close
         if conn is not None:
             try:
-                ref = _ConnRef(conn, self._on_collected)
+                ref = _ConnRef(conn, self._collected)
             except TypeError:  # not weak-referenceable: "collected" cannot happen to it anyway
                 pass
             else:
                 ref.lease_id = lease.id
-                ref.key = id(conn)
+                ref.key = key = id(conn)
                 lease.ref = ref
                 if index:
-                    lease.key = id(conn)
-                    stale = self.by_conn.get(lease.key)
+                    lease.key = key
+                    by_conn = self.by_conn
+                    stale = by_conn.get(key)
                     if stale is not None and stale.ref is not None and stale.ref() is conn:
                         # The pool lent this connection again, so it had it back; the old
                         # lease's checkin went unseen (a path the adapter does not hook).
                         self._forget(stale)
-                    self.by_conn[lease.key] = lease
+                    by_conn[key] = lease
         leases[lease.id] = lease
         if self.watchdog.thread is None:
             self.watchdog.start()
@@ -532,14 +541,16 @@ class Core:
             return
         if lease.generation != _generation:
             return  # checked out before a fork, in the parent: not this process's to report
-        now = _monotonic()
-        lease.t_in = now
-        self._forget(lease)
-        late = lease.flagged
-        if late:
+        lease.t_in = now = _monotonic()
+        # _forget(), inlined: this is every checkin.
+        key = lease.key
+        if key is not None and self.by_conn.get(key) is lease:
+            del self.by_conn[key]
+        self.leases.pop(lease.id, None)
+        if lease.flagged:
             self._pending.append((RETURNED, lease, now))
         if self.observer is not None:
-            self._observe_checkin(lease, late, discarded=False)
+            self._observe_checkin(lease, lease.flagged, discarded=False)
 
     def _observe_checkin(self, lease: Lease, late: bool, discarded: bool) -> None:
         # ``late``: the watchdog has looked at this lease and may be reporting it right now;
@@ -954,7 +965,7 @@ class Core:
         global _generation
         _generation += 1
         self.leases = {}
-        self.by_conn = {}
+        self.by_conn.clear()  # the same dict: adapters keep a reference to it
         self._pending = collections.deque()
         self.untracked = 0
         self._untracked_warned = False

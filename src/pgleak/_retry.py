@@ -305,6 +305,15 @@ def _active() -> Settings | None:
     return settings if settings.enabled and settings.retry_connect else None
 
 
+def succeeded() -> None:
+    """A caller's own first attempt (see ``refused`` below) succeeded: the budget's deposit."""
+    if BUDGET._tokens is None:  # full: every checkout, nothing to do
+        return
+    settings = _active()
+    if settings is not None:
+        BUDGET.succeeded(settings.retry_budget, settings.retry_budget_ratio)
+
+
 def retry_connect(
     connect: Callable[[], T],
     *,
@@ -314,6 +323,7 @@ def retry_connect(
     rand: Callable[[], float] = random.random,
     budget: RetryBudget | None = None,
     deadline: float | None = None,
+    refused: Exception | None = None,
 ) -> T:
     """Call ``connect()``; retry it with backoff while the server refuses for being full.
 
@@ -330,9 +340,14 @@ def retry_connect(
         budget: The retry budget (the process-wide one by default).
         deadline: A shorter deadline than ``retry_deadline`` for this call (the caller's own
             wait, when the pool has one), in seconds from now.
+        refused: How the caller's own first call of ``connect()`` failed: a hook on every
+            checkout (psycopg2's ``getconn``) calls it bare, and comes here only when it
+            raised, so that a checkout that succeeds pays for no retry machinery.
     """
     settings = _active()
     if settings is None:
+        if refused is not None:
+            raise refused
         return connect()
     bucket = BUDGET if budget is None else budget
     start = clock()
@@ -341,6 +356,9 @@ def retry_connect(
     state: _Attempts | None = None
     while True:
         try:
+            if refused is not None:  # the caller's own first attempt (see the argument)
+                exc, refused = refused, None
+                raise exc
             result = connect()
         except Exception as exc:
             if state is None:

@@ -52,6 +52,7 @@ RawStack = tuple[Any, ...]
 
 _EMPTY: RawStack = ()
 
+
 def _load_speedups() -> Any:
     if os.environ.get("PGLEAK_NO_SPEEDUPS", "").strip().lower() in ("1", "true", "yes", "on"):
         return None

@@ -148,13 +148,18 @@ def _connection_of(proxy: Any) -> Any:
     return None
 
 
+_pools = core._pools
+
+
 def _checked_out(pool: Any, proxy: Any, handle: Any, since: float | None) -> Any:
     try:
-        con = _connection_of(proxy)
+        con = proxy._con if isinstance(proxy, PoolConnectionProxy) else None
         if con is not None:
             if handle is None:
-                handle = core.pool(pool, _KIND, _pool_name)
-            return core.checkout(handle, con, index=True, since=since)
+                handle = _pools.get(id(pool))  # core.pool(), its common case inlined
+                if handle is None or handle.ref() is not pool:
+                    handle = core.pool(pool, _KIND, _pool_name)
+            return core.checkout(handle, con, True, since)
     except Exception as exc:
         internal_error("asyncpg.checkout", exc)
     return None

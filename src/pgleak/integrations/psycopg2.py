@@ -166,10 +166,16 @@ def _retrying_getconn(original: Any) -> Any:
     """
 
     def getconn(pool: Any, *args: Any, **kwargs: Any) -> Any:
-        conn = _retry.retry_connect(
-            lambda: original(pool, *args, **kwargs),
-            pool=lambda: core.pool(pool, "psycopg2", _pool_name),
-        )
+        try:
+            conn = original(pool, *args, **kwargs)
+        except Exception as exc:  # most checkouts open no connection, and none fails
+            conn = _retry.retry_connect(
+                lambda: original(pool, *args, **kwargs),
+                pool=lambda: core.pool(pool, "psycopg2", _pool_name),
+                refused=exc,
+            )
+        else:
+            _retry.succeeded()
         if tags.call_site:
             lease = core.lease_of(conn)
             if lease is not None:

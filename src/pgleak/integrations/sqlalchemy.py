@@ -122,8 +122,16 @@ def _pool_name(pool: Any) -> str:
     return f"sqlalchemy {type(pool).__name__}@{id(pool):#x}{driver}"
 
 
+_pools = core._pools
+
+
 def _handle(pool: Any) -> PoolHandle:
-    return core.pool(pool, _KIND, _pool_name)
+    # core.pool()'s first lines, inlined: every checkout asks, and the pool is nearly always
+    # known already.
+    handle = _pools.get(id(pool))
+    if handle is None or handle.ref() is not pool:
+        handle = core.pool(pool, _KIND, _pool_name)
+    return handle
 
 
 def _engine_name(engine: Any) -> str:
