@@ -115,11 +115,12 @@ def install(
         _configure(new)
         # Without an SDK to record into, the observer only waits for one, at a checkout's cost
         # of one call; every other hook then sees no observer at all.
-        core.observer = core.waker = None
+        core.observer = core.waker = core.wake_gate = None
         if observer is not None and not observer.asleep:
             core.observer = observer
         elif observer is not None and observer.dormant:
             core.waker = observer.waker()
+            core.wake_gate = observer.wake_gate()
         if not new.enabled:
             if _installed:
                 _uninstall_locked()
@@ -259,7 +260,7 @@ def _uninstall_locked() -> None:
     for adapter in reversed(list(_adapters.values())):
         adapter.uninstall()
     _adapters.clear()
-    core.observer = core.waker = None
+    core.observer = core.waker = core.wake_gate = None
     core.watchdog.stop()
     core.clear()
     _retry.BUDGET.reset()

@@ -57,7 +57,22 @@ __all__ = ["Core", "Lease", "Observer", "PoolHandle", "PoolKind", "PoolStats", "
 _log = logging.getLogger("pgleak")
 _monotonic = time.monotonic
 _get_running_loop = asyncio.events._get_running_loop
-_current_task = asyncio.current_task
+
+
+
+def _task_lookup() -> Callable[[Any], Any]:
+    """``asyncio.current_task(loop)`` without a Python frame, where that can be had.
+
+    3.12+ implement it in C. On 3.10 and 3.11 it is a Python function whose whole body, given
+    the loop, is ``_current_tasks.get(loop)``: the dict's own ``get`` gives the same answer.
+    """
+    tasks = getattr(asyncio.tasks, "_current_tasks", None)
+    if sys.version_info < (3, 12) and isinstance(tasks, dict):
+        return tasks.get
+    return asyncio.current_task
+
+
+_current_task = _task_lookup()
 
 #: Set inside ``pgleak.suppress()``: checkouts made there are pgleak's own (doctor, demo) and
 #: are not recorded.
@@ -339,6 +354,11 @@ class Core:
         #: up yet): asked at each checkout, it returns itself once it has work, and becomes
         #: :attr:`observer`. Until then every other hook sees no observer and costs nothing.
         self.waker: Callable[[], Observer | None] | None = None
+        #: ``(obj, attr, obj, attr)``: the waker has nothing to say while both attributes are
+        #: ``None`` (OpenTelemetry's global providers), so a checkout reads them itself instead
+        #: of calling it: two attribute reads instead of two calls, for as long as no SDK is
+        #: set up, which may be forever. ``None``: ask the waker every time.
+        self.wake_gate: tuple[Any, str, Any, str] | None = None
         #: What each adapter can tell about its pools (:class:`PoolKind`), by adapter name.
         self.kinds: dict[str, PoolKind] = {}
         #: ``_on_collected`` bound once, not per checkout (every weak reference takes it).
@@ -486,12 +506,16 @@ class Core:
         loop = _get_running_loop()
         task = None if loop is None else _current_task(loop)
         t0 = _monotonic()
+        try:
+            thread = _thread_local.ident  # _thread_identity(), its common case inlined
+        except AttributeError:
+            thread = _thread_identity()
         lease = Lease(
             next(self._ids),
             pool,
             t0,
             t0 + threshold,
-            _thread_identity(),
+            thread,
             _stack.capture(settings.stack_depth, 2, task) if settings.capture_stack else (),
             None if task is None else (weakref.ref(task), task.get_name()),
         )
@@ -522,7 +546,15 @@ class Core:
         leases[lease.id] = lease
         if self.watchdog.thread is None:
             self.watchdog.start()
-        observer = self.observer if self.waker is None else self.observer_now()
+        observer = self.observer
+        if observer is None and self.waker is not None:
+            gate = self.wake_gate
+            if (
+                gate is None
+                or getattr(gate[0], gate[1]) is not None
+                or getattr(gate[2], gate[3]) is not None
+            ):
+                observer = self.observer_now()
         if observer is not None:
             try:
                 observer.checked_out(lease, since)
@@ -621,7 +653,8 @@ class Core:
             if lease.pool is pool and _alive(lease)
         )
         ident = _thread_identity()
-        task = _current_task() if _get_running_loop() is not None else None
+        loop = _get_running_loop()
+        task = None if loop is None else _current_task(loop)
         waiter_raw = _stack.capture(self.settings.stack_depth, 2, task, thorough=True)
         during = context.get()
         holder = (
@@ -725,7 +758,8 @@ class Core:
 
     def current_holder_leases(self) -> list[Lease]:
         thread_id = threading.get_ident()
-        task = _current_task() if _get_running_loop() is not None else None
+        loop = _get_running_loop()
+        task = None if loop is None else _current_task(loop)
         return [
             lease
             for lease in list(self.leases.values())

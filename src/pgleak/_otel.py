@@ -332,6 +332,12 @@ class Telemetry:
 
         return wake
 
+    def wake_gate(self) -> tuple[Any, str, Any, str] | None:
+        """``Core.wake_gate``: the two globals the waker's first test reads (see :meth:`waker`)."""
+        if hasattr(trace, "_TRACER_PROVIDER") and hasattr(_metrics_internal, "_METER_PROVIDER"):
+            return (trace, "_TRACER_PROVIDER", _metrics_internal, "_METER_PROVIDER")
+        return None
+
     def _wake(self) -> None:
         """Start what the application has set up since (a provider is set only once)."""
         if not self.tracing and not self._tracer_off and _global_tracer_set():

@@ -141,7 +141,11 @@ def _engine_name(engine: Any) -> str:
 def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
     try:
         since = _since.get() if core.observer is not None else None
-        lease = core.checkout(_handle(proxy._pool), proxy, since=since)
+        pool = proxy._pool
+        handle = _pools.get(id(pool))  # _handle(), inlined: this is every checkout
+        if handle is None or handle.ref() is not pool:
+            handle = core.pool(pool, _KIND, _pool_name)
+        lease = core.checkout(handle, proxy, False, since)
         if lease is not None:
             setattr(record, _KEY, lease)
     except Exception as err:
