@@ -59,7 +59,6 @@ _monotonic = time.monotonic
 _get_running_loop = asyncio.events._get_running_loop
 
 
-
 def _task_lookup() -> Callable[[Any], Any]:
     """``asyncio.current_task(loop)`` without a Python frame, where that can be had.
 

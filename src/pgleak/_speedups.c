@@ -14,6 +14,23 @@
 #include <Python.h>
 #include <frameobject.h>
 
+#if PY_VERSION_HEX < 0x030D0000
+/* 3.13's PyObject_GetOptionalAttr: 1 found, 0 absent (no error set), -1 error. */
+static int
+PyObject_GetOptionalAttr(PyObject *obj, PyObject *name, PyObject **result)
+{
+    *result = PyObject_GetAttr(obj, name);
+    if (*result != NULL) {
+        return 1;
+    }
+    if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        return 0;
+    }
+    return -1;
+}
+#endif
+
 /* The verdicts of pgleak._stack (_KEEP, _SKIP, _SKIP_LOOP; anything else: ask Python). */
 #define KEEP 0
 #define SKIP 1
@@ -225,9 +242,95 @@ walk(PyObject *module, PyObject *args)
     return Py_BuildValue("(iN)", status, (PyObject *)frame);
 }
 
+PyDoc_STRVAR(chain_complete_doc,
+"chain_complete(out, coro, cache, pseudo) -> bool\n\n"
+"Whether every frame of the coroutine chain from ``coro`` (a task's coroutine, then what each\n"
+"awaits, through ``cr_await`` / ``gi_yieldfrom``) that the caches say to keep is among the\n"
+"codes of ``out`` already: then pgleak._stack._add_task_chain has nothing to add, which is\n"
+"nearly always. False when one is missing, or a verdict is not cached: Python decides.");
+
+static int
+chain_link(PyObject *obj, PyObject *first, PyObject *second, PyObject **result)
+{
+    /* ``getattr(obj, first, None) or getattr(obj, second, None)``; -1 on a real error. */
+    PyObject *value = NULL;
+    if (PyObject_GetOptionalAttr(obj, first, &value) < 0) {
+        return -1;
+    }
+    if (value == NULL || value == Py_None) {
+        Py_XDECREF(value);
+        if (PyObject_GetOptionalAttr(obj, second, &value) < 0) {
+            return -1;
+        }
+        if (value == Py_None) {
+            Py_CLEAR(value);
+        }
+    }
+    *result = value;
+    return 0;
+}
+
+static PyObject *s_cr_frame, *s_gi_frame, *s_cr_await, *s_gi_yieldfrom;
+
+static PyObject *
+chain_complete(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyList_Check(args[0]) || !PyDict_Check(args[2])
+        || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "chain_complete(out: list, coro, cache, pseudo)");
+        return NULL;
+    }
+    PyObject *out = args[0], *cache = args[2], *pseudo = args[3];
+    PyObject *coro = Py_NewRef(args[1]);
+    int complete = 1;
+    for (int depth = 0; depth < 64 && coro != NULL && coro != Py_None && complete; depth++) {
+        PyObject *frame = NULL, *next = NULL;
+        if (chain_link(coro, s_cr_frame, s_gi_frame, &frame) < 0) {
+            Py_DECREF(coro);
+            return NULL;
+        }
+        if (frame == NULL) {
+            break;
+        }
+        if (!PyFrame_Check(frame)) {
+            Py_DECREF(frame);
+            complete = 0;
+            break;
+        }
+        PyCodeObject *code = PyFrame_GetCode((PyFrameObject *)frame);
+        long verdict = verdict_of(cache, pseudo, code);
+        if (verdict == UNKNOWN) {
+            PyErr_Clear();
+            complete = 0;
+        }
+        else if (verdict == KEEP) {
+            int found = 0;
+            Py_ssize_t n = PyList_GET_SIZE(out);
+            for (Py_ssize_t i = 0; i < n; i += 2) {
+                if (PyList_GET_ITEM(out, i) == (PyObject *)code) {
+                    found = 1;
+                    break;
+                }
+            }
+            complete = found;
+        }
+        Py_DECREF(code);
+        Py_DECREF(frame);
+        if (chain_link(coro, s_cr_await, s_gi_yieldfrom, &next) < 0) {
+            Py_DECREF(coro);
+            return NULL;
+        }
+        Py_SETREF(coro, next);
+    }
+    Py_XDECREF(coro);
+    return PyBool_FromLong(complete);
+}
+
 static PyMethodDef methods[] = {
     {"capture", (PyCFunction)(void (*)(void))capture, METH_FASTCALL, capture_doc},
     {"walk", walk, METH_VARARGS, walk_doc},
+    {"chain_complete", (PyCFunction)(void (*)(void))chain_complete, METH_FASTCALL,
+     chain_complete_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -242,5 +345,12 @@ static struct PyModuleDef speedups = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    s_cr_frame = PyUnicode_InternFromString("cr_frame");
+    s_gi_frame = PyUnicode_InternFromString("gi_frame");
+    s_cr_await = PyUnicode_InternFromString("cr_await");
+    s_gi_yieldfrom = PyUnicode_InternFromString("gi_yieldfrom");
+    if (!s_cr_frame || !s_gi_frame || !s_cr_await || !s_gi_yieldfrom) {
+        return NULL;
+    }
     return PyModule_Create(&speedups);
 }

@@ -323,6 +323,13 @@ def _add_task_chain(out: list[Any], task: Any, loop_at: int, thorough: bool = Fa
     """
     try:
         coro = task.get_coro()
+        fast = _fast
+        if (
+            not thorough
+            and fast is not None
+            and fast.chain_complete(out, coro, _skip_cache, _pseudo_codes)
+        ):
+            return  # the walk saw every frame of the chain: nearly always
         chain: list[Any] = []
         ids: set[int] = set()
         depth = 0
