@@ -427,11 +427,16 @@ class Telemetry:
 
     def _start(self, lease: Lease, state: _Trace, parent: Any) -> Span:
         start = state.since if state.since is not None else lease.t0
+        # The attributes go in with the start: the SDK takes them in one pass (and hands them
+        # to the sampler), where set_attributes() afterwards takes the span's lock and checks
+        # each one again.
         span = self.tracer.start_span(
-            SPAN_NAME, context=parent, kind=SpanKind.INTERNAL, start_time=_epoch_ns(start)
+            SPAN_NAME,
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            attributes=self._attributes(lease, state),
+            start_time=_epoch_ns(start),
         )
-        if span.is_recording():
-            span.set_attributes(self._attributes(lease, state))
         state.span = span
         return span
 
