@@ -118,6 +118,7 @@ def install(
         core.observer = core.waker = core.wake_gate = None
         if observer is not None and not observer.asleep:
             core.observer = observer
+            core.observer_started()
         elif observer is not None and observer.dormant:
             core.waker = observer.waker()
             core.wake_gate = observer.wake_gate()

@@ -25,11 +25,13 @@ that the checkout's span is current exactly inside the user's block).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import math
 import sys
+import threading
 import types
 from collections.abc import Awaitable, Callable
 from importlib import metadata
@@ -369,6 +371,9 @@ class Adapter:
         self._patches: list[_Patch] = []
         self._undo: list[Callable[[], None]] = []
         self.installed = False
+        # patch_scope() patches not put in yet: (owner, attribute, make).
+        self._scopes: list[tuple[Any, str, Callable[[Any], Any]]] = []
+        self._scope_lock = threading.Lock()
 
     def check_version(self) -> None:
         try:
@@ -399,6 +404,11 @@ class Adapter:
             except Exception as exc:  # a library that refuses to remove a listener
                 say(_log, logging.WARNING, "pgleak: could not remove a %s hook: %s", self.name, exc)
         self._undo.clear()
+        with self._scope_lock:  # not while an observer's start puts scope wrappers in
+            self._undo_patches()
+        self.installed = False
+
+    def _undo_patches(self) -> None:
         for patched in reversed(self._patches):
             where = getattr(patched.owner, "__qualname__", patched.owner)
             try:
@@ -422,7 +432,6 @@ class Adapter:
                     patched.attr,
                 )
         self._patches.clear()
-        self.installed = False
 
     # -- helpers for subclasses --------------------------------------------------------------
 
@@ -475,6 +484,35 @@ class Adapter:
         else:
             _set_wrapped(holder, lambda obj: obj is replaced, wrapper, owner)
         self._patches.append(_Patch(owner, attr, before, replaced, wrapper))
+
+    def patch_scope(self, owner: Any, attr: str, make: Callable[[Any], Any]) -> None:
+        """:meth:`patch`, for a wrapper that does nothing without an observer: the user's
+        ``with`` block around a checkout, in which the checkout's span is made current.
+
+        Put in only once an observer starts (at once if one is running): with OpenTelemetry's
+        API importable and no SDK set up, which may stay so for good, every checkout would
+        otherwise pay for one or two calls through it. A block that began before the observer
+        started simply has no span to make current.
+        """
+        with self._scope_lock:
+            self._scopes.append((owner, attr, make))
+            if self._apply_scopes not in core.on_observer:
+                core.on_observer.append(self._apply_scopes)
+                self.on_uninstall(self._forget_scopes)
+        if core.observer is not None:
+            self._apply_scopes()
+
+    def _apply_scopes(self) -> None:
+        with self._scope_lock:
+            pending, self._scopes = self._scopes, []
+            for owner, attr, make in pending:
+                self.patch(owner, attr, make)
+
+    def _forget_scopes(self) -> None:
+        with self._scope_lock:
+            self._scopes.clear()
+            with contextlib.suppress(ValueError):
+                core.on_observer.remove(self._apply_scopes)
 
     def on_uninstall(self, undo: Callable[[], None]) -> None:
         self._undo.append(undo)
@@ -787,7 +825,7 @@ class Adapter:
 
             return method
 
-        self.patch(owner, attr, make)
+        self.patch_scope(owner, attr, make)
 
     def hold_unlimited(self, owner: Any, attrs: tuple[str, ...], *, is_async: bool) -> None:
         """Wrap pool methods that check out and return a connection by themselves.

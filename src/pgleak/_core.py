@@ -358,6 +358,10 @@ class Core:
         #: of calling it: two attribute reads instead of two calls, for as long as no SDK is
         #: set up, which may be forever. ``None``: ask the waker every time.
         self.wake_gate: tuple[Any, str, Any, str] | None = None
+        #: Called when an observer starts (``install()`` with an SDK, or a waker that woke):
+        #: adapters put in the wrappers only an observer needs (see
+        #: ``Adapter.patch_scope``), so that without one no checkout pays for them.
+        self.on_observer: list[Callable[[], None]] = []
         #: What each adapter can tell about its pools (:class:`PoolKind`), by adapter name.
         self.kinds: dict[str, PoolKind] = {}
         #: ``_on_collected`` bound once, not per checkout (every weak reference takes it).
@@ -421,7 +425,16 @@ class Core:
             if observer is not None:
                 self.observer = observer
                 self.waker = None
+                self.observer_started()
         return observer
+
+    def observer_started(self) -> None:
+        """:attr:`observer` was set: run :attr:`on_observer` (never raises)."""
+        for started in list(self.on_observer):
+            try:
+                started()
+            except Exception as exc:
+                internal_error("observer.started", exc)
 
     def wait_start(self, pool: PoolHandle) -> float | None:
         """A caller is about to wait for a connection from ``pool``.

@@ -142,6 +142,7 @@ def test_api_only_does_nothing_per_checkout(pg: Server, uninstalled: None) -> No
 
     # The suite sets global providers only in child processes: this one has none.
     assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    before = _scope_attributes()
     pgleak.install()
     # Only a waker: every hook but the checkout's sees no observer at all.
     assert core.observer is None
@@ -153,7 +154,20 @@ def test_api_only_does_nothing_per_checkout(pg: Server, uninstalled: None) -> No
         assert lease.otel is None
         assert trace.get_current_span() is trace.INVALID_SPAN
     assert core.observer is None
-    assert core.observer is None
+    # Nor are the wrappers that make a span current in the user's block in place: they go in
+    # when an SDK is set up (the next test), and until then no checkout passes through them.
+    assert _scope_attributes() == before
+
+
+def test_the_block_wrappers_go_in_when_an_observer_starts(uninstalled: None) -> None:
+    before = _scope_attributes()
+    pgleak.install()
+    assert _scope_attributes() == before
+    pgleak.install(tracer_provider=TracerProvider())
+    during = _scope_attributes()
+    assert all(getattr(during[key], "__pgleak_wrapped__", False) for key in before)
+    pgleak.uninstall()
+    assert _scope_attributes() == before
 
 
 def test_the_first_checkout_after_the_sdk_is_set_up_is_traced(pg: Server) -> None:
@@ -245,7 +259,9 @@ def test_sqlalchemy_asyncio_is_patched_when_imported_not_before(pg: Server) -> N
         import sqlalchemy
         import pgleak
 
-        pgleak.install()
+        from opentelemetry.sdk.trace import TracerProvider
+
+        pgleak.install(tracer_provider=TracerProvider())  # the scope wrappers go in at once
         print("imported at install", "sqlalchemy.ext.asyncio" in sys.modules)
         from sqlalchemy.ext.asyncio import AsyncConnection
         print("patched", getattr(AsyncConnection.__dict__.get("__aenter__"),
@@ -284,7 +300,7 @@ def _scope_attributes() -> dict[tuple[Any, str], Any]:
 def test_uninstall_restores_the_block_wrappers_exactly(uninstalled: None) -> None:
     before = _scope_attributes()
     for _ in range(3):
-        pgleak.install()
+        pgleak.install(tracer_provider=TracerProvider())
     during = _scope_attributes()
     assert all(during[key] is not before[key] for key in before)
     pgleak.uninstall()

@@ -431,8 +431,8 @@ class AsyncpgAdapter(Adapter):
         self.track_close(Pool, "close", namer=_pool_name, detail="pool.close()", is_async=True)
         self.track_close(Pool, "terminate", namer=_pool_name, detail="pool.terminate()")
         self.hold_unlimited(Pool, SHORTCUTS, is_async=True)
-        self.patch(PoolAcquireContext, "__aenter__", _wrap_aenter)
-        self.patch(PoolAcquireContext, "__aexit__", _wrap_aexit)
+        self.patch_scope(PoolAcquireContext, "__aenter__", _wrap_aenter)
+        self.patch_scope(PoolAcquireContext, "__aexit__", _wrap_aexit)
         core.register_kind(
             self.name,
             PoolKind(stats=_stats, target=driver_target, state=driver_state, reclaim=_reclaim),

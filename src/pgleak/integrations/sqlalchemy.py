@@ -473,8 +473,8 @@ class SQLAlchemyAdapter(Adapter):
         # make it refuse ``execution_options=``, ``logging_name=`` and the rest.
         self.patch(Dialect, "engine_created", make_engine_created)
         self.patch(Engine, "dispose", make_dispose)
-        self.patch(Connection, "__enter__", _make_enter)
-        self.patch(Connection, "__exit__", _make_exit)
+        self.patch_scope(Connection, "__enter__", _make_enter)
+        self.patch_scope(Connection, "__exit__", _make_exit)
         self.when_imported("sqlalchemy.ext.asyncio", self._install_asyncio)
         core.register_kind(
             self.name, PoolKind(stats=_stats, target=_target, state=_state, reclaim=_reclaim)
@@ -483,8 +483,8 @@ class SQLAlchemyAdapter(Adapter):
     def _install_asyncio(self) -> None:
         from sqlalchemy.ext.asyncio import AsyncConnection
 
-        self.patch(AsyncConnection, "__aenter__", _make_aenter)
-        self.patch(AsyncConnection, "__aexit__", _make_aexit)
+        self.patch_scope(AsyncConnection, "__aenter__", _make_aenter)
+        self.patch_scope(AsyncConnection, "__aexit__", _make_aexit)
 
 
 def _find_dir(module: str) -> str | None:
