@@ -595,15 +595,6 @@ class Adapter:
                 internal_error(f"{kind}.checkout", exc)
                 return None, None
 
-        def checked_out(pool: Any, conn: Any, handle: Any, since: float | None) -> Any:
-            try:
-                if handle is None:
-                    handle = core.pool(pool, kind, namer)
-                return core.checkout(handle, conn, index=True, since=since)
-            except Exception as exc:
-                internal_error(f"{kind}.checkout", exc)
-                return None
-
         def gave_up(
             pool: Any, err: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> None:
@@ -640,7 +631,16 @@ class Adapter:
                         raise
                     if handle is not None:
                         core.wait_end(handle)
-                    lease = checked_out(pool, conn, handle, since)
+                    # checked_out(), inlined: this wrapper is every checkout.
+                    try:
+                        if handle is None:
+                            handle = pools.get(id(pool))
+                            if handle is None or handle.ref() is not pool:
+                                handle = core.pool(pool, kind, namer)
+                        lease = core.checkout(handle, conn, True, since)
+                    except Exception as exc:
+                        internal_error(f"{kind}.checkout", exc)
+                        lease = None
                     if give_back is not None and tags.call_site and lease is not None:
                         await atag(pool, conn, lease, getattr(pool, give_back), kind)
                     return conn
@@ -695,18 +695,13 @@ class Adapter:
         It counts as back when the call returns, and also when it fails for any reason but
         one in ``refused`` (the pool's "not my connection"): the user has let go of it, and a
         failed reset is the pool's business, not a leak.
+
+        The lease is looked up before the call, while the pool does not have the connection
+        back: a pool may lend the same object to a waiting thread at once, whose new lease must
+        not be the one closed. The lookup is :meth:`Core.lease_of`, inlined (every checkin).
         """
         kind = self.name
         by_conn = core.by_conn
-
-        def lease_of(conn: Any) -> Any:
-            # Looked up before the pool has the connection back: a pool may lend the same
-            # object to a waiting thread at once, whose new lease must not be the one closed.
-            try:
-                return core.lease_of(conn)
-            except Exception as exc:
-                internal_error(f"{kind}.checkin", exc)
-                return None
 
         def checked_in(lease: Any) -> None:
             if lease is None:
@@ -716,14 +711,14 @@ class Adapter:
             except Exception as exc:
                 internal_error(f"{kind}.checkin", exc)
 
-        def conn_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            return args[0] if args else kwargs.get(conn_param)
-
         if is_async:
 
             def make(original: Any) -> Any:
                 async def release(pool: Any, *args: Any, **kwargs: Any) -> Any:
-                    lease = lease_of(conn_of(args, kwargs))
+                    conn = args[0] if args else kwargs.get(conn_param)
+                    lease = by_conn.get(id(conn))
+                    if lease is not None and (lease.ref is None or lease.ref() is not conn):
+                        lease = None  # an id reused after its connection died
                     try:
                         result = await original(pool, *args, **kwargs)
                     except refused:
@@ -740,7 +735,6 @@ class Adapter:
 
             def make(original: Any) -> Any:
                 def release(pool: Any, *args: Any, **kwargs: Any) -> Any:
-                    # lease_of(), inlined: this wrapper is every checkin.
                     conn = args[0] if args else kwargs.get(conn_param)
                     lease = by_conn.get(id(conn))
                     if lease is not None and (lease.ref is None or lease.ref() is not conn):
