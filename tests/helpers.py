@@ -41,6 +41,6 @@ def doc_block(path: str | os.PathLike[str], contains: str) -> str:
     """
     text = Path(path).read_text(encoding="utf-8")
     blocks = re.findall(r"^```python\n(.*?)^```$", text, flags=re.DOTALL | re.MULTILINE)
-    found = [block for block in blocks if contains in block]
+    found: list[str] = [block for block in blocks if contains in block]
     assert len(found) == 1, f"{len(found)} python blocks of {path} hold {contains!r}"
     return found[0]
