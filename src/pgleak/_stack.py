@@ -451,16 +451,23 @@ def _framework(filename: str) -> str:
     return label
 
 
+#: Of a stack of framework frames only, the newest frames shown.
+_NEWEST_KEPT = 3
+
+
 def _fold_frameworks(entries: list[tuple[str, str]]) -> list[str]:
     """Formatted entries, oldest first, with each run of framework frames as one line.
 
     ``entries`` are ``(framework or "", formatted frame)``. Only frames older than the newest
     frame that is not a framework's are folded: those ran the user's code. A stack of framework
-    frames only (the framework itself checked out) is left whole: it is all there is.
+    frames only (a holder blocked in the server's ``write``, between two of the user's
+    generator steps) keeps its newest few: where it is stuck is the news.
     """
-    newest_own = max((i for i, (fw, _) in enumerate(entries) if not fw), default=-1)
-    if _keep_frameworks or newest_own < 0:
+    if _keep_frameworks:
         return [text for _, text in entries]
+    newest_own = max((i for i, (fw, _) in enumerate(entries) if not fw), default=-1)
+    if newest_own < 0:
+        newest_own = len(entries) - _NEWEST_KEPT if len(entries) > _NEWEST_KEPT + 1 else 0
     out: list[str] = []
     run: list[str] = []
     for i, (fw, text) in enumerate(entries):

@@ -160,7 +160,7 @@ def test_keep_framework_frames_shows_them(pg: Server, pool: ConnectionPool[Any])
     assert _stack._keep_frameworks is False  # uninstall() restored the default
 
 
-def test_a_stack_of_framework_frames_only_is_left_whole() -> None:
+def test_folding_of_stacks_without_user_frames_and_of_the_newest_frame() -> None:
     import werkzeug
 
     filename = str(werkzeug.__file__)
@@ -169,6 +169,13 @@ def test_a_stack_of_framework_frames_only_is_left_whole() -> None:
     assert _stack._fold_frameworks(entries) == ["... 1 frame of werkzeug omitted", "user.py:2 in g"]
     only = entries[:1]
     assert _stack._fold_frameworks(only) == [only[0][1]]
+    # Framework frames only (a holder blocked in the server's write): the newest 3 are shown.
+    server = [("werkzeug", f"{filename}:{n} in f{n}") for n in range(6)]
+    assert _stack._fold_frameworks(server) == [
+        "... 3 frames of werkzeug omitted",
+        *(text for _, text in server[3:]),
+    ]
+    assert _stack._fold_frameworks(server[:4]) == [text for _, text in server[:4]]
     # A framework frame newer than the user's is the checkout's own line: shown.
     newer = [entries[1], entries[0]]
     assert _stack._fold_frameworks(newer) == [text for _, text in newer]
