@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import linecache
+import os
+import re
 import sys
+from pathlib import Path
 
 
 def site_of(marker: str, depth: int = 1) -> str:
@@ -29,3 +32,15 @@ def assert_site(stack: list[str], marker: str) -> None:
     expected = site_of(marker, depth=2)
     assert stack, "empty stack"
     assert stack[-1].startswith(expected + " in "), f"{stack[-1]!r} is not {expected}"
+
+
+def doc_block(path: str | os.PathLike[str], contains: str) -> str:
+    """The one fenced ```python block of the Markdown file ``path`` holding ``contains``.
+
+    Tests run documented code as it is written, so a doc that drifts from the code fails.
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```$", text, flags=re.DOTALL | re.MULTILINE)
+    found: list[str] = [block for block in blocks if contains in block]
+    assert len(found) == 1, f"{len(found)} python blocks of {path} hold {contains!r}"
+    return found[0]

@@ -51,4 +51,13 @@ def test_demo_exits_zero_within_a_minute_and_names_the_leaking_line() -> None:
     assert row[3].isdigit()
     assert row[-1] == f"pgleak@{row[2]}:{row[3]}"
     assert "max_connections=8" in doctor
+    # What the demo announces matches what is printed when: the count of the repeated
+    # reports is promised for shutdown, and only appears after the shutdown header.
+    [announce] = [line for line in out.splitlines() if line.startswith("(the same line leaked")]
+    assert "report.suppressed" in announce
+    assert announce.endswith("here at shutdown)")
+    shutdown = out.index("=== Shutting down")
+    assert "report.suppressed" in out[shutdown : out.index("\n", shutdown)]
+    assert "report.suppressed: " not in out[:shutdown]
+    assert "report.suppressed: " in out[shutdown:]
     assert elapsed < 60

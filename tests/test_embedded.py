@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +14,9 @@ import psycopg
 import pytest
 
 from pgleak.embedded import EmbeddedPostgres, PostgresNotFound, find_postgres
+from tests.helpers import doc_block
+
+REPO = Path(__file__).resolve().parent.parent
 
 MAX_CONNECTIONS = 3
 
@@ -118,3 +123,51 @@ def test_dsn_and_url_formats() -> None:
     )
     assert pg.url() == "postgresql+psycopg://postgres@127.0.0.1:5433/postgres"
     assert pg.url("") == "postgresql://postgres@127.0.0.1:5433/postgres"
+
+
+def test_the_documented_dsn_and_url_of_every_driver_connect() -> None:
+    """docs/embedded.md's block, run as written: every driver connects with what it is given."""
+    code = doc_block(REPO / "docs" / "embedded.md", "django_database()")
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [
+        "psycopg2 1",
+        "psycopg 1",
+        "psycopg_pool 1",
+        "SQLAlchemy psycopg 1",
+        "SQLAlchemy psycopg2 1",
+        "asyncpg 1",
+        "SQLAlchemy async asyncpg 1",
+        "SQLAlchemy async psycopg 1",
+        "Django 1",
+    ]
+
+
+def test_url_and_django_database_name_another_database(server: EmbeddedPostgres) -> None:
+    name = server.create_database("shop floor")
+    url = server.url("psycopg", dbname=name)
+    assert url == f"postgresql+psycopg://postgres@127.0.0.1:{server.port}/shop%20floor"
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT current_database()")).scalar() == name
+    finally:
+        engine.dispose()
+    entry = server.django_database(NAME=name, CONN_MAX_AGE=60)
+    assert entry == {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": name,
+        "USER": "postgres",
+        "HOST": "127.0.0.1",
+        "PORT": str(server.port),
+        "CONN_MAX_AGE": 60,
+    }

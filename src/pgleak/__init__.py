@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from pgleak import _appname, _dump, _guard, _retry
+from pgleak import _appname, _dump, _guard, _retry, _stack
 from pgleak._adapter import Adapter, AdapterUnavailable
 from pgleak._core import allowance, core, suppressed
 from pgleak._core import context as _context
@@ -274,6 +274,7 @@ def _uninstall_locked() -> None:
 
 def _configure(new: Settings) -> None:
     core.configure(new)
+    _stack.keep_framework_frames(new.keep_framework_frames)
     _appname.tags.configure(new)
 
 

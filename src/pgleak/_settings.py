@@ -36,6 +36,10 @@ class Settings:
         stack_depth: How many frames to record per checkout, from the user's checkout line
             outwards (pgleak's and the pool library's frames newer than that line are skipped
             first; any met further out are recorded but not shown).
+        keep_framework_frames: Show servers' and frameworks' dispatch frames (socketserver,
+            werkzeug, gunicorn, uvicorn, Django's handlers, ...) in reported stacks. Off (the
+            default), each run of them outside the user's code is one line with its count: a
+            Flask dev-server request carries ~13 of them, none of which says who leaked.
         report_interval: Seconds during which repeated reports from one call site are counted
             instead of logged again in full; the count is logged when the interval ends.
         max_tracked: Upper bound on checkouts tracked at once, so a runaway leak cannot make
@@ -105,6 +109,7 @@ class Settings:
     leak_threshold: float = 30.0
     capture_stack: bool = True
     stack_depth: int = 16
+    keep_framework_frames: bool = False
     report_interval: float = 60.0
     max_tracked: int = 10_000
     integrations: tuple[str, ...] | None = None
@@ -242,6 +247,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "leak_threshold": _positive_float,
     "capture_stack": _parse_bool,
     "stack_depth": _positive_int,
+    "keep_framework_frames": _parse_bool,
     "report_interval": _positive_float,
     "max_tracked": _positive_int,
     "integrations": _names,

@@ -10,6 +10,12 @@ stdlib plumbing (``contextlib``, ``asyncio``, ``threading``), so the newest fram
 user's own line: ``with engine.begin()`` goes through ``contextlib`` and a dozen SQLAlchemy
 frames before it reaches the pool, and none of them answers "which line leaked?".
 
+Servers' and frameworks' dispatch frames (socketserver, werkzeug, gunicorn, Django's handlers,
+...) outside the user's code are recorded, but formatting folds each run of them into one
+``... 13 frames of werkzeug, socketserver omitted`` line (``keep_framework_frames`` shows them):
+which they are is judged at report time, from the directories of the frameworks imported, so
+the checkout pays nothing for it.
+
 Code a library generates at run time (SQLAlchemy's decorators: ``<sqlalchemy generated ...>``
 on 2.1, ``<string>`` on 2.0) has a pseudo-file name that says nothing of who made it; such a
 frame is judged by the module whose globals it runs in, so it counts as its library's frame.
@@ -42,6 +48,7 @@ __all__ = [
     "capture",
     "format_frames",
     "format_raw",
+    "keep_framework_frames",
     "register_library",
     "site",
     "task_frames",
@@ -373,18 +380,135 @@ def _entry(filename: str, lineno: int, name: str) -> str:
     return f"{filename}:{lineno} in {name}"
 
 
+#: Servers' and frameworks' dispatch machinery: what runs a request or a job, not what it does.
+#: A Flask dev-server request has ~13 of these frames outside the user's view function. Named by
+#: module; a package covers its directory. Looked up in ``sys.modules`` only (a frame of a module
+#: means it was imported), so nothing is imported for this.
+_FRAMEWORKS = (
+    "socketserver",
+    "http.server",
+    "wsgiref",
+    "werkzeug",
+    "flask",
+    "gunicorn",
+    "uvicorn",
+    "starlette",
+    "fastapi",
+    "anyio",
+    "asgiref",
+    "hypercorn",
+    "waitress",
+    "gevent",
+    "eventlet",
+    "django.core.handlers",
+    "django.core.servers",
+    "django.utils.deprecation",
+    "django.contrib.staticfiles.handlers",
+    "celery.app.trace",
+    "celery.worker",
+    "celery.concurrency",
+    "celery.bootsteps",
+    "billiard",
+    "kombu",
+)
+#: filename -> the framework it belongs to, or "" (bounded like ``_skip_cache``).
+_framework_cache: dict[str, str] = {}
+#: ((path prefix or file, label), ...) from the frameworks imported when it was built, and
+#: ``len(sys.modules)`` then: rebuilt when modules have been imported since.
+_framework_table: list[Any] = [(), -1]
+#: ``keep_framework_frames``: show those frames instead of counting them.
+_keep_frameworks = False
+
+
+def keep_framework_frames(keep: bool) -> None:
+    """Show (True) or count (False, the default) framework frames in formatted stacks."""
+    global _keep_frameworks
+    _keep_frameworks = keep
+
+
+def _framework_prefixes() -> tuple[tuple[str, str], ...]:
+    table, size = _framework_table
+    if size == len(sys.modules):
+        return table  # type: ignore[no-any-return]
+    found: list[tuple[str, str]] = []
+    for name in _FRAMEWORKS:
+        filename = getattr(sys.modules.get(name), "__file__", None)
+        if not isinstance(filename, str) or filename.startswith("<"):
+            continue
+        filename = os.path.abspath(filename)
+        if os.path.basename(filename).startswith("__init__."):
+            filename = os.path.dirname(filename) + os.sep
+        found.append((filename, name if name == "http.server" else name.partition(".")[0]))
+    _framework_table[:] = [tuple(found), len(sys.modules)]
+    return tuple(found)
+
+
+def _framework(filename: str) -> str:
+    """The framework whose dispatch machinery ``filename`` is part of, or ""."""
+    label = _framework_cache.get(filename)
+    if label is None:
+        label = ""
+        absolute = os.path.abspath(filename) if filename and not filename.startswith("<") else ""
+        for prefix, name in _framework_prefixes() if absolute else ():
+            if absolute == prefix or (prefix.endswith(os.sep) and absolute.startswith(prefix)):
+                label = name
+                break
+        if len(_framework_cache) < 100_000:
+            _framework_cache[filename] = label
+    return label
+
+
+#: Of a stack of framework frames only, the newest frames shown.
+_NEWEST_KEPT = 3
+
+
+def _fold_frameworks(entries: list[tuple[str, str]]) -> list[str]:
+    """Formatted entries, oldest first, with each run of framework frames as one line.
+
+    ``entries`` are ``(framework or "", formatted frame)``. Only frames older than the newest
+    frame that is not a framework's are folded: those ran the user's code. A stack of framework
+    frames only (a holder blocked in the server's ``write``, between two of the user's
+    generator steps) keeps its newest few: where it is stuck is the news.
+    """
+    if _keep_frameworks:
+        return [text for _, text in entries]
+    newest_own = max((i for i, (fw, _) in enumerate(entries) if not fw), default=-1)
+    if newest_own < 0:
+        newest_own = len(entries) - _NEWEST_KEPT if len(entries) > _NEWEST_KEPT + 1 else 0
+    out: list[str] = []
+    run: list[str] = []
+    for i, (fw, text) in enumerate(entries):
+        if fw and i < newest_own:
+            run.append(fw)
+            continue
+        if run:
+            out.append(_omitted(run))
+            run = []
+        out.append(text)
+    return out
+
+
+def _omitted(run: list[str]) -> str:
+    names = ", ".join(dict.fromkeys(run))
+    return f"... {len(run)} frame{'s' if len(run) > 1 else ''} of {names} omitted"
+
+
 def format_raw(raw: RawStack) -> list[str]:
     """``"file:line in function"`` strings, oldest first (newest last, like a traceback).
 
-    Library, pgleak and stdlib-plumbing frames recorded among the user's are dropped here.
+    Library, pgleak and stdlib-plumbing frames recorded among the user's are dropped here;
+    servers' and frameworks' dispatch frames outside the user's are counted in one line per run.
     """
     entries = [
-        _entry(raw[i].co_filename, _lineno(raw[i], raw[i + 1]), raw[i].co_name)
+        (
+            _framework(raw[i].co_filename),
+            _entry(raw[i].co_filename, _lineno(raw[i], raw[i + 1]), raw[i].co_name),
+        )
         for i in range(0, len(raw) - 1, 2)
         if not _code_verdict(raw[i])
     ]
     entries.reverse()
-    return entries
+    return _fold_frameworks(entries)
 
 
 #: (id(code), lasti) -> (code, (file, line, function)); the code object is kept to tell a
@@ -414,16 +538,22 @@ def site(raw: RawStack) -> tuple[str, int, str] | None:
 
 def format_frames(frames: Iterable[FrameType], limit: int, *, newest_first: bool) -> list[str]:
     """Format live frames (a holder's current position), dropping the same frames as capture."""
-    kept: list[str] = []
+    kept: list[tuple[str, str]] = []
     for frame in frames:
         if not _frame_verdict(frame):
-            kept.append(_entry(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+            code = frame.f_code
+            kept.append(
+                (
+                    _framework(code.co_filename),
+                    _entry(code.co_filename, frame.f_lineno, code.co_name),
+                )
+            )
     if newest_first:
         kept = kept[:limit]
         kept.reverse()
     else:
         kept = kept[-limit:]
-    return kept
+    return _fold_frameworks(kept)
 
 
 def task_frames(task: Any, limit: int = 200) -> list[FrameType]:

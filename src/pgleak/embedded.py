@@ -21,6 +21,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -486,10 +487,25 @@ class EmbeddedPostgres:
         }
         return " ".join(f"{key}={_quote(value)}" for key, value in conninfo.items())
 
-    def url(self, driver: str = "psycopg") -> str:
-        """A SQLAlchemy URL such as ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``."""
+    def url(self, driver: str = "psycopg", *, dbname: str | None = None) -> str:
+        """A SQLAlchemy URL such as ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``.
+
+        ``driver=""`` gives the plain ``postgresql://`` URI that libpq and asyncpg take.
+        """
         scheme = f"postgresql+{driver}" if driver else "postgresql"
-        return f"{scheme}://{self.user}@{self.host}:{self.port}/{self.dbname}"
+        name = urllib.parse.quote(dbname or self.dbname, safe="")
+        return f"{scheme}://{self.user}@{self.host}:{self.port}/{name}"
+
+    def django_database(self, **options: Any) -> dict[str, Any]:
+        """An entry for Django's ``DATABASES`` (``options`` add to or override its keys)."""
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": self.dbname,
+            "USER": self.user,
+            "HOST": self.host,
+            "PORT": str(self.port),
+            **options,
+        }
 
     def create_database(self, name: str) -> str:
         """Create a database, with psql if the bindir has it, else psycopg.

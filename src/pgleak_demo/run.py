@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             gc.disable()
             _doctor_view(server)
         finally:
-            _say("Shutting down: engine.dispose() with connections still checked out")
+            _say(
+                "Shutting down: engine.dispose() with connections still checked out; pgleak "
+                "reports them and logs the counts of the repeats (report.suppressed)"
+            )
             engine.dispose()
             pgleak.uninstall()
             gc.enable()
@@ -130,7 +133,13 @@ def _run_scenarios(engine: Any, events: EventCapture) -> None:
     _say("order_history() leaks a connection on every call; 4 requests come in")
     _join(_in_threads(lambda: shop.order_history(engine, 7), 4, "web"))
     events.wait_for("leak.suspected", count=5, timeout=10)
-    print("(the same line leaked 4 times: one full report, the repeats are counted)")
+    # The count is logged when the report_interval (30s) ends, or at shutdown: say so, or the
+    # reader looks for a count line that is not there yet.
+    print(
+        "(the same line leaked 4 times: one full report above; the repeats are only counted, "
+        "and report.suppressed logs the count when the 30s report interval ends, here at "
+        "shutdown)"
+    )
 
     _say("The export finishes and gives its connection back")
     _join(export)

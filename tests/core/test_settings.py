@@ -20,6 +20,7 @@ def test_defaults() -> None:
         ({"PGLEAK_LEAK_THRESHOLD": "2.5"}, "leak_threshold", 2.5),
         ({"PGLEAK_CAPTURE_STACK": "no"}, "capture_stack", False),
         ({"PGLEAK_STACK_DEPTH": "8"}, "stack_depth", 8),
+        ({"PGLEAK_KEEP_FRAMEWORK_FRAMES": "1"}, "keep_framework_frames", True),
         ({"PGLEAK_ENABLED": "off"}, "enabled", False),
         ({"PGLEAK_INTEGRATIONS": "sqlalchemy, asyncpg"}, "integrations", ("sqlalchemy", "asyncpg")),
         ({"PGLEAK_INTEGRATIONS": "all"}, "integrations", None),
