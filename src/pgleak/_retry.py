@@ -305,6 +305,22 @@ def _active() -> Settings | None:
     return settings if settings.enabled and settings.retry_connect else None
 
 
+def worth_retrying(exc: BaseException) -> bool:
+    """Whether a caller's own failed first attempt should go on to :func:`retry_connect`.
+
+    Hooks that make the first attempt themselves (so that a success pays for no retry
+    machinery) ask this before entering it: any other error is re-raised where it happened,
+    and the user's traceback shows no retry frames of pgleak's. Never raises.
+    """
+    settings = _active()
+    if settings is None:
+        return False
+    try:
+        return classify(exc) is not None
+    except Exception:  # an exception type that breaks inspection: not ours to retry
+        return False
+
+
 def succeeded() -> None:
     """A caller's own first attempt (see ``refused`` below) succeeded: the budget's deposit."""
     if BUDGET._tokens is None:  # full: every checkout, nothing to do

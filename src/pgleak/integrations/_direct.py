@@ -169,7 +169,16 @@ class Driver:
                 own = args[skip:]
                 handle = self.handle(label, own, kwargs)
                 params = self.tagged(own, kwargs)
-                conn = _retry.retry_connect(lambda: original(*args, **params), pool=lambda: handle)
+                try:
+                    conn = original(*args, **params)
+                except Exception as exc:
+                    if not _retry.worth_retrying(exc):
+                        raise  # the driver's error, with no frame of pgleak's retry under it
+                    conn = _retry.retry_connect(
+                        lambda: original(*args, **params), pool=lambda: handle, refused=exc
+                    )
+                else:
+                    _retry.succeeded()
                 lease = self.opened(handle, conn)
                 if lease is not None and tags.call_site:
                     tag(conn, lease, self.kind)

@@ -169,6 +169,8 @@ def _retrying_getconn(original: Any) -> Any:
         try:
             conn = original(pool, *args, **kwargs)
         except Exception as exc:  # most checkouts open no connection, and none fails
+            if not _retry.worth_retrying(exc):
+                raise  # the pool's own error, with no frame of pgleak's retry under it
             conn = _retry.retry_connect(
                 lambda: original(pool, *args, **kwargs),
                 pool=lambda: core.pool(pool, "psycopg2", _pool_name),

@@ -1,0 +1,75 @@
+"""An error from the library reaches the user with as few of pgleak's frames in its traceback
+as the hooks allow: one per hooked call, and none of the retry machinery's unless the error
+was one it retries (issue 15)."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import pgleak
+from tests.conftest import Server
+
+
+def _pgleak_frames(call: Callable[[], Any], error: type[BaseException]) -> list[str]:
+    with pytest.raises(error) as caught:
+        call()
+    return [
+        f"{frame.filename.rsplit('/pgleak/', 1)[1]} {frame.name}"
+        for frame in traceback.extract_tb(caught.value.__traceback__)
+        if "/src/pgleak/" in frame.filename or "/site-packages/pgleak/" in frame.filename
+    ]
+
+
+def test_psycopg2_pool_exhausted(pg: Server, installed: pgleak.Settings) -> None:
+    from psycopg2.pool import PoolError, ThreadedConnectionPool
+
+    pool = ThreadedConnectionPool(1, 1, pg.dsn)
+    held = pool.getconn()
+    try:
+        frames = _pgleak_frames(pool.getconn, PoolError)
+    finally:
+        pool.putconn(held)
+        pool.closeall()
+    # getconn (retry, outside the pool's lock), _getconn (a keyed re-lend), the checkout.
+    assert frames == [
+        "integrations/psycopg2.py getconn",
+        "integrations/psycopg2.py getconn",
+        "_adapter.py acquire",
+    ]
+
+
+def test_psycopg2_connect_refused(installed: pgleak.Settings) -> None:
+    import psycopg2
+
+    refused = "host=127.0.0.1 port=1 connect_timeout=2"  # nothing listens on port 1
+    frames = _pgleak_frames(lambda: psycopg2.connect(refused), psycopg2.OperationalError)
+    assert frames == ["integrations/_direct.py connect"]
+
+
+def test_psycopg_pool_timeout(pg: Server, installed: pgleak.Settings) -> None:
+    from psycopg_pool import ConnectionPool, PoolTimeout
+
+    with ConnectionPool(pg.dsn, min_size=1, max_size=1, timeout=0.1) as pool:
+        held = pool.getconn()
+        try:
+            frames = _pgleak_frames(pool.getconn, PoolTimeout)
+        finally:
+            pool.putconn(held)
+    assert frames == ["_adapter.py acquire"]
+
+
+def test_sqlalchemy_pool_timeout(pg: Server, installed: pgleak.Settings) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(pg.url(), pool_size=1, max_overflow=0, pool_timeout=0.1)
+    held = engine.connect()
+    try:
+        frames = _pgleak_frames(engine.connect, sqlalchemy.exc.TimeoutError)
+    finally:
+        held.close()
+        engine.dispose()
+    assert frames == ["integrations/sqlalchemy.py connect"]
