@@ -491,9 +491,28 @@ class EmbeddedPostgres:
         """A SQLAlchemy URL such as ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``.
 
         ``driver=""`` gives the plain ``postgresql://`` URI that libpq and asyncpg take.
+
+        A SQLAlchemy URL is rendered by SQLAlchemy itself when it is installed, because the
+        lines disagree on the database part: 2.1 percent-decodes it, 2.0 takes it verbatim
+        (``shop%20floor`` would name a database of that spelling).
         """
+        database = dbname or self.dbname
+        if driver:
+            try:
+                from sqlalchemy.engine import URL
+            except ImportError:
+                pass
+            else:
+                url = URL.create(
+                    f"postgresql+{driver}",
+                    username=self.user,
+                    host=self.host,
+                    port=self.port,
+                    database=database,
+                )
+                return url.render_as_string(hide_password=False)
         scheme = f"postgresql+{driver}" if driver else "postgresql"
-        name = urllib.parse.quote(dbname or self.dbname, safe="")
+        name = urllib.parse.quote(database, safe="")
         return f"{scheme}://{self.user}@{self.host}:{self.port}/{name}"
 
     def django_database(self, **options: Any) -> dict[str, Any]:
