@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any, ClassVar
 
+from pgleak import _forward
 from pgleak._appname import tags
 from pgleak._core import Lease, allowance, core
 from pgleak._guard import internal_error, say
@@ -352,6 +353,99 @@ def driver_state(conn: Any) -> str | None:
     return None
 
 
+#: The names the templates below use: a method parameter spelt the same gets the generic shape.
+_RESERVED = frozenset(
+    {
+        "pool",
+        "original",
+        "core",
+        "pools",
+        "waiting",
+        "gave_up",
+        "kind",
+        "namer",
+        "site",
+        "internal_error",
+        "give_back",
+        "tags",
+        "tag",
+        "by_conn",
+        "refused",
+        "checked_in",
+        "conn_param",
+        "handle",
+        "since",
+        "conn",
+        "err",
+        "exc",
+        "lease",
+        "result",
+    }
+)
+
+#: ``Adapter.track_acquire``'s wrapper (see pgleak._forward); ``{async_}``/``{await_}`` make
+#: it a coroutine function for a coroutine method, ``{tag}`` is the call-site tag's call.
+_ACQUIRE = """
+{async_}def {name}({params}):
+    pool = {first}
+    handle = since = None
+    if core.observer is not None:
+        handle, since = waiting(pool)
+    try:
+        conn = {await_}original({call})
+    except BaseException as err:
+        if handle is not None:
+            core.wait_end(handle)
+        gave_up(pool, err, {args}, {kwargs})
+        raise
+    if handle is not None:
+        core.wait_end(handle)
+    # checked_out(), inlined: this wrapper is every checkout.
+    try:
+        if handle is None:
+            handle = pools.get(id(pool))
+            if handle is None or handle.ref() is not pool:
+                handle = core.pool(pool, kind, namer)
+        lease = core.checkout(handle, conn, True, since)
+    except Exception as exc:
+        internal_error(site, exc)
+        lease = None
+    if give_back is not None and tags.call_site and lease is not None:
+        {tag}
+    return conn
+"""
+_TAG = "tag(conn, lease, kind)"
+_ATAG = "await atag(pool, conn, lease, getattr(pool, give_back), kind)"
+
+#: ``Adapter.track_release``'s wrapper. ``{conn}``: the connection, by its parameter's name,
+#: or from ``args`` / ``kwargs`` in the generic shape.
+_RELEASE = """
+{async_}def {name}({params}):
+    conn = {conn}
+    lease = by_conn.get(id(conn))
+    if lease is not None and (lease.ref is None or lease.ref() is not conn):
+        lease = None  # an id reused after its connection died
+    try:
+        result = {await_}original({call})
+    except refused:
+        raise
+    except BaseException:
+        checked_in(lease)
+        raise
+    if lease is not None:
+        try:
+            core.checkin(lease)
+        except Exception as exc:
+            internal_error(site, exc)
+    return result
+"""
+_GENERIC_CONN = "args[0] if args else kwargs.get(conn_param)"
+
+
+def _asynchronous(is_async: bool) -> dict[str, str]:
+    return {"async_": "async " if is_async else "", "await_": "await " if is_async else ""}
+
+
 class Adapter:
     """Base class of the per-library adapters; subclasses implement ``_install``.
 
@@ -615,69 +709,30 @@ class Adapter:
             except Exception as exc:
                 internal_error(f"{kind}.exhausted", exc)
 
-        if is_async:
-
-            def make(original: Any) -> Any:
-                async def acquire(pool: Any, *args: Any, **kwargs: Any) -> Any:
-                    handle = since = None
-                    if core.observer is not None:
-                        handle, since = waiting(pool)
-                    try:
-                        conn = await original(pool, *args, **kwargs)
-                    except BaseException as err:
-                        if handle is not None:
-                            core.wait_end(handle)
-                        gave_up(pool, err, args, kwargs)
-                        raise
-                    if handle is not None:
-                        core.wait_end(handle)
-                    # checked_out(), inlined: this wrapper is every checkout.
-                    try:
-                        if handle is None:
-                            handle = pools.get(id(pool))
-                            if handle is None or handle.ref() is not pool:
-                                handle = core.pool(pool, kind, namer)
-                        lease = core.checkout(handle, conn, True, since)
-                    except Exception as exc:
-                        internal_error(f"{kind}.checkout", exc)
-                        lease = None
-                    if give_back is not None and tags.call_site and lease is not None:
-                        await atag(pool, conn, lease, getattr(pool, give_back), kind)
-                    return conn
-
-                return acquire
-
-        else:
-
-            def make(original: Any) -> Any:
-                def acquire(pool: Any, *args: Any, **kwargs: Any) -> Any:
-                    handle = since = None
-                    if core.observer is not None:
-                        handle, since = waiting(pool)
-                    try:
-                        conn = original(pool, *args, **kwargs)
-                    except BaseException as err:
-                        if handle is not None:
-                            core.wait_end(handle)
-                        gave_up(pool, err, args, kwargs)
-                        raise
-                    if handle is not None:
-                        core.wait_end(handle)
-                    # checked_out(), inlined: this wrapper is every checkout.
-                    try:
-                        if handle is None:
-                            handle = pools.get(id(pool))
-                            if handle is None or handle.ref() is not pool:
-                                handle = core.pool(pool, kind, namer)
-                        lease = core.checkout(handle, conn, True, since)
-                    except Exception as exc:
-                        internal_error(f"{kind}.checkout", exc)
-                        lease = None
-                    if give_back is not None and tags.call_site and lease is not None:
-                        tag(conn, lease, kind)
-                    return conn
-
-                return acquire
+        def make(original: Any) -> Any:
+            return _forward.compile_wrapper(
+                _ACQUIRE,
+                attr,
+                _forward.shape_of(original, _RESERVED),
+                {
+                    "original": original,
+                    "core": core,
+                    "pools": pools,
+                    "waiting": waiting,
+                    "gave_up": gave_up,
+                    "kind": kind,
+                    "namer": namer,
+                    "site": f"{kind}.checkout",
+                    "internal_error": internal_error,
+                    "give_back": give_back,
+                    "tags": tags,
+                    "tag": tag,
+                    "atag": atag,
+                },
+                "acquire",
+                **_asynchronous(is_async),
+                tag=_ATAG if is_async else _TAG,
+            )
 
         self.patch(owner, attr, make)
 
@@ -711,49 +766,28 @@ class Adapter:
             except Exception as exc:
                 internal_error(f"{kind}.checkin", exc)
 
-        if is_async:
-
-            def make(original: Any) -> Any:
-                async def release(pool: Any, *args: Any, **kwargs: Any) -> Any:
-                    conn = args[0] if args else kwargs.get(conn_param)
-                    lease = by_conn.get(id(conn))
-                    if lease is not None and (lease.ref is None or lease.ref() is not conn):
-                        lease = None  # an id reused after its connection died
-                    try:
-                        result = await original(pool, *args, **kwargs)
-                    except refused:
-                        raise
-                    except BaseException:
-                        checked_in(lease)
-                        raise
-                    checked_in(lease)
-                    return result
-
-                return release
-
-        else:
-
-            def make(original: Any) -> Any:
-                def release(pool: Any, *args: Any, **kwargs: Any) -> Any:
-                    conn = args[0] if args else kwargs.get(conn_param)
-                    lease = by_conn.get(id(conn))
-                    if lease is not None and (lease.ref is None or lease.ref() is not conn):
-                        lease = None  # an id reused after its connection died
-                    try:
-                        result = original(pool, *args, **kwargs)
-                    except refused:
-                        raise
-                    except BaseException:
-                        checked_in(lease)
-                        raise
-                    if lease is not None:
-                        try:
-                            core.checkin(lease)
-                        except Exception as exc:
-                            internal_error(f"{kind}.checkin", exc)
-                    return result
-
-                return release
+        def make(original: Any) -> Any:
+            shape = _forward.shape_of(original, _RESERVED)
+            if conn_param not in shape.names:
+                shape = _forward.GENERIC
+            return _forward.compile_wrapper(
+                _RELEASE,
+                attr,
+                shape,
+                {
+                    "original": original,
+                    "core": core,
+                    "by_conn": by_conn,
+                    "refused": refused,
+                    "checked_in": checked_in,
+                    "conn_param": conn_param,
+                    "site": f"{kind}.checkin",
+                    "internal_error": internal_error,
+                },
+                "release",
+                **_asynchronous(is_async),
+                conn=_GENERIC_CONN if shape is _forward.GENERIC else conn_param,
+            )
 
         self.patch(owner, attr, make)
 

@@ -10,6 +10,9 @@ dict insert and pop (atomic under the GIL, and per-dict locked on free-threaded 
 monotonic clock read, the raw stack, one weak reference. Everything else - formatting stacks,
 finding where a holder is now, naming pools, calling sinks - happens on the watchdog thread or
 at the rare moments (pool exhausted, pool closed, exit) when the user is about to need it.
+Where the C extension is built, the same two methods run in C (``pgleak/_speedups.c``, bound
+to each Core in ``__init__``), on the same Lease objects, falling back to the Python methods
+below for every rare case; the Python methods stay the definition.
 
 State transitions of a lease are written by at most two threads (the holder and the watchdog)
 in an order that makes every report true without a lock; see ``checkin`` and ``_scan``.
@@ -31,6 +34,7 @@ import math
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
@@ -369,6 +373,11 @@ class Core:
         from pgleak._watchdog import Watchdog
 
         self.watchdog = Watchdog(self._tick)
+        if _fast_ledger is not None:
+            # The same two methods in C (pgleak/_speedups.c), bound to this core; the Python
+            # ones stay on the class, and the C ones fall back to them for anything rare.
+            self.checkout = types.MethodType(_fast_ledger.checkout, self)  # type: ignore[method-assign]
+            self.checkin = types.MethodType(_fast_ledger.checkin, self)  # type: ignore[method-assign]
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -556,6 +565,13 @@ class Core:
                         self._forget(stale)
                     by_conn[key] = lease
         leases[lease.id] = lease
+        if self.watchdog.thread is None or self.observer is not None or self.waker is not None:
+            self._after_checkout(lease, since)
+        return lease
+
+    def _after_checkout(self, lease: Lease, since: float | None) -> None:
+        """The end of :meth:`checkout` that is rarely needed: the watchdog's first start, and
+        the observer (waking a waiting one first, unless its gate says it has nothing yet)."""
         if self.watchdog.thread is None:
             self.watchdog.start()
         observer = self.observer
@@ -572,7 +588,6 @@ class Core:
                 observer.checked_out(lease, since)
             except Exception as exc:
                 internal_error("observer.checkout", exc)
-        return lease
 
     def checkin(self, lease: Lease) -> None:
         """The connection of ``lease`` came back to its pool (or the user closed it)."""
@@ -1010,12 +1025,15 @@ class Core:
         """A forked child inherits none of its parent's checkouts and needs its own watchdog."""
         global _generation
         _generation += 1
-        self.leases = {}
-        self.by_conn.clear()  # the same dict: adapters keep a reference to it
-        self._pending = collections.deque()
+        # The same containers, emptied: adapters' wrappers and the C ledger hold them.
+        self.leases.clear()
+        self.by_conn.clear()
+        self._pending.clear()
         self.untracked = 0
         self._untracked_warned = False
         _thread_local.__dict__.clear()
+        if _fast_ledger is not None:
+            _fast_ledger.forget_thread()  # the C ledger's copy of the identity
         self.watchdog.reset_after_fork()
 
     def clear(self) -> None:
@@ -1039,5 +1057,48 @@ def _alive(lease: Lease) -> bool:
     return lease.ref is None or lease.ref() is not None
 
 
+def _bind_speedups() -> Any:
+    """The C ledger (``checkout``/``checkin``), given this module's objects; ``None`` without it.
+
+    Without the extension, with ``PGLEAK_NO_SPEEDUPS=1``, or if it refuses what it is given
+    (a slot renamed here and not there), the Python methods run: same ledger, same reports.
+    """
+    fast = _stack._fast
+    if fast is None or not hasattr(fast, "bind"):
+        return None
+    try:
+        fast.bind(
+            {
+                "Lease": Lease,
+                "_ConnRef": _ConnRef,
+                "suppressed": suppressed,
+                "allowance": allowance,
+                "context": context,
+                "get_running_loop": _get_running_loop,
+                "current_task": _current_task,
+                "monotonic": _monotonic,
+                "weakref": weakref.ref,
+                "thread_local": _thread_local,
+                "thread_identity": _thread_identity,
+                "core_globals": globals(),
+                "capture_from": _stack.capture_from,
+                "capture_in_task": _stack._capture_in_task,
+                "skip_cache": _stack._skip_cache,
+                "pseudo_codes": _stack._pseudo_codes,
+                "checkout_py": Core.checkout,
+                "checkin_py": Core.checkin,
+                "RETURNED": RETURNED,
+            }
+        )
+    except Exception as exc:
+        say(_log, logging.DEBUG, "pgleak: the C ledger is off (%s); the Python one runs", exc)
+        return None
+    return fast
+
+
+_fast_ledger: Any = _bind_speedups()
+
 #: The process-wide core. Adapters import this object; there is exactly one per process.
 core = Core()
+if _fast_ledger is not None:
+    _fast_ledger.adopt(core)

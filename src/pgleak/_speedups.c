@@ -1,18 +1,21 @@
-/* pgleak._speedups: the checkout stack walk, in C.
+/* pgleak._speedups: the checkout hot path, in C - the stack walk and the ledger.
  *
  * Every checkout records up to ``stack_depth`` (code, f_lasti) pairs. In Python each frame costs
  * three attribute reads, two appends and the loop's own bytecode, about 100 ns: 1.6 us of a
- * 16-frame stack, more than everything else a checkout does. Here it is a pointer walk.
+ * 16-frame stack, more than everything else a checkout did. Here it is a pointer walk.
  *
  * The verdicts (keep / skip / stop at the event loop / ask the frame's module) stay in Python
  * (pgleak/_stack.py): this module only reads their cache, a dict from ``co_filename`` to an
  * int, and hands the frame back to Python whenever the cache has no answer, so there is one
- * definition of which frames count. pgleak runs the same walk in Python when this module is
- * absent (no compiler at install time) or disabled (``PGLEAK_NO_SPEEDUPS=1``).
+ * definition of which frames count. The ledger's ``checkout``/``checkin`` (second half of this
+ * file) follow the same rule: the common path here, every rare one handed to Core's Python
+ * methods. pgleak runs all of it in Python when this module is absent (no compiler at install
+ * time) or disabled (``PGLEAK_NO_SPEEDUPS=1``).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <frameobject.h>
+#include <structmember.h>
 
 #if PY_VERSION_HEX < 0x030D0000
 /* 3.13's PyObject_GetOptionalAttr: 1 found, 0 absent (no error set), -1 error. */
@@ -326,18 +329,894 @@ chain_complete(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(complete);
 }
 
+/* ---- The ledger's hot path: Core.checkout / Core.checkin (pgleak/_core.py) -------------
+ *
+ * With the stack walk in C, what was left of a checkout's cost was the bookkeeping's Python
+ * bytecode: ~40 attribute reads and stores, a 19-slot Lease.__init__, a weak reference with two
+ * attributes, two dict inserts (and the pops at checkin), ~1.8 us a cycle. Here it is the same
+ * steps, in the same order, on the same objects: the Lease and _ConnRef classes stay Python
+ * classes with __slots__ (every other part of pgleak reads them as before); this code allocates
+ * them and fills their slots at the offsets their member descriptors give. Whatever is rare
+ * (keyword arguments, a stale entry, the tracking bound, the watchdog's first start, an
+ * observer, a collected connection) is handed to Core's Python methods, so there is one
+ * definition of every decision. ``bind()`` is given the names once, at import; Core binds
+ * these functions to itself only when ``bind()`` succeeded. */
+
+enum {
+    L_CLOSED, L_CONTEXT, L_DEADLINE, L_FLAGGED, L_GENERATION, L_ID, L_KEY, L_OTEL, L_POOL,
+    L_PROBE, L_RAW, L_REF, L_REPORTED, L_SELF_RETURNING, L_T0, L_T_IN, L_TASK, L_THREAD,
+    L_UNSEEN_CLOSE, L_COUNT
+};
+static const char *lease_slots[L_COUNT] = {
+    "closed", "context", "deadline", "flagged", "generation", "id", "key", "otel", "pool",
+    "probe", "raw", "ref", "reported", "self_returning", "t0", "t_in", "task", "thread",
+    "unseen_close",
+};
+static Py_ssize_t lease_off[L_COUNT];
+static Py_ssize_t ref_key_off, ref_lease_id_off;
+
+/* What bind() was given (strong references, kept for the life of the process). */
+static PyTypeObject *lease_type, *connref_type;
+static PyObject *b_suppressed, *b_allowance, *b_context;         /* ContextVars */
+static PyObject *b_get_running_loop, *b_current_task, *b_monotonic, *b_weakref;
+static PyObject *b_thread_local, *b_thread_identity, *b_core_globals;
+static PyObject *b_capture_from, *b_capture_in_task, *b_skip_cache, *b_pseudo;
+static PyObject *b_checkout_py, *b_checkin_py, *b_returned;
+static int bound = 0;
+
+static PyObject *s_settings, *s_enabled, *s_max_tracked, *s_leak_threshold, *s_capture_stack,
+    *s_stack_depth, *s_leases, *s_by_conn, *s_ids, *s_watchdog, *s_thread, *s_observer,
+    *s_waker, *s_collected, *s_ident, *s_get_name, *s_generation, *s_pending,
+    *s_after_checkout, *s_forget, *s_on_collected, *s_wake_gate, *s_thread_key, *s_append;
+
+#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
+/* Store a new reference in a slot (stealing ``value``), dropping what was there. */
+static inline void
+slot_set(PyObject *obj, Py_ssize_t off, PyObject *value)
+{
+    PyObject *old = SLOT(obj, off);
+    SLOT(obj, off) = value;
+    Py_XDECREF(old);
+}
+
+/* The referent of a weak reference, as a new reference, or NULL if it is dead. */
+static inline PyObject *
+ref_target(PyObject *ref)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *obj = NULL;
+    if (PyWeakref_GetRef(ref, &obj) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    return obj;
+#else
+    PyObject *obj = PyWeakref_GET_OBJECT(ref);
+    return obj == Py_None ? NULL : Py_NewRef(obj);
+#endif
+}
+
+static int
+member_offset(PyObject *type, const char *name, Py_ssize_t *offset)
+{
+    PyObject *descr = PyObject_GetAttrString(type, name);
+    if (descr == NULL) {
+        return -1;
+    }
+    if (!Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        Py_DECREF(descr);
+        PyErr_Format(PyExc_TypeError, "%s is not a slot", name);
+        return -1;
+    }
+    PyMemberDef *def = ((PyMemberDescrObject *)descr)->d_member;
+    if (def->type != T_OBJECT_EX) {
+        Py_DECREF(descr);
+        PyErr_Format(PyExc_TypeError, "%s is not an object slot", name);
+        return -1;
+    }
+    *offset = def->offset;
+    Py_DECREF(descr);
+    return 0;
+}
+
+static PyObject *
+take(PyObject *ns, const char *name)
+{
+    PyObject *value = PyDict_GetItemString(ns, name); /* borrowed */
+    if (value == NULL) {
+        PyErr_Format(PyExc_KeyError, "bind(): %s missing", name);
+        return NULL;
+    }
+    return Py_NewRef(value);
+}
+
+PyDoc_STRVAR(bind_doc,
+"bind(names: dict) -> None\n\n"
+"Give the ledger functions the objects of pgleak._core and pgleak._stack they work with\n"
+"(see _core._bind_speedups). Raises if anything is not as expected: Core then keeps its\n"
+"Python methods.");
+
+static PyObject *
+bind(PyObject *module, PyObject *ns)
+{
+    if (!PyDict_Check(ns)) {
+        PyErr_SetString(PyExc_TypeError, "bind(names: dict)");
+        return NULL;
+    }
+    if (bound) {
+        Py_RETURN_NONE;
+    }
+    PyObject *lease = take(ns, "Lease"), *connref = take(ns, "_ConnRef");
+    if (lease == NULL || connref == NULL || !PyType_Check(lease) || !PyType_Check(connref)) {
+        Py_XDECREF(lease);
+        Py_XDECREF(connref);
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "bind(): Lease and _ConnRef must be classes");
+        }
+        return NULL;
+    }
+    if (((PyTypeObject *)lease)->tp_dictoffset != 0
+        || !PyType_IsSubtype((PyTypeObject *)connref, &_PyWeakref_RefType)) {
+        Py_DECREF(lease);
+        Py_DECREF(connref);
+        PyErr_SetString(PyExc_TypeError, "bind(): Lease must be slotted, _ConnRef a weakref");
+        return NULL;
+    }
+    for (int i = 0; i < L_COUNT; i++) {
+        if (member_offset(lease, lease_slots[i], &lease_off[i]) < 0) {
+            Py_DECREF(lease);
+            Py_DECREF(connref);
+            return NULL;
+        }
+    }
+    if (member_offset(connref, "key", &ref_key_off) < 0
+        || member_offset(connref, "lease_id", &ref_lease_id_off) < 0) {
+        Py_DECREF(lease);
+        Py_DECREF(connref);
+        return NULL;
+    }
+    PyObject **targets[] = {
+        &b_suppressed, &b_allowance, &b_context, &b_get_running_loop, &b_current_task,
+        &b_monotonic, &b_weakref, &b_thread_local, &b_thread_identity, &b_core_globals,
+        &b_capture_from, &b_capture_in_task, &b_skip_cache, &b_pseudo, &b_checkout_py,
+        &b_checkin_py, &b_returned,
+    };
+    const char *names[] = {
+        "suppressed", "allowance", "context", "get_running_loop", "current_task",
+        "monotonic", "weakref", "thread_local", "thread_identity", "core_globals",
+        "capture_from", "capture_in_task", "skip_cache", "pseudo_codes", "checkout_py",
+        "checkin_py", "RETURNED",
+    };
+    PyObject *got[sizeof(names) / sizeof(names[0])];
+    size_t n = sizeof(names) / sizeof(names[0]);
+    for (size_t i = 0; i < n; i++) {
+        got[i] = take(ns, names[i]);
+        if (got[i] == NULL) {
+            for (size_t j = 0; j < i; j++) {
+                Py_DECREF(got[j]);
+            }
+            Py_DECREF(lease);
+            Py_DECREF(connref);
+            return NULL;
+        }
+    }
+    if (!PyContextVar_CheckExact(got[0]) || !PyContextVar_CheckExact(got[1])
+        || !PyContextVar_CheckExact(got[2]) || !PyDict_Check(got[9]) || !PyDict_Check(got[12])
+        || !PyDict_Check(got[13])) {
+        for (size_t j = 0; j < n; j++) {
+            Py_DECREF(got[j]);
+        }
+        Py_DECREF(lease);
+        Py_DECREF(connref);
+        PyErr_SetString(PyExc_TypeError, "bind(): unexpected types");
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        *targets[i] = got[i];
+    }
+    lease_type = (PyTypeObject *)lease;
+    connref_type = (PyTypeObject *)connref;
+    bound = 1;
+    Py_RETURN_NONE;
+}
+
+/* ``obj.name`` for a plain instance attribute, read from the instance's ``__dict__``: the
+ * generic lookup first searches the type's MRO for a descriptor, which costs several times the
+ * dict lookup, and the hot path reads a dozen such attributes (Core has no descriptors by these
+ * names). Anything else is the generic lookup. A new reference. */
+static PyObject *
+attr(PyObject *obj, PyObject *name)
+{
+    PyObject *dict = PyObject_GenericGetDict(obj, NULL);
+    if (dict == NULL) {
+        PyErr_Clear();
+        return PyObject_GetAttr(obj, name);
+    }
+    PyObject *value = PyDict_Check(dict) ? PyDict_GetItemWithError(dict, name) : NULL;
+    Py_XINCREF(value);
+    Py_DECREF(dict);
+    if (value == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        return PyObject_GetAttr(obj, name);
+    }
+    return value;
+}
+
+/* The core whose containers are read without a lookup (``adopt()``: pgleak's one process-wide
+ * core). Its ledger dicts, id counter, collector callback and queue are never replaced (see
+ * Core.reset_after_fork, which clears them), so they are held here; what does change (settings,
+ * observer, waker, the watchdog's thread) is read from the instance dicts, kept here too. Any
+ * other Core (tests make their own) goes through ``attr()``. */
+static PyObject *a_core, *a_dict, *a_watchdog_dict;
+static PyObject *a_leases, *a_by_conn, *a_ids, *a_collected, *a_pending;
+
+PyDoc_STRVAR(adopt_doc,
+"adopt(core) -> None\n\nHold ``core``'s containers, for its checkouts and checkins.");
+
+static PyObject *
+adopt(PyObject *module, PyObject *core)
+{
+    PyObject *dict = PyObject_GenericGetDict(core, NULL);
+    if (dict == NULL) {
+        return NULL;
+    }
+    PyObject *watchdog = PyDict_GetItemWithError(dict, s_watchdog);
+    PyObject *watchdog_dict = watchdog ? PyObject_GenericGetDict(watchdog, NULL) : NULL;
+    PyObject *leases = PyDict_GetItemWithError(dict, s_leases);
+    PyObject *by_conn = PyDict_GetItemWithError(dict, s_by_conn);
+    PyObject *ids = PyDict_GetItemWithError(dict, s_ids);
+    PyObject *collected = PyDict_GetItemWithError(dict, s_collected);
+    PyObject *pending = PyDict_GetItemWithError(dict, s_pending);
+    if (!watchdog_dict || !leases || !by_conn || !ids || !collected || !pending
+        || !PyDict_CheckExact(leases) || !PyDict_CheckExact(by_conn) || !PyDict_Check(watchdog_dict)) {
+        Py_DECREF(dict);
+        Py_XDECREF(watchdog_dict);
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "adopt(): not a Core");
+        }
+        return NULL;
+    }
+    Py_XSETREF(a_leases, Py_NewRef(leases));
+    Py_XSETREF(a_by_conn, Py_NewRef(by_conn));
+    Py_XSETREF(a_ids, Py_NewRef(ids));
+    Py_XSETREF(a_collected, Py_NewRef(collected));
+    Py_XSETREF(a_pending, Py_NewRef(pending));
+    Py_XSETREF(a_watchdog_dict, watchdog_dict);
+    Py_XSETREF(a_dict, dict);
+    Py_XSETREF(a_core, Py_NewRef(core));
+    Py_RETURN_NONE;
+}
+
+/* ``core.<name>`` for one of the held containers (a new reference). */
+static inline PyObject *
+held(PyObject *core, PyObject *kept, PyObject *name)
+{
+    return core == a_core ? Py_NewRef(kept) : attr(core, name);
+}
+
+/* ``core.<name>`` for an attribute that changes (a new reference). */
+static inline PyObject *
+live(PyObject *core, PyObject *name)
+{
+    if (core == a_core) {
+        PyObject *value = PyDict_GetItemWithError(a_dict, name);
+        if (value != NULL) {
+            return Py_NewRef(value);
+        }
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    return attr(core, name);
+}
+
+/* ``core.watchdog.thread is None`` (1), or not (0); -1 on error. */
+static int
+watchdog_idle(PyObject *core)
+{
+    if (core == a_core) {
+        PyObject *thread = PyDict_GetItemWithError(a_watchdog_dict, s_thread);
+        if (thread != NULL) {
+            return thread == Py_None;
+        }
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    PyObject *watchdog = attr(core, s_watchdog);
+    if (watchdog == NULL) {
+        return -1;
+    }
+    PyObject *thread = attr(watchdog, s_thread);
+    Py_DECREF(watchdog);
+    if (thread == NULL) {
+        return -1;
+    }
+    int idle = thread == Py_None;
+    Py_DECREF(thread);
+    return idle;
+}
+
+/* The settings a checkout reads, copied out of the last Settings object seen: Settings is a
+ * frozen dataclass, so the same object always gives the same values. */
+static PyObject *seen_settings;
+static int set_enabled, set_capture_stack;
+static Py_ssize_t set_max_tracked;
+static double set_leak_threshold;
+static PyObject *set_stack_depth;
+
+static int
+read_settings(PyObject *settings)
+{
+    if (settings == seen_settings) {
+        return 0;
+    }
+    PyObject *enabled = PyObject_GetAttr(settings, s_enabled);
+    PyObject *capture_stack = PyObject_GetAttr(settings, s_capture_stack);
+    PyObject *max_tracked = PyObject_GetAttr(settings, s_max_tracked);
+    PyObject *threshold = PyObject_GetAttr(settings, s_leak_threshold);
+    PyObject *depth = PyObject_GetAttr(settings, s_stack_depth);
+    int failed = !enabled || !capture_stack || !max_tracked || !threshold || !depth;
+    int e = 0, c = 0;
+    Py_ssize_t m = 0;
+    double t = 0.0;
+    if (!failed) {
+        e = PyObject_IsTrue(enabled);
+        c = PyObject_IsTrue(capture_stack);
+        m = PyLong_AsSsize_t(max_tracked);
+        t = PyFloat_AsDouble(threshold);
+        failed = e < 0 || c < 0 || PyErr_Occurred() != NULL;
+    }
+    Py_XDECREF(enabled);
+    Py_XDECREF(capture_stack);
+    Py_XDECREF(max_tracked);
+    Py_XDECREF(threshold);
+    if (failed) {
+        Py_XDECREF(depth);
+        return -1;
+    }
+    set_enabled = e;
+    set_capture_stack = c;
+    set_max_tracked = m;
+    set_leak_threshold = t;
+    Py_XSETREF(set_stack_depth, depth);
+    Py_XSETREF(seen_settings, Py_NewRef(settings));
+    return 0;
+}
+
+/* A ContextVar's value (a new reference); its default when unset. */
+static inline PyObject *
+var_get(PyObject *var)
+{
+    PyObject *value = NULL;
+    if (PyContextVar_Get(var, NULL, &value) < 0) {
+        return NULL;
+    }
+    return value;
+}
+
+/* ``thread`` for the lease: the per-thread identity tuple (see _core._thread_identity),
+ * kept in the thread state's own dict (a threading.local's lookup costs several times more).
+ * A forked child forgets it (forget_thread()), as it forgets the threading.local. */
+static PyObject *
+thread_identity(void)
+{
+    PyObject *dict = PyThreadState_GetDict(); /* borrowed */
+    if (dict != NULL) {
+        PyObject *ident = PyDict_GetItemWithError(dict, s_thread_key);
+        if (ident != NULL) {
+            return Py_NewRef(ident);
+        }
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    PyObject *ident = PyObject_CallNoArgs(b_thread_identity);
+    if (ident != NULL && dict != NULL && PyDict_SetItem(dict, s_thread_key, ident) < 0) {
+        Py_DECREF(ident);
+        return NULL;
+    }
+    return ident;
+}
+
+PyDoc_STRVAR(forget_thread_doc,
+"forget_thread() -> None\n\nDrop this thread's cached identity (in a forked child).");
+
+static PyObject *
+forget_thread(PyObject *module, PyObject *unused)
+{
+    PyObject *dict = PyThreadState_GetDict();
+    if (dict != NULL && PyDict_DelItem(dict, s_thread_key) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+    }
+    Py_RETURN_NONE;
+}
+
+/* The raw stack for a checkout made by the caller's caller (the adapter's wrapper). */
+static PyObject *
+checkout_stack(PyObject *task)
+{
+    PyObject *depth = set_stack_depth;
+    PyFrameObject *frame = PyEval_GetFrame(); /* borrowed: the wrapper's frame */
+    if (frame == NULL) {
+        return PyTuple_New(0);
+    }
+    PyObject *raw;
+    if (task != Py_None) {
+        raw = PyObject_CallFunctionObjArgs(b_capture_in_task, (PyObject *)frame, depth, task,
+                                           Py_False, NULL);
+    }
+    else {
+        PyObject *args[4] = {(PyObject *)frame, depth, b_skip_cache, b_pseudo};
+        raw = capture(NULL, args, 4);
+        if (raw == Py_None) {
+            Py_DECREF(raw);
+            raw = PyObject_CallFunctionObjArgs(b_capture_from, (PyObject *)frame, depth, NULL);
+        }
+    }
+    return raw;
+}
+
+/* Whether a waiting observer must be asked (Core.wake_gate): 1 yes, 0 no, -1 error. While
+ * both gate attributes are None (OpenTelemetry's global providers, no SDK) it has nothing to
+ * say, and asking it would be a Python call on every checkout. */
+static int
+wake_due(PyObject *core)
+{
+    PyObject *gate = live(core, s_wake_gate);
+    if (gate == NULL) {
+        return -1;
+    }
+    if (!PyTuple_CheckExact(gate) || PyTuple_GET_SIZE(gate) != 4) {
+        Py_DECREF(gate);
+        return 1;
+    }
+    int due = 0;
+    for (int i = 0; i < 4 && !due; i += 2) {
+        PyObject *owner = PyTuple_GET_ITEM(gate, i), *name = PyTuple_GET_ITEM(gate, i + 1);
+        PyObject *value = NULL;
+        if (PyModule_CheckExact(owner) && PyUnicode_CheckExact(name)) {
+            /* a module global: its dict, without the generic lookup */
+            value = PyDict_GetItemWithError(PyModule_GetDict(owner), name);
+            Py_XINCREF(value);
+        }
+        if (value == NULL && !PyErr_Occurred()) {
+            value = PyObject_GetAttr(owner, name);
+        }
+        if (value == NULL) {
+            Py_DECREF(gate);
+            return -1;
+        }
+        due = value != Py_None;
+        Py_DECREF(value);
+    }
+    Py_DECREF(gate);
+    return due;
+}
+
+PyDoc_STRVAR(checkout_doc,
+"checkout(core, pool, conn=None, index=False, since=None) -> Lease | None\n\n"
+"Core.checkout, positional arguments only (anything else goes to the Python method).");
+
+static PyObject *
+ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (!bound || kwnames != NULL || nargs < 2 || nargs > 5) {
+        return PyObject_Vectorcall(b_checkout_py, args, nargsf, kwnames);
+    }
+    PyObject *core = args[0], *pool = args[1];
+    PyObject *conn = nargs > 2 ? args[2] : Py_None;
+    int index = nargs > 3 ? PyObject_IsTrue(args[3]) : 0;
+    PyObject *since = nargs > 4 ? args[4] : Py_None;
+    if (index < 0) {
+        return NULL;
+    }
+    PyObject *settings = NULL, *leases = NULL, *value = NULL, *lease = NULL, *task = Py_None;
+    PyObject *loop = NULL, *result = NULL;
+    Py_INCREF(task);
+
+    settings = live(core, s_settings);
+    if (settings == NULL || read_settings(settings) < 0) {
+        goto done;
+    }
+    if (!set_enabled) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    value = var_get(b_suppressed);
+    if (value == NULL) {
+        goto done;
+    }
+    int truth = PyObject_IsTrue(value);
+    Py_CLEAR(value);
+    if (truth != 0) {
+        result = truth < 0 ? NULL : Py_NewRef(Py_None);
+        goto done;
+    }
+    leases = held(core, a_leases, s_leases);
+    if (leases == NULL || !PyDict_CheckExact(leases)) {
+        /* not the ledger Core.__init__ made: let the Python method deal with it */
+        Py_CLEAR(leases);
+        PyErr_Clear();
+        result = PyObject_Vectorcall(b_checkout_py, args, nargsf, kwnames);
+        goto done;
+    }
+    if (PyDict_GET_SIZE(leases) >= set_max_tracked) {
+        /* the bound: the Python method warns and counts */
+        result = PyObject_Vectorcall(b_checkout_py, args, nargsf, kwnames);
+        goto done;
+    }
+    double threshold = set_leak_threshold;
+    value = var_get(b_allowance);
+    if (value == NULL) {
+        goto done;
+    }
+    double extra = PyFloat_AsDouble(value);
+    Py_CLEAR(value);
+    if (extra == -1.0 && PyErr_Occurred()) {
+        goto done;
+    }
+    if (extra > threshold) {
+        threshold = extra;
+    }
+    loop = PyObject_CallNoArgs(b_get_running_loop);
+    if (loop == NULL) {
+        goto done;
+    }
+    if (loop != Py_None) {
+        Py_SETREF(task, PyObject_CallOneArg(b_current_task, loop));
+        if (task == NULL) {
+            goto done;
+        }
+    }
+    PyObject *t0 = PyObject_CallNoArgs(b_monotonic);
+    if (t0 == NULL) {
+        goto done;
+    }
+    double t0_d = PyFloat_AsDouble(t0);
+    PyObject *thread = thread_identity();
+    if (thread == NULL) {
+        Py_DECREF(t0);
+        goto done;
+    }
+    lease = PyType_GenericAlloc(lease_type, 0);
+    if (lease == NULL) {
+        Py_DECREF(t0);
+        Py_DECREF(thread);
+        goto done;
+    }
+    /* Every slot is filled before anything else can fail, so a half-built lease is never
+     * seen with an unset slot (which would raise AttributeError wherever it is read). */
+    PyObject *generation = PyDict_GetItemWithError(b_core_globals, s_generation);
+    slot_set(lease, lease_off[L_GENERATION], Py_NewRef(generation ? generation : Py_None));
+    slot_set(lease, lease_off[L_ID], Py_NewRef(Py_None));
+    slot_set(lease, lease_off[L_POOL], Py_NewRef(pool));
+    slot_set(lease, lease_off[L_T0], t0);
+    slot_set(lease, lease_off[L_DEADLINE], PyFloat_FromDouble(t0_d + threshold));
+    slot_set(lease, lease_off[L_THREAD], thread);
+    slot_set(lease, lease_off[L_RAW], PyTuple_New(0));
+    slot_set(lease, lease_off[L_TASK], Py_NewRef(Py_None));
+    slot_set(lease, lease_off[L_REF], Py_NewRef(Py_None));
+    slot_set(lease, lease_off[L_CONTEXT], Py_NewRef(Py_None));
+    slot_set(lease, lease_off[L_PROBE], Py_NewRef(Py_None));
+    slot_set(lease, lease_off[L_KEY], Py_NewRef(Py_None));
+    slot_set(lease, lease_off[L_FLAGGED], Py_NewRef(Py_False));
+    slot_set(lease, lease_off[L_REPORTED], Py_NewRef(Py_False));
+    slot_set(lease, lease_off[L_T_IN], Py_NewRef(Py_None));
+    slot_set(lease, lease_off[L_OTEL], Py_NewRef(Py_None));
+    slot_set(lease, lease_off[L_SELF_RETURNING], Py_NewRef(extra == Py_HUGE_VAL ? Py_True : Py_False));
+    slot_set(lease, lease_off[L_CLOSED], Py_NewRef(Py_None));
+    slot_set(lease, lease_off[L_UNSEEN_CLOSE], Py_NewRef(Py_False));
+    if (generation == NULL || SLOT(lease, lease_off[L_DEADLINE]) == NULL
+        || SLOT(lease, lease_off[L_RAW]) == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_RuntimeError, "pgleak._core._generation is missing");
+        }
+        goto done;
+    }
+    PyObject *ids = held(core, a_ids, s_ids);
+    if (ids == NULL) {
+        goto done;
+    }
+    PyObject *lease_id = PyIter_Next(ids);
+    Py_DECREF(ids);
+    if (lease_id == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_RuntimeError, "the lease ids ran out");
+        }
+        goto done;
+    }
+    slot_set(lease, lease_off[L_ID], lease_id);
+
+    if (set_capture_stack) {
+        PyObject *raw = checkout_stack(task);
+        if (raw == NULL) {
+            goto done;
+        }
+        slot_set(lease, lease_off[L_RAW], raw);
+    }
+    if (task != Py_None) {
+        PyObject *name = PyObject_CallMethodNoArgs(task, s_get_name);
+        if (name == NULL) {
+            goto done;
+        }
+        PyObject *ref = PyWeakref_NewRef(task, NULL);
+        if (ref == NULL) {
+            Py_DECREF(name);
+            goto done;
+        }
+        PyObject *pair = PyTuple_Pack(2, ref, name);
+        Py_DECREF(ref);
+        Py_DECREF(name);
+        if (pair == NULL) {
+            goto done;
+        }
+        slot_set(lease, lease_off[L_TASK], pair);
+    }
+    value = var_get(b_context);
+    if (value == NULL) {
+        goto done;
+    }
+    slot_set(lease, lease_off[L_CONTEXT], value);
+    value = NULL;
+
+    if (conn != Py_None) {
+        PyObject *collected = held(core, a_collected, s_collected);
+        if (collected == NULL) {
+            goto done;
+        }
+        PyObject *cargs[2] = {conn, collected};
+        PyObject *ref = PyObject_Vectorcall((PyObject *)connref_type, cargs, 2, NULL);
+        Py_DECREF(collected);
+        if (ref == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_TypeError)) {
+                goto done;
+            }
+            PyErr_Clear(); /* not weak-referenceable: "collected" cannot happen to it anyway */
+        }
+        else if (!PyObject_TypeCheck(ref, connref_type)) {
+            Py_DECREF(ref);
+            PyErr_SetString(PyExc_TypeError, "_ConnRef() made something else");
+            goto done;
+        }
+        else {
+            PyObject *key = PyLong_FromVoidPtr(conn);
+            if (key == NULL) {
+                Py_DECREF(ref);
+                goto done;
+            }
+            slot_set(ref, ref_lease_id_off, Py_NewRef(SLOT(lease, lease_off[L_ID])));
+            slot_set(ref, ref_key_off, Py_NewRef(key));
+            slot_set(lease, lease_off[L_REF], ref);
+            if (index) {
+                slot_set(lease, lease_off[L_KEY], Py_NewRef(key));
+                PyObject *by_conn = held(core, a_by_conn, s_by_conn);
+                if (by_conn == NULL || !PyDict_Check(by_conn)) {
+                    Py_XDECREF(by_conn);
+                    Py_DECREF(key);
+                    if (!PyErr_Occurred()) {
+                        PyErr_SetString(PyExc_TypeError, "Core.by_conn is not a dict");
+                    }
+                    goto done;
+                }
+                PyObject *stale = PyDict_GetItemWithError(by_conn, key); /* borrowed */
+                if (stale == NULL && PyErr_Occurred()) {
+                    Py_DECREF(by_conn);
+                    Py_DECREF(key);
+                    goto done;
+                }
+                if (stale != NULL && Py_IS_TYPE(stale, lease_type)) {
+                    PyObject *stale_ref = SLOT(stale, lease_off[L_REF]);
+                    PyObject *target = (stale_ref != NULL && PyWeakref_Check(stale_ref))
+                                           ? ref_target(stale_ref) : NULL;
+                    if (target == conn) {
+                        /* The pool lent this connection again, so it had it back; the old
+                         * lease's checkin went unseen (a path the adapter does not hook). */
+                        Py_INCREF(stale);
+                        PyObject *gone = PyObject_CallMethodOneArg(core, s_forget, stale);
+                        Py_DECREF(stale);
+                        if (gone == NULL) {
+                            Py_DECREF(target);
+                            Py_DECREF(by_conn);
+                            Py_DECREF(key);
+                            goto done;
+                        }
+                        Py_DECREF(gone);
+                    }
+                    Py_XDECREF(target);
+                }
+                int failed = PyDict_SetItem(by_conn, key, lease);
+                Py_DECREF(by_conn);
+                if (failed < 0) {
+                    Py_DECREF(key);
+                    goto done;
+                }
+            }
+            Py_DECREF(key);
+        }
+    }
+    if (PyDict_SetItem(leases, SLOT(lease, lease_off[L_ID]), lease) < 0) {
+        goto done;
+    }
+    /* The rest (the watchdog's first start, an observer, one waiting to wake) is Python's:
+     * one attribute check each decides whether to call it. */
+    int later = watchdog_idle(core);
+    if (later < 0) {
+        goto done;
+    }
+    if (!later) {
+        value = live(core, s_observer);
+        if (value == NULL) {
+            goto done;
+        }
+        later = value != Py_None;
+        Py_CLEAR(value);
+    }
+    if (!later) {
+        value = live(core, s_waker);
+        if (value == NULL) {
+            goto done;
+        }
+        later = value != Py_None;
+        Py_CLEAR(value);
+        if (later) {
+            later = wake_due(core);
+            if (later < 0) {
+                goto done;
+            }
+        }
+    }
+    if (later) {
+        value = PyObject_CallMethodObjArgs(core, s_after_checkout, lease, since, NULL);
+        if (value == NULL) {
+            goto done;
+        }
+        Py_CLEAR(value);
+    }
+    result = Py_NewRef(lease);
+done:
+    Py_XDECREF(settings);
+    Py_XDECREF(leases);
+    Py_XDECREF(loop);
+    Py_XDECREF(task);
+    Py_XDECREF(lease);
+    return result;
+}
+
+PyDoc_STRVAR(checkin_doc, "checkin(core, lease) -> None\n\nCore.checkin.");
+
+static PyObject *
+ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (!bound || kwnames != NULL || nargs != 2 || !Py_IS_TYPE(args[1], lease_type)) {
+        return PyObject_Vectorcall(b_checkin_py, args, nargsf, kwnames);
+    }
+    PyObject *core = args[0], *lease = args[1];
+    PyObject *ref = SLOT(lease, lease_off[L_REF]);
+    if (ref != NULL && ref != Py_None) {
+        PyObject *target = PyWeakref_Check(ref) ? ref_target(ref) : NULL;
+        if (target == NULL) {
+            /* The pool is returning a connection whose user-facing object was collected:
+             * a leak the pool papered over, not a return (see Core.checkin). */
+            return PyObject_CallMethodOneArg(core, s_on_collected, ref);
+        }
+        Py_DECREF(target);
+    }
+    PyObject *generation = PyDict_GetItemWithError(b_core_globals, s_generation);
+    PyObject *mine = SLOT(lease, lease_off[L_GENERATION]);
+    if (generation == NULL || mine == NULL) {
+        return PyErr_Occurred() ? NULL : PyObject_Vectorcall(b_checkin_py, args, nargsf, NULL);
+    }
+    if (mine != generation) {
+        int same = PyObject_RichCompareBool(mine, generation, Py_EQ);
+        if (same < 0) {
+            return NULL;
+        }
+        if (!same) {
+            Py_RETURN_NONE; /* checked out before a fork, in the parent */
+        }
+    }
+    PyObject *now = PyObject_CallNoArgs(b_monotonic);
+    if (now == NULL) {
+        return NULL;
+    }
+    slot_set(lease, lease_off[L_T_IN], Py_NewRef(now));
+    PyObject *key = SLOT(lease, lease_off[L_KEY]);
+    if (key != NULL && key != Py_None) {
+        PyObject *by_conn = held(core, a_by_conn, s_by_conn);
+        if (by_conn == NULL) {
+            Py_DECREF(now);
+            return NULL;
+        }
+        if (PyDict_Check(by_conn)) {
+            PyObject *filed = PyDict_GetItemWithError(by_conn, key);
+            if (filed == lease && PyDict_DelItem(by_conn, key) < 0) {
+                PyErr_Clear(); /* another thread took it first: the same end */
+            }
+            else if (filed == NULL && PyErr_Occurred()) {
+                Py_DECREF(by_conn);
+                Py_DECREF(now);
+                return NULL;
+            }
+        }
+        Py_DECREF(by_conn);
+    }
+    PyObject *leases = held(core, a_leases, s_leases);
+    if (leases == NULL) {
+        Py_DECREF(now);
+        return NULL;
+    }
+    PyObject *lease_id = SLOT(lease, lease_off[L_ID]);
+    if (PyDict_Check(leases) && lease_id != NULL) {
+        if (PyDict_DelItem(leases, lease_id) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
+                Py_DECREF(leases);
+                Py_DECREF(now);
+                return NULL;
+            }
+            PyErr_Clear();
+        }
+    }
+    Py_DECREF(leases);
+    PyObject *flagged = SLOT(lease, lease_off[L_FLAGGED]);
+    int late = flagged != NULL && PyObject_IsTrue(flagged) > 0;
+    if (late) {
+        PyObject *pending = held(core, a_pending, s_pending);
+        if (pending == NULL) {
+            Py_DECREF(now);
+            return NULL;
+        }
+        PyObject *entry = PyTuple_Pack(3, b_returned, lease, now);
+        PyObject *done = entry == NULL ? NULL : PyObject_CallMethodOneArg(pending, s_append, entry);
+        Py_XDECREF(entry);
+        Py_DECREF(pending);
+        if (done == NULL) {
+            Py_DECREF(now);
+            return NULL;
+        }
+        Py_DECREF(done);
+    }
+    Py_DECREF(now);
+    PyObject *observer = live(core, s_observer);
+    if (observer == NULL) {
+        return NULL;
+    }
+    int observed = observer != Py_None;
+    Py_DECREF(observer);
+    if (observed) {
+        return PyObject_CallMethod(core, "_observe_checkin", "OOO", lease,
+                                   late ? Py_True : Py_False, Py_False);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"capture", (PyCFunction)(void (*)(void))capture, METH_FASTCALL, capture_doc},
     {"walk", walk, METH_VARARGS, walk_doc},
     {"chain_complete", (PyCFunction)(void (*)(void))chain_complete, METH_FASTCALL,
      chain_complete_doc},
+    {"bind", bind, METH_O, bind_doc},
+    {"adopt", adopt, METH_O, adopt_doc},
+    {"forget_thread", forget_thread, METH_NOARGS, forget_thread_doc},
+    {"checkout", (PyCFunction)(void (*)(void))ledger_checkout, METH_FASTCALL | METH_KEYWORDS,
+     checkout_doc},
+    {"checkin", (PyCFunction)(void (*)(void))ledger_checkin, METH_FASTCALL | METH_KEYWORDS,
+     checkin_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef speedups = {
     PyModuleDef_HEAD_INIT,
     .m_name = "pgleak._speedups",
-    .m_doc = "The checkout stack walk, in C (see pgleak/_stack.py).",
+    .m_doc = "The checkout stack walk and ledger, in C (see pgleak/_stack.py, pgleak/_core.py).",
     .m_size = -1,
     .m_methods = methods,
 };
@@ -351,6 +1230,27 @@ PyInit__speedups(void)
     s_gi_yieldfrom = PyUnicode_InternFromString("gi_yieldfrom");
     if (!s_cr_frame || !s_gi_frame || !s_cr_await || !s_gi_yieldfrom) {
         return NULL;
+    }
+    struct {
+        PyObject **slot;
+        const char *text;
+    } interned[] = {
+        {&s_settings, "settings"}, {&s_enabled, "enabled"}, {&s_max_tracked, "max_tracked"},
+        {&s_leak_threshold, "leak_threshold"}, {&s_capture_stack, "capture_stack"},
+        {&s_stack_depth, "stack_depth"}, {&s_leases, "leases"}, {&s_by_conn, "by_conn"},
+        {&s_ids, "_ids"}, {&s_watchdog, "watchdog"}, {&s_thread, "thread"},
+        {&s_observer, "observer"}, {&s_waker, "waker"}, {&s_collected, "_collected"},
+        {&s_ident, "ident"}, {&s_get_name, "get_name"}, {&s_generation, "_generation"},
+        {&s_pending, "_pending"}, {&s_after_checkout, "_after_checkout"},
+        {&s_forget, "_forget"}, {&s_on_collected, "_on_collected"},
+        {&s_wake_gate, "wake_gate"}, {&s_thread_key, "pgleak.thread"},
+        {&s_append, "append"},
+    };
+    for (size_t i = 0; i < sizeof(interned) / sizeof(interned[0]); i++) {
+        *interned[i].slot = PyUnicode_InternFromString(interned[i].text);
+        if (*interned[i].slot == NULL) {
+            return NULL;
+        }
     }
     return PyModule_Create(&speedups);
 }

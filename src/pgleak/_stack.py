@@ -216,9 +216,14 @@ def capture(limit: int, start: int = 1, task: Any = None, thorough: bool = False
         return _EMPTY
     if task is not None:
         return _capture_in_task(frame, limit, task, thorough)
+    return capture_from(frame, limit)
+
+
+def capture_from(frame: FrameType | None, limit: int) -> RawStack:
+    """:func:`capture` in a thread, from ``frame`` (the checkout's caller) outwards."""
     cache = _skip_cache
     fast = _fast
-    if fast is not None:
+    if fast is not None and frame is not None:
         raw: RawStack | None = fast.capture(frame, limit, cache, _pseudo_codes)
         if raw is not None:
             return raw
