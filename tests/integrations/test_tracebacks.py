@@ -38,8 +38,8 @@ def test_psycopg2_pool_exhausted(pg: Server, installed: pgleak.Settings) -> None
         pool.closeall()
     # getconn (retry, outside the pool's lock), _getconn (a keyed re-lend), the checkout.
     assert frames == [
-        "integrations/psycopg2.py getconn",
-        "integrations/psycopg2.py getconn",
+        "<retrying> getconn",
+        "<relend> _getconn",
         "<acquire> _getconn",
     ]
 

@@ -82,7 +82,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without psy
 
     raise AdapterUnavailable("psycopg2 is not installed") from _exc
 
-from pgleak import _retry, _stack
+from pgleak import _forward, _retry, _stack
 from pgleak._adapter import Adapter, driver_state, driver_target, tag
 from pgleak._appname import tags, untagged
 from pgleak._core import PoolKind, PoolStats, core, suppressed
@@ -143,19 +143,62 @@ def _lends_again(pool: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bo
         return False
 
 
+#: The names the templates below use: a method parameter spelt the same gets the generic shape.
+_RESERVED = frozenset(
+    {"pool", "tracked", "original", "suppressed", "lends_again", "token", "conn", "exc", "lease"}
+    | {"retry", "budget", "succeeded", "tags", "core", "tag", "pool_of", "_retry"}
+)
+
+#: ``_relend_untracked``'s wrapper (compiled per method by pgleak._forward: these two run on
+#: every checkout, where forwarding ``*args, **kwargs`` would cost more than the pool's call).
+_RELEND = """
+def {name}({params}):
+    pool = {first}
+    if not lends_again(pool, {args}, {kwargs}):
+        return tracked({call})
+    token = suppressed.set(True)
+    try:
+        return tracked({call})
+    finally:
+        suppressed.reset(token)
+"""
+
+
 def _relend_untracked(tracked: Any) -> Any:
     """Wraps the tracked ``getconn``: a re-lend of a key's connection runs untracked."""
+    return _forward.compile_wrapper(
+        _RELEND,
+        getattr(tracked, "__name__", "getconn"),
+        _forward.shape_of(tracked, _RESERVED),
+        {"tracked": tracked, "lends_again": _lends_again, "suppressed": suppressed},
+        "relend",
+    )
 
-    def getconn(pool: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _lends_again(pool, args, kwargs):
-            return tracked(pool, *args, **kwargs)
-        token = suppressed.set(True)
-        try:
-            return tracked(pool, *args, **kwargs)
-        finally:
-            suppressed.reset(token)
 
-    return getconn
+#: ``_retrying_getconn``'s wrapper. The retry is entered only after a refusal its first
+#: attempt met, so that an error it does not retry is raised with no frame of the retry's.
+_RETRYING = """
+def {name}({params}):
+    pool = {first}
+    try:
+        conn = original({call})
+    except Exception as exc:  # most checkouts open no connection, and none fails
+        if not _retry.worth_retrying(exc):
+            raise  # the pool's own error, with no frame of pgleak's retry under it
+        conn = _retry.retry_connect(
+            lambda: original({call}),
+            pool=lambda: pool_of(pool),
+            refused=exc,
+        )
+    else:
+        if budget._tokens is not None:  # _retry.succeeded()'s test, inlined: every checkout
+            _retry.succeeded()
+    if tags.call_site:
+        lease = core.lease_of(conn)
+        if lease is not None:
+            tag(conn, lease, "psycopg2")
+    return conn
+"""
 
 
 def _retrying_getconn(original: Any) -> Any:
@@ -164,27 +207,25 @@ def _retrying_getconn(original: Any) -> Any:
     Also where a checkout is tagged with its line (``app_name_call_site``): outside the
     pool's lock, which a round trip must not hold.
     """
+    return _forward.compile_wrapper(
+        _RETRYING,
+        getattr(original, "__name__", "getconn"),
+        _forward.shape_of(original, _RESERVED),
+        {
+            "original": original,
+            "_retry": _retry,
+            "budget": _retry.BUDGET,
+            "pool_of": _pool_handle,
+            "tags": tags,
+            "core": core,
+            "tag": tag,
+        },
+        "retrying",
+    )
 
-    def getconn(pool: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            conn = original(pool, *args, **kwargs)
-        except Exception as exc:  # most checkouts open no connection, and none fails
-            if not _retry.worth_retrying(exc):
-                raise  # the pool's own error, with no frame of pgleak's retry under it
-            conn = _retry.retry_connect(
-                lambda: original(pool, *args, **kwargs),
-                pool=lambda: core.pool(pool, "psycopg2", _pool_name),
-                refused=exc,
-            )
-        else:
-            _retry.succeeded()
-        if tags.call_site:
-            lease = core.lease_of(conn)
-            if lease is not None:
-                tag(conn, lease, "psycopg2")
-        return conn
 
-    return getconn
+def _pool_handle(pool: Any) -> Any:
+    return core.pool(pool, "psycopg2", _pool_name)
 
 
 def _tagging_connect(original: Any) -> Any:
