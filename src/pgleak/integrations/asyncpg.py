@@ -79,7 +79,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without asy
 
     raise AdapterUnavailable("asyncpg is not installed") from _exc
 
-from pgleak import _retry, _stack
+from pgleak import _forward, _retry, _stack
 from pgleak._adapter import Adapter, atag, driver_state, driver_target, enter_scope, exit_scope
 from pgleak._appname import tags
 from pgleak._core import Lease, PoolKind, PoolStats, core
@@ -151,20 +151,6 @@ def _connection_of(proxy: Any) -> Any:
 _pools = core._pools
 
 
-def _checked_out(pool: Any, proxy: Any, handle: Any, since: float | None) -> Any:
-    try:
-        con = proxy._con if isinstance(proxy, PoolConnectionProxy) else None
-        if con is not None:
-            if handle is None:
-                handle = _pools.get(id(pool))  # core.pool(), its common case inlined
-                if handle is None or handle.ref() is not pool:
-                    handle = core.pool(pool, _KIND, _pool_name)
-            return core.checkout(handle, con, True, since)
-    except Exception as exc:
-        internal_error("asyncpg.checkout", exc)
-    return None
-
-
 def _waiting(pool: Any) -> tuple[Any, float | None]:
     try:
         handle = core.pool(pool, _KIND, _pool_name)
@@ -206,52 +192,110 @@ def _lease_lent_by(holder: Any) -> Any:
     return None if con is None else core.lease_of(con)
 
 
-def _wrap_acquire(original: Any) -> Any:
-    """``Pool._acquire(timeout)``: a checkout, or a wait that ran out."""
+#: The names the templates below use: a method parameter spelt the same gets the generic shape.
+_RESERVED = frozenset(
+    {"pool", "holder", "original", "core", "pools", "kind", "namer", "waiting", "gave_up"}
+    | {"internal_error", "tags", "atag", "proxy_type", "handle", "since", "proxy", "err"}
+    | {"con", "lease", "exc", "result", "by_conn"}
+)
 
-    async def _acquire(pool: Any, *args: Any, **kwargs: Any) -> Any:
-        handle = since = None
-        if core.observer is not None:  # only an observer needs the wait's start
-            handle, since = _waiting(pool)
-        try:
-            proxy = await original(pool, *args, **kwargs)
-        except BaseException as err:
-            if handle is not None:
-                core.wait_end(handle)
-            _gave_up(pool, err, args, kwargs)
-            raise
+#: ``Pool._acquire(timeout)``: a checkout, or a wait that ran out. Compiled with the method's
+#: own parameters (pgleak._forward), and ``core.pool()`` and ``Core.lease_of`` inlined: this is
+#: every checkout.
+_ACQUIRE = """
+async def {name}({params}):
+    pool = {first}
+    handle = since = None
+    if core.observer is not None:  # only an observer needs the wait's start
+        handle, since = waiting(pool)
+    try:
+        proxy = await original({call})
+    except BaseException as err:
         if handle is not None:
             core.wait_end(handle)
-        lease = _checked_out(pool, proxy, handle, since)
-        if tags.call_site and lease is not None:
-            await atag(pool, proxy._con, lease, lambda _con: pool.release(proxy), _KIND)
-        return proxy
+        gave_up(pool, err, {args}, {kwargs})
+        raise
+    if handle is not None:
+        core.wait_end(handle)
+    lease = None
+    try:
+        con = proxy._con if isinstance(proxy, proxy_type) else None
+        if con is not None:
+            if handle is None:
+                handle = pools.get(id(pool))
+                if handle is None or handle.ref() is not pool:
+                    handle = core.pool(pool, kind, namer)
+            lease = core.checkout(handle, con, True, since)
+    except Exception as exc:
+        internal_error("asyncpg.checkout", exc)
+    if tags.call_site and lease is not None:
+        await atag(pool, proxy._con, lease, lambda _con: pool.release(proxy), kind)
+    return proxy
+"""
 
-    return _acquire
+#: ``PoolConnectionHolder._release()``: the slot is back in the pool's queue. The lease is
+#: looked up before the call (``_lease_lent_by``, inlined): once the holder is back in the
+#: queue, the next checkout may take the very same connection.
+_RELEASE = """
+def {name}({params}):
+    holder = {first}
+    lease = None
+    try:
+        if getattr(holder, "_in_use", None) is not None:
+            con = getattr(holder, "_con", None)
+            if con is not None:
+                lease = by_conn.get(id(con))
+                if lease is not None and (lease.ref is None or lease.ref() is not con):
+                    lease = None  # an id reused after its connection died
+    except Exception as exc:
+        internal_error("asyncpg.checkin", exc)
+    result = original({call})
+    if lease is not None:
+        try:
+            core.checkin(lease)
+        except Exception as exc:
+            internal_error("asyncpg.checkin", exc)
+    return result
+"""
+
+
+def _wrap_acquire(original: Any) -> Any:
+    """``Pool._acquire(timeout)``: a checkout, or a wait that ran out."""
+    return _forward.compile_wrapper(
+        _ACQUIRE,
+        "_acquire",
+        _forward.shape_of(original, _RESERVED),
+        {
+            "original": original,
+            "core": core,
+            "pools": _pools,
+            "kind": _KIND,
+            "namer": _pool_name,
+            "waiting": _waiting,
+            "gave_up": _gave_up,
+            "internal_error": internal_error,
+            "tags": tags,
+            "atag": atag,
+            "proxy_type": PoolConnectionProxy,
+        },
+        "acquire",
+    )
 
 
 def _wrap_release(original: Any) -> Any:
-    """``PoolConnectionHolder._release()``: the slot is back in the pool's queue.
-
-    The lease is looked up before the call: once the holder is back in the queue, the next
-    checkout may take the very same connection.
-    """
-
-    def _release(holder: Any, *args: Any, **kwargs: Any) -> Any:
-        lease = None
-        try:
-            lease = _lease_lent_by(holder)
-        except Exception as exc:
-            internal_error("asyncpg.checkin", exc)
-        result = original(holder, *args, **kwargs)
-        if lease is not None:
-            try:
-                core.checkin(lease)
-            except Exception as exc:
-                internal_error("asyncpg.checkin", exc)
-        return result
-
-    return _release
+    """``PoolConnectionHolder._release()``: the slot is back in the pool's queue."""
+    return _forward.compile_wrapper(
+        _RELEASE,
+        "_release",
+        _forward.shape_of(original, _RESERVED),
+        {
+            "original": original,
+            "core": core,
+            "by_conn": core.by_conn,
+            "internal_error": internal_error,
+        },
+        "release",
+    )
 
 
 def _wrap_release_on_close(original: Any) -> Any:
