@@ -193,27 +193,46 @@ PyDoc_STRVAR(walk_doc,
 "3 ``frame`` has no cached verdict (Python judges it, and goes on from the frame after it).");
 
 static PyObject *
-walk(PyObject *module, PyObject *args)
+walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *start, *cache, *pseudo, *out;
-    Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "OnO!O!O!:walk", &start, &limit, &PyDict_Type, &cache,
-                          &PyDict_Type, &pseudo, &PyList_Type, &out)) {
+    /* METH_FASTCALL: every asyncio checkout calls this once or more. */
+    if (nargs != 5 || !PyFrame_Check(args[0]) || !PyLong_Check(args[1])
+        || !PyDict_Check(args[2]) || !PyDict_Check(args[3]) || !PyList_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "walk(frame, limit: int, cache: dict, pseudo: dict, out: list)");
         return NULL;
     }
-    if (!PyFrame_Check(start)) {
-        PyErr_SetString(PyExc_TypeError, "walk() needs a frame");
+    PyObject *start = args[0], *cache = args[2], *pseudo = args[3], *out = args[4];
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit == -1 && PyErr_Occurred()) {
         return NULL;
     }
     PyFrameObject *frame = (PyFrameObject *)Py_NewRef(start);
     int status = 1;
+    /* Neighbouring frames are often of one file: its verdict is not looked up again (the
+     * file name is the cache's key, so the same object gives the same answer). */
+    PyObject *last_file = NULL;
+    long last_verdict = UNKNOWN;
     while (frame != NULL) {
         if (PyList_GET_SIZE(out) >= 2 * limit) {
             status = 0;
             break;
         }
         PyCodeObject *code = PyFrame_GetCode(frame);
-        long verdict = verdict_of(cache, pseudo, code);
+        long verdict;
+        if (code->co_filename == last_file) {
+            verdict = last_verdict;
+        }
+        else {
+            verdict = verdict_of(cache, pseudo, code);
+            if (verdict >= 0) { /* a file's verdict, not a pseudo-file's per-code one */
+                last_file = code->co_filename;
+                last_verdict = verdict;
+            }
+            else {
+                last_file = NULL;
+            }
+        }
         if (verdict == KEEP) {
             int failed = record(out, frame, code);
             Py_DECREF(code);
@@ -239,10 +258,15 @@ walk(PyObject *module, PyObject *args)
         }
         frame = back(frame);
     }
-    if (frame == NULL) {
-        return Py_BuildValue("(iO)", status, Py_None);
+    PyObject *code = PyLong_FromLong(status);
+    if (code == NULL) {
+        Py_XDECREF(frame);
+        return NULL;
     }
-    return Py_BuildValue("(iN)", status, (PyObject *)frame);
+    PyObject *result = PyTuple_Pack(2, code, frame == NULL ? Py_None : (PyObject *)frame);
+    Py_DECREF(code);
+    Py_XDECREF(frame);
+    return result;
 }
 
 PyDoc_STRVAR(chain_complete_doc,
@@ -252,10 +276,56 @@ PyDoc_STRVAR(chain_complete_doc,
 "codes of ``out`` already: then pgleak._stack._add_task_chain has nothing to add, which is\n"
 "nearly always. False when one is missing, or a verdict is not cached: Python decides.");
 
+/* The getters behind ``cr_frame``/``cr_await`` of coroutines and ``gi_frame``/``gi_yieldfrom``
+ * of generators, called directly: the chain of an asyncio checkout is as long as the await
+ * chain, each link takes two reads, and the generic attribute lookup costs several times the
+ * getter. Other awaitables (Cython's, frameworks' own) take the generic path. */
+typedef struct {
+    getter get;
+    void *closure;
+} link_getter;
+static link_getter coro_frame, coro_await, gen_frame, gen_yieldfrom;
+
 static int
-chain_link(PyObject *obj, PyObject *first, PyObject *second, PyObject **result)
+find_getter(PyTypeObject *type, const char *name, link_getter *out)
 {
-    /* ``getattr(obj, first, None) or getattr(obj, second, None)``; -1 on a real error. */
+    PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
+    if (descr == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (Py_IS_TYPE(descr, &PyGetSetDescr_Type)) {
+        PyGetSetDef *def = ((PyGetSetDescrObject *)descr)->d_getset;
+        out->get = def->get;
+        out->closure = def->closure;
+    }
+    Py_DECREF(descr);
+    return 0;
+}
+
+/* ``getattr(obj, first, None) or getattr(obj, second, None)``; -1 on a real error. ``frame``:
+ * the pair is (cr_frame, gi_frame), else (cr_await, gi_yieldfrom). */
+static int
+chain_link(PyObject *obj, PyObject *first, PyObject *second, int frame, PyObject **result)
+{
+    link_getter *fast = NULL;
+    if (PyCoro_CheckExact(obj)) {
+        fast = frame ? &coro_frame : &coro_await; /* a coroutine has no gi_ pair to fall to */
+    }
+    else if (PyGen_CheckExact(obj)) {
+        fast = frame ? &gen_frame : &gen_yieldfrom; /* nor a generator a cr_ pair */
+    }
+    if (fast != NULL && fast->get != NULL) {
+        PyObject *value = fast->get(obj, fast->closure);
+        if (value == NULL) {
+            return -1;
+        }
+        if (value == Py_None) {
+            Py_CLEAR(value);
+        }
+        *result = value;
+        return 0;
+    }
     PyObject *value = NULL;
     if (PyObject_GetOptionalAttr(obj, first, &value) < 0) {
         return -1;
@@ -288,7 +358,7 @@ chain_complete(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int complete = 1;
     for (int depth = 0; depth < 64 && coro != NULL && coro != Py_None && complete; depth++) {
         PyObject *frame = NULL, *next = NULL;
-        if (chain_link(coro, s_cr_frame, s_gi_frame, &frame) < 0) {
+        if (chain_link(coro, s_cr_frame, s_gi_frame, 1, &frame) < 0) {
             Py_DECREF(coro);
             return NULL;
         }
@@ -319,7 +389,7 @@ chain_complete(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_DECREF(code);
         Py_DECREF(frame);
-        if (chain_link(coro, s_cr_await, s_gi_yieldfrom, &next) < 0) {
+        if (chain_link(coro, s_cr_await, s_gi_yieldfrom, 0, &next) < 0) {
             Py_DECREF(coro);
             return NULL;
         }
@@ -1200,7 +1270,7 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
 
 static PyMethodDef methods[] = {
     {"capture", (PyCFunction)(void (*)(void))capture, METH_FASTCALL, capture_doc},
-    {"walk", walk, METH_VARARGS, walk_doc},
+    {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL, walk_doc},
     {"chain_complete", (PyCFunction)(void (*)(void))chain_complete, METH_FASTCALL,
      chain_complete_doc},
     {"bind", bind, METH_O, bind_doc},
@@ -1231,6 +1301,10 @@ PyInit__speedups(void)
     if (!s_cr_frame || !s_gi_frame || !s_cr_await || !s_gi_yieldfrom) {
         return NULL;
     }
+    find_getter(&PyCoro_Type, "cr_frame", &coro_frame);
+    find_getter(&PyCoro_Type, "cr_await", &coro_await);
+    find_getter(&PyGen_Type, "gi_frame", &gen_frame);
+    find_getter(&PyGen_Type, "gi_yieldfrom", &gen_yieldfrom);
     struct {
         PyObject **slot;
         const char *text;
