@@ -1077,8 +1077,6 @@ def _bind_speedups() -> Any:
                 "get_running_loop": _get_running_loop,
                 "current_task": _current_task,
                 "monotonic": _monotonic,
-                "weakref": weakref.ref,
-                "thread_local": _thread_local,
                 "thread_identity": _thread_identity,
                 "core_globals": globals(),
                 "capture_from": _stack.capture_from,

@@ -428,15 +428,15 @@ static Py_ssize_t ref_key_off, ref_lease_id_off;
 /* What bind() was given (strong references, kept for the life of the process). */
 static PyTypeObject *lease_type, *connref_type;
 static PyObject *b_suppressed, *b_allowance, *b_context;         /* ContextVars */
-static PyObject *b_get_running_loop, *b_current_task, *b_monotonic, *b_weakref;
-static PyObject *b_thread_local, *b_thread_identity, *b_core_globals;
+static PyObject *b_get_running_loop, *b_current_task, *b_monotonic;
+static PyObject *b_thread_identity, *b_core_globals;
 static PyObject *b_capture_from, *b_capture_in_task, *b_skip_cache, *b_pseudo;
 static PyObject *b_checkout_py, *b_checkin_py, *b_returned;
 static int bound = 0;
 
 static PyObject *s_settings, *s_enabled, *s_max_tracked, *s_leak_threshold, *s_capture_stack,
     *s_stack_depth, *s_leases, *s_by_conn, *s_ids, *s_watchdog, *s_thread, *s_observer,
-    *s_waker, *s_collected, *s_ident, *s_get_name, *s_generation, *s_pending,
+    *s_waker, *s_collected, *s_get_name, *s_generation, *s_pending,
     *s_after_checkout, *s_forget, *s_on_collected, *s_wake_gate, *s_thread_key, *s_append;
 
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
@@ -548,18 +548,24 @@ bind(PyObject *module, PyObject *ns)
     }
     PyObject **targets[] = {
         &b_suppressed, &b_allowance, &b_context, &b_get_running_loop, &b_current_task,
-        &b_monotonic, &b_weakref, &b_thread_local, &b_thread_identity, &b_core_globals,
+        &b_monotonic, &b_thread_identity, &b_core_globals,
         &b_capture_from, &b_capture_in_task, &b_skip_cache, &b_pseudo, &b_checkout_py,
         &b_checkin_py, &b_returned,
     };
     const char *names[] = {
         "suppressed", "allowance", "context", "get_running_loop", "current_task",
-        "monotonic", "weakref", "thread_local", "thread_identity", "core_globals",
+        "monotonic", "thread_identity", "core_globals",
         "capture_from", "capture_in_task", "skip_cache", "pseudo_codes", "checkout_py",
         "checkin_py", "RETURNED",
     };
     PyObject *got[sizeof(names) / sizeof(names[0])];
     size_t n = sizeof(names) / sizeof(names[0]);
+    if (n != sizeof(targets) / sizeof(targets[0])) {
+        Py_DECREF(lease);
+        Py_DECREF(connref);
+        PyErr_SetString(PyExc_SystemError, "bind(): names and targets differ");
+        return NULL;
+    }
     for (size_t i = 0; i < n; i++) {
         got[i] = take(ns, names[i]);
         if (got[i] == NULL) {
@@ -571,19 +577,16 @@ bind(PyObject *module, PyObject *ns)
             return NULL;
         }
     }
-    if (!PyContextVar_CheckExact(got[0]) || !PyContextVar_CheckExact(got[1])
-        || !PyContextVar_CheckExact(got[2]) || !PyDict_Check(got[9]) || !PyDict_Check(got[12])
-        || !PyDict_Check(got[13])) {
-        for (size_t j = 0; j < n; j++) {
-            Py_DECREF(got[j]);
-        }
+    for (size_t i = 0; i < n; i++) {
+        Py_XSETREF(*targets[i], got[i]);
+    }
+    if (!PyContextVar_CheckExact(b_suppressed) || !PyContextVar_CheckExact(b_allowance)
+        || !PyContextVar_CheckExact(b_context) || !PyDict_Check(b_core_globals)
+        || !PyDict_Check(b_skip_cache) || !PyDict_Check(b_pseudo)) {
         Py_DECREF(lease);
         Py_DECREF(connref);
         PyErr_SetString(PyExc_TypeError, "bind(): unexpected types");
-        return NULL;
-    }
-    for (size_t i = 0; i < n; i++) {
-        *targets[i] = got[i];
+        return NULL; /* still unbound: nothing reads what was stored */
     }
     lease_type = (PyTypeObject *)lease;
     connref_type = (PyTypeObject *)connref;
@@ -1314,7 +1317,7 @@ PyInit__speedups(void)
         {&s_stack_depth, "stack_depth"}, {&s_leases, "leases"}, {&s_by_conn, "by_conn"},
         {&s_ids, "_ids"}, {&s_watchdog, "watchdog"}, {&s_thread, "thread"},
         {&s_observer, "observer"}, {&s_waker, "waker"}, {&s_collected, "_collected"},
-        {&s_ident, "ident"}, {&s_get_name, "get_name"}, {&s_generation, "_generation"},
+        {&s_get_name, "get_name"}, {&s_generation, "_generation"},
         {&s_pending, "_pending"}, {&s_after_checkout, "_after_checkout"},
         {&s_forget, "_forget"}, {&s_on_collected, "_on_collected"},
         {&s_wake_gate, "wake_gate"}, {&s_thread_key, "pgleak.thread"},
