@@ -380,6 +380,7 @@ _RESERVED = frozenset(
         "exc",
         "lease",
         "result",
+        "atag",
     }
 )
 
