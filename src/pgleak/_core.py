@@ -1086,6 +1086,8 @@ def _bind_speedups() -> Any:
                 "checkout_py": Core.checkout,
                 "checkin_py": Core.checkin,
                 "RETURNED": RETURNED,
+                "parent_greenlet_frame": _stack._parent_greenlet_frame,
+                "add_task_chain": _stack._add_task_chain,
             }
         )
     except Exception as exc:

@@ -215,6 +215,11 @@ def capture(limit: int, start: int = 1, task: Any = None, thorough: bool = False
     except ValueError:
         return _EMPTY
     if task is not None:
+        fast = _fast
+        if fast is not None and not thorough:
+            raw: RawStack | None = fast.capture_task(frame, limit, task)
+            if raw is not None:
+                return raw
         return _capture_in_task(frame, limit, task, thorough)
     return capture_from(frame, limit)
 

@@ -213,3 +213,44 @@ def test_c_walk_records_what_the_python_walk_records(walk: str) -> None:
     python, c = asyncio.run(in_task())
     assert python == c
     assert _stack.format_raw(c)[-1].endswith("in in_task")
+
+
+@pytest.mark.parametrize("walk", ["c"], indirect=True)
+def test_c_task_capture_matches_python_across_greenlets_and_c_level_sends(walk: str) -> None:
+    """The C task capture crosses a greenlet boundary itself and asks Python to merge the
+    task's chain only where a C-level ``send`` hid a frame: both give the Python walk's pairs."""
+    greenlet = pytest.importorskip("greenlet")
+    fast = _stack._fast
+    pairs: dict[Any, tuple[_stack.RawStack, _stack.RawStack]] = {}
+    direct: dict[str, Any] = {}
+
+    def in_child() -> None:
+        task = asyncio.current_task()
+        for limit in (1, 3, 40):
+            pairs["greenlet", limit] = _both(limit, task)
+        direct["greenlet"] = fast.capture_task(sys._getframe(), 40, task)
+
+    class Awaitable:
+        def __await__(self):  # type: ignore[no-untyped-def]
+            return inner().__await__()
+
+    async def inner() -> None:
+        await asyncio.sleep(0)
+        task = asyncio.current_task()
+        for limit in (1, 3, 40):
+            pairs["send", limit] = _both(limit, task)
+        direct["send"] = fast.capture_task(sys._getframe(), 40, task)
+
+    async def main() -> None:
+        greenlet.greenlet(in_child).switch()  # CROSSED
+        await Awaitable()  # SENT
+
+    asyncio.run(main())
+    assert len(pairs) == 6
+    for key, (python, c) in pairs.items():
+        assert python == c, key
+    # Not handed back to Python (None): the C code took both stacks itself.
+    assert _stack.format_raw(direct["greenlet"])[-1].endswith("in in_child")
+    assert_site(_stack.format_raw(direct["greenlet"])[:-1], "CROSSED")
+    assert _stack.format_raw(direct["send"])[-1].endswith("in inner")
+    assert_site(_stack.format_raw(direct["send"])[:-1], "SENT")
