@@ -51,6 +51,17 @@ KNOWN: dict[str, str] = {
     "test.engine.test_reconnect.MockReconnectTest::test_conn_reusable": _APPNAME,
 }
 
+# Upstream tests that fail now and then without pgleak too: test id -> the evidence. Failing
+# with pgleak in both runs is then reported, not counted (a flake hit twice running is a few
+# percent on these machines).
+FLAKY_UPSTREAM: dict[str, str] = {
+    "tests.test_pool.TestPool::test_pool_config_persistence": (
+        "asyncpg 0.32.0's own flake: 'Future exception was never retrieved: unexpected "
+        "connection_lost() call' at tearDown; failed 4 of 20 runs of the test alone without "
+        "pgleak (and 4 of 20 with it, with or without connect retry), 2026-12-03"
+    ),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Server:
@@ -531,6 +542,11 @@ def main(argv: list[str] | None = None) -> int:
         reason = KNOWN.get(test)
         if reason:
             log(f"known difference: {test} ({outcome} with pgleak): {reason}")
+        elif test in FLAKY_UPSTREAM:
+            log(
+                f"flaky upstream, not counted: {test} ({outcome} twice with pgleak): "
+                f"{FLAKY_UPSTREAM[test]}"
+            )
         else:
             failing += 1
             log(f"REGRESSION {name}: {test} passed plain, {outcome} with pgleak")

@@ -274,12 +274,14 @@ class _Scope:
         self._lease: Lease | None = None
 
     def _entered(self, conn: Any) -> None:
+        # enter_scope(), inlined (this is every checkout's block while an observer runs)
         try:
-            self._lease = self._lease_of(conn)
+            lease = self._lease = self._lease_of(conn)
+            observer = core.observer
+            if observer is not None and lease is not None:
+                observer.enter(lease)
         except Exception as exc:
             internal_error(f"{self._kind}.scope", exc)
-            return
-        enter_scope(self._lease, self._kind)
 
     def __enter__(self) -> Any:
         conn = self._cm.__enter__()
@@ -287,7 +289,12 @@ class _Scope:
         return conn
 
     def __exit__(self, *exc_info: Any) -> Any:
-        exit_scope(self._lease, self._kind)
+        observer, lease = core.observer, self._lease  # exit_scope(), inlined
+        if observer is not None and lease is not None:
+            try:
+                observer.exit(lease)
+            except Exception as exc:
+                internal_error(f"{self._kind}.scope", exc)
         return self._cm.__exit__(*exc_info)
 
     async def __aenter__(self) -> Any:
@@ -685,10 +692,17 @@ class Adapter:
             # the callers check for one first, so that without one this is never called.
             try:
                 handle = core.pool(pool, kind, namer)
-                return handle, core.wait_start(handle)
             except Exception as exc:
                 internal_error(f"{kind}.checkout", exc)
                 return None, None
+            observer = core.observer  # core.wait_start(), inlined
+            if observer is None:
+                return handle, None
+            try:
+                return handle, observer.wait_started(handle)
+            except Exception as exc:
+                internal_error("observer.wait", exc)
+                return handle, None
 
         def gave_up(
             pool: Any, err: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]
