@@ -1057,46 +1057,10 @@ def _alive(lease: Lease) -> bool:
     return lease.ref is None or lease.ref() is not None
 
 
-def _bind_speedups() -> Any:
-    """The C ledger (``checkout``/``checkin``), given this module's objects; ``None`` without it.
+# The C ledger, bound to this module's objects (pgleak._cledger); None without it.
+from pgleak import _cledger  # noqa: E402 (it is given this module's names, defined above)
 
-    Without the extension, with ``PGLEAK_NO_SPEEDUPS=1``, or if it refuses what it is given
-    (a slot renamed here and not there), the Python methods run: same ledger, same reports.
-    """
-    fast = _stack._fast
-    if fast is None or not hasattr(fast, "bind"):
-        return None
-    try:
-        fast.bind(
-            {
-                "Lease": Lease,
-                "_ConnRef": _ConnRef,
-                "suppressed": suppressed,
-                "allowance": allowance,
-                "context": context,
-                "get_running_loop": _get_running_loop,
-                "current_task": _current_task,
-                "monotonic": _monotonic,
-                "thread_identity": _thread_identity,
-                "core_globals": globals(),
-                "capture_from": _stack.capture_from,
-                "capture_in_task": _stack._capture_in_task,
-                "skip_cache": _stack._skip_cache,
-                "pseudo_codes": _stack._pseudo_codes,
-                "checkout_py": Core.checkout,
-                "checkin_py": Core.checkin,
-                "RETURNED": RETURNED,
-                "parent_greenlet_frame": _stack._parent_greenlet_frame,
-                "add_task_chain": _stack._add_task_chain,
-            }
-        )
-    except Exception as exc:
-        say(_log, logging.DEBUG, "pgleak: the C ledger is off (%s); the Python one runs", exc)
-        return None
-    return fast
-
-
-_fast_ledger: Any = _bind_speedups()
+_fast_ledger: Any = _cledger.bind(globals())
 
 #: The process-wide core. Adapters import this object; there is exactly one per process.
 core = Core()

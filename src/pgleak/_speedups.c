@@ -506,7 +506,7 @@ take(PyObject *ns, const char *name)
 PyDoc_STRVAR(bind_doc,
 "bind(names: dict) -> None\n\n"
 "Give the ledger functions the objects of pgleak._core and pgleak._stack they work with\n"
-"(see _core._bind_speedups). Raises if anything is not as expected: Core then keeps its\n"
+"(see pgleak._cledger.bind). Raises if anything is not as expected: Core then keeps its\n"
 "Python methods.");
 
 static PyObject *

@@ -16,7 +16,7 @@ import pytest
 from opentelemetry.sdk.metrics.export import Histogram, Sum
 
 import pgleak
-from pgleak import _otel
+from pgleak import _otel_names
 from pgleak._core import core
 from pgleak.testing import EventCapture
 from tests.conftest import Server
@@ -70,7 +70,7 @@ class Snapshot:
         found = [
             p
             for p in self.points.get(name, [])
-            if p.attributes.get(_otel.POOL_NAME) == self.pool
+            if p.attributes.get(_otel_names.POOL_NAME) == self.pool
             and all(p.attributes.get(k.replace("__", ".")) == v for k, v in attrs.items())
         ]
         if not found:
@@ -79,31 +79,31 @@ class Snapshot:
         return point.count if hasattr(point, "bucket_counts") else point.value
 
     def used(self) -> Any:
-        return self.get(_otel.COUNT, db__client__connection__state="used")
+        return self.get(_otel_names.COUNT, db__client__connection__state="used")
 
     def idle(self) -> Any:
-        return self.get(_otel.COUNT, db__client__connection__state="idle")
+        return self.get(_otel_names.COUNT, db__client__connection__state="idle")
 
 
 def check_held(kit: Kit, snap: Snapshot) -> None:
     idle_max, idle_min, _ = EXPECTED[kit.name]
     assert snap.used() == 2
-    assert snap.get(_otel.MAX) == SIZE
-    assert snap.get(_otel.IDLE_MAX) == idle_max
-    assert snap.get(_otel.IDLE_MIN) == idle_min
-    assert snap.get(_otel.PENDING_REQUESTS) == 0
-    assert snap.get(_otel.SUSPECTED_NOW) == 0
-    assert snap.get(_otel.WAIT_TIME) == 2
-    assert snap.get(_otel.CREATE_TIME) >= 2
-    assert snap.get(_otel.USE_TIME) is None  # nothing returned yet
+    assert snap.get(_otel_names.MAX) == SIZE
+    assert snap.get(_otel_names.IDLE_MAX) == idle_max
+    assert snap.get(_otel_names.IDLE_MIN) == idle_min
+    assert snap.get(_otel_names.PENDING_REQUESTS) == 0
+    assert snap.get(_otel_names.SUSPECTED_NOW) == 0
+    assert snap.get(_otel_names.WAIT_TIME) == 2
+    assert snap.get(_otel_names.CREATE_TIME) >= 2
+    assert snap.get(_otel_names.USE_TIME) is None  # nothing returned yet
 
 
 def check_returned(kit: Kit, snap: Snapshot) -> None:
     assert snap.used() == 0
     assert snap.idle() == EXPECTED[kit.name][2]
-    assert snap.get(_otel.USE_TIME) == 2
-    assert snap.get(_otel.TIMEOUTS) is None
-    assert snap.get(_otel.LEAKS) is None
+    assert snap.get(_otel_names.USE_TIME) == 2
+    assert snap.get(_otel_names.TIMEOUTS) is None
+    assert snap.get(_otel_names.LEAKS) is None
 
 
 @pytest.mark.parametrize("kit", SYNC_KITS, ids=str)
@@ -180,10 +180,10 @@ def test_suspected_checkouts_and_leaks_by_kind(
 
     asyncio.run(main())
     during, after = seen
-    assert during.get(_otel.SUSPECTED_NOW) == 1
-    assert during.get(_otel.LEAKS, pgleak__leak__kind="suspected") == 1
-    assert after.get(_otel.SUSPECTED_NOW) == 0
-    assert after.get(_otel.LEAKS, pgleak__leak__kind="suspected") == 1
+    assert during.get(_otel_names.SUSPECTED_NOW) == 1
+    assert during.get(_otel_names.LEAKS, pgleak__leak__kind="suspected") == 1
+    assert after.get(_otel_names.SUSPECTED_NOW) == 0
+    assert after.get(_otel_names.LEAKS, pgleak__leak__kind="suspected") == 1
 
 
 def test_instruments_follow_the_conventions(pg: Server, otel: Otel) -> None:
@@ -196,22 +196,22 @@ def test_instruments_follow_the_conventions(pg: Server, otel: Otel) -> None:
     finally:
         kit.close(pool)
     for name in (
-        _otel.COUNT,
-        _otel.MAX,
-        _otel.IDLE_MAX,
-        _otel.PENDING_REQUESTS,
-        _otel.SUSPECTED_NOW,
+        _otel_names.COUNT,
+        _otel_names.MAX,
+        _otel_names.IDLE_MAX,
+        _otel_names.PENDING_REQUESTS,
+        _otel_names.SUSPECTED_NOW,
     ):
         data = metrics[name].data
         assert isinstance(data, Sum), name
         assert not data.is_monotonic, name
-    assert metrics[_otel.COUNT].unit == "{connection}"
-    assert metrics[_otel.PENDING_REQUESTS].unit == "{request}"
-    for name in (_otel.WAIT_TIME, _otel.USE_TIME, _otel.CREATE_TIME):
+    assert metrics[_otel_names.COUNT].unit == "{connection}"
+    assert metrics[_otel_names.PENDING_REQUESTS].unit == "{request}"
+    for name in (_otel_names.WAIT_TIME, _otel_names.USE_TIME, _otel_names.CREATE_TIME):
         metric = metrics[name]
         assert metric.unit == "s"
         assert isinstance(metric.data, Histogram)
-        assert tuple(metric.data.data_points[0].explicit_bounds) == _otel.BUCKETS
+        assert tuple(metric.data.data_points[0].explicit_bounds) == _otel_names.BUCKETS
 
 
 def test_installed_again_the_pools_are_reported_once(pg: Server, otel: Otel) -> None:

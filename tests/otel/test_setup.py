@@ -19,7 +19,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 import pgleak
-from pgleak import _otel
+from pgleak import _otel, _otel_names
 from pgleak._core import core
 from pgleak._settings import ConfigError, build_settings
 from pgleak.testing import capture_events
@@ -100,7 +100,7 @@ def test_metrics_without_spans(pg: Server, uninstalled: None) -> None:
             [lease] = list(core.leases.values())
             assert lease.otel is None
         name = lease.pool.name
-        assert otel.value(_otel.USE_TIME, name) == 1
+        assert otel.value(_otel_names.USE_TIME, name) == 1
     assert otel.spans(None) == []
 
 
@@ -122,7 +122,7 @@ def test_an_unsampled_checkout_records_nothing(pg: Server, uninstalled: None) ->
         assert span is lease.otel.span
         assert not span.is_recording()
         assert trace.get_current_span() is trace.INVALID_SPAN
-        assert otel.value(_otel.USE_TIME, lease.pool.name) == 1  # the metrics still count
+        assert otel.value(_otel_names.USE_TIME, lease.pool.name) == 1  # the metrics still count
     assert otel.spans(None) == []
 
 

@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 import pgleak
-from pgleak import _otel
+from pgleak import _otel, _otel_names
 from pgleak.testing import capture_events
 from tests.conftest import Server
 from tests.helpers import site_of
@@ -89,7 +89,7 @@ def test_a_leak_trace_and_the_pool_metrics_reach_a_collector(
     assert held.parent_span_id == request.span_id
     assert held.trace_id == request.trace_id
     assert (held.scope_name, held.scope_version) == ("pgleak", pgleak.__version__)
-    assert held.schema_url == _otel.SCHEMA_URL
+    assert held.schema_url == _otel_names.SCHEMA_URL
     assert held.resource["service.name"] == "shop-api"
     assert held.status_code == "UNSET"
     attrs = held.attributes
@@ -116,7 +116,7 @@ def test_a_leak_trace_and_the_pool_metrics_reach_a_collector(
     )
 
     pool_name = attrs["db.client.connection.pool.name"]
-    [count] = [m for m in while_leaked if m.name == _otel.COUNT]
+    [count] = [m for m in while_leaked if m.name == _otel_names.COUNT]
     assert (count.data, count.is_monotonic, count.unit) == ("sum", False, "{connection}")
     used = [
         p.value
@@ -126,15 +126,15 @@ def test_a_leak_trace_and_the_pool_metrics_reach_a_collector(
     ]
     assert used == [1]  # the connection taken at LEAKED, out when the metrics were exported
     # At shutdown, the SDK exports once more: LEAKED is back by then.
-    leaks = receiver.latest_metric(_otel.LEAKS)
+    leaks = receiver.latest_metric(_otel_names.LEAKS)
     assert leaks is not None
     assert (leaks.data, leaks.is_monotonic) == ("sum", True)
     assert [(p.attributes["pgleak.leak.kind"], p.value) for p in leaks.points] == [("suspected", 1)]
-    use_time = receiver.latest_metric(_otel.USE_TIME)
+    use_time = receiver.latest_metric(_otel_names.USE_TIME)
     assert use_time is not None
     [point] = use_time.points
     assert point.count == 2
-    assert point.explicit_bounds == list(_otel.BUCKETS)
+    assert point.explicit_bounds == list(_otel_names.BUCKETS)
     assert point.sum is not None
     assert point.sum >= 0.2
     assert not receiver.rejected
