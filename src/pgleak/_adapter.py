@@ -781,8 +781,12 @@ class Adapter:
             except Exception as exc:
                 internal_error(f"{kind}.checkin", exc)
 
+        # The template's ``conn = {conn}`` is ``conn = conn`` when the method's parameter is
+        # spelt so (psycopg_pool's putconn(self, conn)): that name may be the method's.
+        reserved = _RESERVED - {"conn"} if conn_param == "conn" else _RESERVED
+
         def make(original: Any) -> Any:
-            shape = _forward.shape_of(original, _RESERVED)
+            shape = _forward.shape_of(original, reserved)
             if conn_param not in shape.names:
                 shape = _forward.GENERIC
             return _forward.compile_wrapper(
