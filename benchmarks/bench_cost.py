@@ -526,6 +526,7 @@ def held(count: int, cycles: int) -> dict[str, float]:
             return _deep(DEPTH, lambda: core.checkout(handle, conn, index=True))
 
         leases = [take(c) for c in conns]
+        core.watchdog.wait_for_pass(10)  # the watchdog's own index of them counts too
         per_held = (tracemalloc.get_traced_memory()[0] - before) / count
         tracemalloc.stop()
         thread = core.watchdog.thread

@@ -360,6 +360,7 @@ def allow_long_hold(seconds: float) -> Iterator[None]:
         threshold = core.settings.leak_threshold
         for lease, deadline in extended:
             lease.deadline = max(deadline, end + threshold)
+            core.deadlines.refile(lease)  # perhaps earlier than the allowance it had
 
 
 @contextlib.contextmanager

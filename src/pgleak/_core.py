@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from pgleak import _dump, _reclaim, _stack
+from pgleak._deadlines import Deadlines
 from pgleak._events import (
     AT_EXIT,
     COLLECTED,
@@ -373,6 +374,8 @@ class Core:
         from pgleak._watchdog import Watchdog
 
         self.watchdog = Watchdog(self._tick)
+        #: The watchdog's index of :attr:`leases` by deadline (its passes cost O(new + due)).
+        self.deadlines = Deadlines(self.leases)
         if _fast_ledger is not None:
             # The same two methods in C (pgleak/_speedups.c), bound to this core; the Python
             # ones stay on the class, and the C ones fall back to them for anything rare.
@@ -828,15 +831,12 @@ class Core:
         self._emit_about(RECLAIMED, lease, now, with_holder_stack=False)
 
     def _scan(self, now: float) -> float:
-        next_deadline = math.inf
-        for lease in list(self.leases.values()):
-            if lease.flagged:
-                if lease.unseen_close:  # reported: its close is seen only here, as a return
-                    self._closed_unseen(lease)
-                continue
-            if lease.deadline > now:
-                next_deadline = min(next_deadline, lease.deadline)
-                continue
+        deadlines = self.deadlines
+        for key, lease in list(deadlines.unseen.items()):
+            # Reported, and its close is seen only here, as a return.
+            if self.leases.get(key) is not lease or self._closed_unseen(lease):
+                del deadlines.unseen[key]
+        for lease in deadlines.due(now):
             # Flag first, then look at t_in: if the holder returned the connection before it
             # saw the flag, t_in is already set and nothing is reported (it came back); if it
             # returns after, it sees the flag and queues leak.returned, which is emitted only
@@ -844,11 +844,13 @@ class Core:
             if self._closed_unseen(lease):
                 continue
             lease.flagged = True
+            if lease.unseen_close:
+                deadlines.unseen[lease.id] = lease
             if lease.t_in is not None:
                 continue
             lease.reported = True
             self._emit_about(SUSPECTED, lease, now, with_holder_stack=True)
-        return next_deadline
+        return deadlines.next_deadline()
 
     def _drain(self, now: float) -> None:
         pending = self._pending
@@ -1029,6 +1031,7 @@ class Core:
         self.leases.clear()
         self.by_conn.clear()
         self._pending.clear()
+        self.deadlines.clear()
         self.untracked = 0
         self._untracked_warned = False
         _thread_local.__dict__.clear()
@@ -1041,6 +1044,7 @@ class Core:
         self.leases.clear()
         self.by_conn.clear()
         self._pending.clear()
+        self.deadlines.clear()
         self.untracked = 0
         self._untracked_warned = False
 

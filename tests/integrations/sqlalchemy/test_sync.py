@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -341,3 +342,23 @@ def test_waiting_for_collected_runs_the_collector_itself(
     finally:
         gc.enable()
     assert_site(event.stack, "DROPPED")
+
+
+def test_an_allowance_that_ends_early_gives_a_fresh_threshold_from_its_end(
+    engine: sa.Engine, events: EventCapture
+) -> None:
+    held = engine.connect()  # HELD-ACROSS
+    taken = time.monotonic()
+    with pgleak.allow_long_hold(seconds=60):
+        # Past the connection's first deadline (the clock is what is waited for here), then
+        # a whole pass: the watchdog has met that deadline and filed the allowance's instead.
+        time.sleep(2 * pgleak.settings().leak_threshold)
+        assert core.watchdog.wait_for_pass(10)
+        assert events.of("leak.suspected") == []
+    ended = time.monotonic()
+    [event] = events.wait_for("leak.suspected")
+    held.close()
+    assert event.checkout is not None
+    assert_site(event.checkout.stack, "HELD-ACROSS")
+    # Reported a threshold after the block, not at the 60 s the allowance had granted.
+    assert event.checkout.held_s < ended - taken + 10
