@@ -17,6 +17,54 @@
 #include <frameobject.h>
 #include <structmember.h>
 
+/* From 3.11 a frame is a _PyInterpreterFrame, and a PyFrameObject is made for it only when
+ * asked for: each PyFrame_GetBack() of a walk allocates one (and its deallocation follows),
+ * several hundred instructions a frame, for frames the walk mostly passes over (SQLAlchemy's
+ * asyncio checkout crosses some twenty made anew every time). The asyncio walk below reads the
+ * interpreter frames themselves, as PyFrame_GetBack() does (the frame it would give is the
+ * first complete one in the ``previous`` chain), and makes a frame object only for a frame it
+ * hands back to Python. The header is CPython's internal one, of the version built against,
+ * as greenlet and the profilers use it; 3.10's frames are objects already. */
+#if PY_VERSION_HEX >= 0x030B0000
+#  define PGLEAK_IFRAMES 1
+#  ifndef Py_BUILD_CORE
+#    define Py_BUILD_CORE 1
+#  endif
+#  include <internal/pycore_frame.h>
+#  undef Py_BUILD_CORE
+
+typedef struct _PyInterpreterFrame iframe;
+
+static inline PyCodeObject *
+iframe_code(iframe *f)
+{
+#  if PY_VERSION_HEX >= 0x030D0000
+    return _PyFrame_GetCode(f);
+#  else
+    return f->f_code;
+#  endif
+}
+
+/* PyFrame_GetBack()'s choice, without the frame object: the first complete frame back. */
+static inline iframe *
+iframe_back(iframe *f)
+{
+    f = f->previous;
+    while (f != NULL && _PyFrame_IsIncomplete(f)) {
+        f = f->previous;
+    }
+    return f;
+}
+
+/* PyFrame_GetLasti() of the frame's object. */
+static inline int
+iframe_lasti(iframe *f)
+{
+    int lasti = _PyInterpreterFrame_LASTI(f);
+    return lasti < 0 ? -1 : lasti * (int)sizeof(_Py_CODEUNIT);
+}
+#endif
+
 #if PY_VERSION_HEX < 0x030D0000
 /* 3.13's PyObject_GetOptionalAttr: 1 found, 0 absent (no error set), -1 error. */
 static int
@@ -83,11 +131,34 @@ verdict_of(PyObject *cache, PyObject *pseudo, PyCodeObject *code)
     return (verdict == -1 && PyErr_Occurred()) ? UNKNOWN : verdict;
 }
 
+/* ``lasti`` as an int object (a new reference). The stack records one per frame, and
+ * CPython keeps ready-made ints only up to 256: beyond, each was an allocation (and its
+ * deallocation when the lease goes). Offsets are even and most code is short, so the ints of
+ * the first few thousand offsets are made once and shared. */
+#define LASTI_CACHED 4096
+static PyObject *lasti_ints[LASTI_CACHED / 2];
+
+static PyObject *
+lasti_int(int lasti)
+{
+    if (lasti < 0 || lasti >= LASTI_CACHED || (lasti & 1)) {
+        return PyLong_FromLong(lasti);
+    }
+    PyObject **slot = &lasti_ints[lasti / 2];
+    if (*slot == NULL) {
+        *slot = PyLong_FromLong(lasti);
+        if (*slot == NULL) {
+            return NULL;
+        }
+    }
+    return Py_NewRef(*slot);
+}
+
 /* Append (code, lasti) of ``frame`` to ``out``; -1 on error. */
 static int
 record(PyObject *out, PyFrameObject *frame, PyCodeObject *code)
 {
-    PyObject *lasti = PyLong_FromLong(frame_lasti(frame));
+    PyObject *lasti = lasti_int(frame_lasti(frame));
     if (lasti == NULL) {
         return -1;
     }
@@ -207,12 +278,80 @@ walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (limit == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    PyFrameObject *frame = (PyFrameObject *)Py_NewRef(start);
     int status = 1;
     /* Neighbouring frames are often of one file: its verdict is not looked up again (the
      * file name is the cache's key, so the same object gives the same answer). */
     PyObject *last_file = NULL;
     long last_verdict = UNKNOWN;
+#ifdef PGLEAK_IFRAMES
+    /* The same walk over the interpreter frames (see iframe_back), for a frame that is
+     * running or suspended (its object's f_back is set only once it has finished). */
+    if (((PyFrameObject *)start)->f_back == NULL) {
+        iframe *f = ((PyFrameObject *)start)->f_frame;
+        Py_ssize_t steps = 0;
+        while (f != NULL) {
+            if (PyList_GET_SIZE(out) >= 2 * limit) {
+                status = 0;
+                break;
+            }
+            PyCodeObject *code = iframe_code(f);
+            long verdict;
+            if (code->co_filename == last_file) {
+                verdict = last_verdict;
+            }
+            else {
+                verdict = verdict_of(cache, pseudo, code);
+                last_file = verdict >= 0 ? code->co_filename : NULL;
+                last_verdict = verdict;
+            }
+            if (verdict == KEEP) {
+                PyObject *lasti = lasti_int(iframe_lasti(f));
+                if (lasti == NULL) {
+                    return NULL;
+                }
+                int failed = PyList_Append(out, (PyObject *)code) < 0
+                             || PyList_Append(out, lasti) < 0;
+                Py_DECREF(lasti);
+                if (failed) {
+                    return NULL;
+                }
+            }
+            else if (verdict == SKIP_LOOP) {
+                status = 2;
+                break;
+            }
+            else if (verdict != SKIP) {
+                if (PyErr_Occurred()) {
+                    return NULL;
+                }
+                status = 3;
+                break;
+            }
+            f = iframe_back(f);
+            steps++;
+        }
+        PyObject *frame = NULL;
+        if (status == 3) {
+            /* Python judges this frame: its object, the same PyFrame_GetBack() steps away
+             * from ``start`` (rare: once per file or pseudo-file code never seen before) */
+            PyFrameObject *at = (PyFrameObject *)Py_NewRef(start);
+            for (Py_ssize_t i = 0; i < steps && at != NULL; i++) {
+                at = back(at);
+            }
+            frame = (PyObject *)at;
+        }
+        PyObject *code = PyLong_FromLong(status);
+        if (code == NULL) {
+            Py_XDECREF(frame);
+            return NULL;
+        }
+        PyObject *result = PyTuple_Pack(2, code, frame == NULL ? Py_None : frame);
+        Py_DECREF(code);
+        Py_XDECREF(frame);
+        return result;
+    }
+#endif
+    PyFrameObject *frame = (PyFrameObject *)Py_NewRef(start);
     while (frame != NULL) {
         if (PyList_GET_SIZE(out) >= 2 * limit) {
             status = 0;
@@ -439,7 +578,7 @@ static PyObject *s_settings, *s_enabled, *s_max_tracked, *s_leak_threshold, *s_c
     *s_stack_depth, *s_leases, *s_by_conn, *s_ids, *s_watchdog, *s_thread, *s_observer,
     *s_waker, *s_collected, *s_get_name, *s_generation, *s_pending,
     *s_after_checkout, *s_forget, *s_on_collected, *s_wake_gate, *s_thread_key, *s_append,
-    *s_get_coro;
+    *s_get_coro, *s_greenlet, *s_getcurrent, *s_parent, *s_gr_frame;
 
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
@@ -813,6 +952,40 @@ forget_thread(PyObject *module, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* pgleak._stack._parent_greenlet_frame(), with ``*current`` for its list: the suspended
+ * frame of the greenlet that switched into ``*current`` (the running greenlet when NULL),
+ * which becomes ``*current``; None when there is none. A new reference, NULL on error. */
+static PyObject *
+parent_greenlet_frame(PyObject **current)
+{
+    if (*current == NULL) {
+        PyObject *module = PyImport_GetModule(s_greenlet);
+        if (module == NULL || module == Py_None) { /* not imported, or blocked */
+            Py_XDECREF(module);
+            return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+        }
+        *current = PyObject_CallMethodNoArgs(module, s_getcurrent);
+        Py_DECREF(module);
+        if (*current == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *parent = NULL;
+    if (PyObject_GetOptionalAttr(*current, s_parent, &parent) < 0) {
+        return NULL;
+    }
+    if (parent == NULL || parent == Py_None) {
+        Py_XDECREF(parent);
+        return Py_NewRef(Py_None);
+    }
+    Py_SETREF(*current, parent);
+    PyObject *frame = NULL;
+    if (PyObject_GetOptionalAttr(parent, s_gr_frame, &frame) < 0) {
+        return NULL;
+    }
+    return frame == NULL ? Py_NewRef(Py_None) : frame;
+}
+
 /* pgleak._stack._capture_in_task(frame, limit, task, False), step for step, for the common
  * case: the walk's caches know every frame (status 3, a frame to judge, hands the whole capture
  * back to Python: None), greenlet boundaries are crossed by the Python helper, and the task's
@@ -863,10 +1036,7 @@ task_capture(PyObject *start, PyObject *depth, PyObject *task)
         }
         if (hops < 8) {
             hops++;
-            if (greenlets == NULL && (greenlets = PyList_New(0)) == NULL) {
-                goto error;
-            }
-            frame = PyObject_CallOneArg(b_parent_greenlet_frame, greenlets);
+            frame = parent_greenlet_frame(&greenlets);
             if (frame == NULL) {
                 goto error;
             }
@@ -1969,7 +2139,8 @@ PyInit__speedups(void)
         {&s_append, "append"},
         {&s_get_coro, "get_coro"}, {&s_pool, "pool"}, {&s_con, "_con"}, {&s_ref, "ref"},
         {&s_throw, "throw"}, {&s_close, "close"}, {&s_checkout, "checkout"},
-        {&s_checkin, "checkin"},
+        {&s_checkin, "checkin"}, {&s_greenlet, "greenlet"}, {&s_getcurrent, "getcurrent"},
+        {&s_parent, "parent"}, {&s_gr_frame, "gr_frame"},
     };
     for (size_t i = 0; i < sizeof(interned) / sizeof(interned[0]); i++) {
         *interned[i].slot = PyUnicode_InternFromString(interned[i].text);
