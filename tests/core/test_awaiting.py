@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -242,7 +241,6 @@ def test_send_throw_close_by_hand(adapter: str) -> None:
     assert not _leases()
 
 
-@pytest.mark.skipif(sys.version_info >= (3, 12), reason="cr_await of a running coroutine")
 def test_a_suspended_holder_shows_where_it_waits(adapter: str) -> None:
     """The holder's current stack (task_frames) goes through the awaitable to the library's
     coroutine, as it went through pgleak's ``async def``."""
