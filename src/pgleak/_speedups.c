@@ -131,6 +131,30 @@ verdict_of(PyObject *cache, PyObject *pseudo, PyCodeObject *code)
     return (verdict == -1 && PyErr_Occurred()) ? UNKNOWN : verdict;
 }
 
+/* verdict_of(), remembering the last file's verdict for the next frame (neighbouring frames
+ * are often of one file; the file name is the cache's key, so the same object gives the same
+ * answer). Only a file's own verdict is remembered: a pseudo-file's ("<string>", shared by
+ * the code of unrelated modules) is per code object. */
+static inline long
+verdict_near(PyObject *cache, PyObject *pseudo, PyCodeObject *code, PyObject **last_file,
+             long *last_verdict)
+{
+    if (code->co_filename == *last_file) {
+        return *last_verdict;
+    }
+    PyObject *hit = PyDict_GetItemWithError(cache, code->co_filename); /* borrowed */
+    if (hit != NULL && PyLong_CheckExact(hit)) {
+        long verdict = PyLong_AsLong(hit);
+        if (verdict >= 0) {
+            *last_file = code->co_filename;
+            *last_verdict = verdict;
+            return verdict;
+        }
+    }
+    *last_file = NULL;
+    return verdict_of(cache, pseudo, code);
+}
+
 /* ``lasti`` as an int object (a new reference). The stack records one per frame, and
  * CPython keeps ready-made ints only up to 256: beyond, each was an allocation (and its
  * deallocation when the lease goes). Offsets are even and most code is short, so the ints of
@@ -279,9 +303,7 @@ walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     int status = 1;
-    /* Neighbouring frames are often of one file: its verdict is not looked up again (the
-     * file name is the cache's key, so the same object gives the same answer). */
-    PyObject *last_file = NULL;
+    PyObject *last_file = NULL; /* see verdict_near() */
     long last_verdict = UNKNOWN;
 #ifdef PGLEAK_IFRAMES
     /* The same walk over the interpreter frames (see iframe_back), for a frame that is
@@ -295,15 +317,7 @@ walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 break;
             }
             PyCodeObject *code = iframe_code(f);
-            long verdict;
-            if (code->co_filename == last_file) {
-                verdict = last_verdict;
-            }
-            else {
-                verdict = verdict_of(cache, pseudo, code);
-                last_file = verdict >= 0 ? code->co_filename : NULL;
-                last_verdict = verdict;
-            }
+            long verdict = verdict_near(cache, pseudo, code, &last_file, &last_verdict);
             if (verdict == KEEP) {
                 PyObject *lasti = lasti_int(iframe_lasti(f));
                 if (lasti == NULL) {
@@ -358,20 +372,7 @@ walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
         PyCodeObject *code = PyFrame_GetCode(frame);
-        long verdict;
-        if (code->co_filename == last_file) {
-            verdict = last_verdict;
-        }
-        else {
-            verdict = verdict_of(cache, pseudo, code);
-            if (verdict >= 0) { /* a file's verdict, not a pseudo-file's per-code one */
-                last_file = code->co_filename;
-                last_verdict = verdict;
-            }
-            else {
-                last_file = NULL;
-            }
-        }
+        long verdict = verdict_near(cache, pseudo, code, &last_file, &last_verdict);
         if (verdict == KEEP) {
             int failed = record(out, frame, code);
             Py_DECREF(code);
@@ -484,22 +485,18 @@ chain_link(PyObject *obj, PyObject *first, PyObject *second, int frame, PyObject
 
 static PyObject *s_cr_frame, *s_gi_frame, *s_cr_await, *s_gi_yieldfrom;
 
-static PyObject *
-chain_complete(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* chain_complete() over the pairs ``items[0:n]``: 1 complete, 0 not, -1 error. */
+static int
+chain_in(PyObject *const *items, Py_ssize_t n, PyObject *start, PyObject *cache,
+         PyObject *pseudo)
 {
-    if (nargs != 4 || !PyList_Check(args[0]) || !PyDict_Check(args[2])
-        || !PyDict_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "chain_complete(out: list, coro, cache, pseudo)");
-        return NULL;
-    }
-    PyObject *out = args[0], *cache = args[2], *pseudo = args[3];
-    PyObject *coro = Py_NewRef(args[1]);
+    PyObject *coro = Py_NewRef(start);
     int complete = 1;
     for (int depth = 0; depth < 64 && coro != NULL && coro != Py_None && complete; depth++) {
         PyObject *frame = NULL, *next = NULL;
         if (chain_link(coro, s_cr_frame, s_gi_frame, 1, &frame) < 0) {
             Py_DECREF(coro);
-            return NULL;
+            return -1;
         }
         if (frame == NULL) {
             break;
@@ -517,9 +514,8 @@ chain_complete(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         else if (verdict == KEEP) {
             int found = 0;
-            Py_ssize_t n = PyList_GET_SIZE(out);
             for (Py_ssize_t i = 0; i < n; i += 2) {
-                if (PyList_GET_ITEM(out, i) == (PyObject *)code) {
+                if (items[i] == (PyObject *)code) {
                     found = 1;
                     break;
                 }
@@ -530,12 +526,26 @@ chain_complete(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(frame);
         if (chain_link(coro, s_cr_await, s_gi_yieldfrom, 0, &next) < 0) {
             Py_DECREF(coro);
-            return NULL;
+            return -1;
         }
         Py_SETREF(coro, next);
     }
     Py_XDECREF(coro);
-    return PyBool_FromLong(complete);
+    return complete;
+}
+
+static PyObject *
+chain_complete(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyList_Check(args[0]) || !PyDict_Check(args[2])
+        || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "chain_complete(out: list, coro, cache, pseudo)");
+        return NULL;
+    }
+    PyObject *out = args[0];
+    int complete = chain_in(&PyList_GET_ITEM(out, 0), PyList_GET_SIZE(out), args[1], args[2],
+                            args[3]);
+    return complete < 0 ? NULL : PyBool_FromLong(complete);
 }
 
 /* ---- The ledger's hot path: Core.checkout / Core.checkin (pgleak/_core.py) -------------
@@ -959,13 +969,22 @@ static PyObject *
 parent_greenlet_frame(PyObject **current)
 {
     if (*current == NULL) {
-        PyObject *module = PyImport_GetModule(s_greenlet);
-        if (module == NULL || module == Py_None) { /* not imported, or blocked */
-            Py_XDECREF(module);
-            return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+        /* greenlet.getcurrent, kept once greenlet is imported (a module is not unloaded;
+         * finding it in sys.modules costs more than the call) */
+        static PyObject *getcurrent = NULL;
+        if (getcurrent == NULL) {
+            PyObject *module = PyImport_GetModule(s_greenlet);
+            if (module == NULL || module == Py_None) { /* not imported, or blocked */
+                Py_XDECREF(module);
+                return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+            }
+            getcurrent = PyObject_GetAttr(module, s_getcurrent);
+            Py_DECREF(module);
+            if (getcurrent == NULL) {
+                return NULL;
+            }
         }
-        *current = PyObject_CallMethodNoArgs(module, s_getcurrent);
-        Py_DECREF(module);
+        *current = PyObject_CallNoArgs(getcurrent);
         if (*current == NULL) {
             return NULL;
         }
@@ -986,11 +1005,74 @@ parent_greenlet_frame(PyObject **current)
     return frame == NULL ? Py_NewRef(Py_None) : frame;
 }
 
+/* walk()'s walk, into ``items`` (room for 2 * ``limit``; ``*n`` in use, new references),
+ * for task_capture(): 0 full, 1 the chain ended, 2 the event loop's frame, 3 a frame with no
+ * cached verdict (task_capture() then hands the whole capture to Python), -1 an error. */
+static int
+walk_into(PyObject *start, Py_ssize_t limit, PyObject *cache, PyObject *pseudo,
+          PyObject **items, Py_ssize_t *n)
+{
+    PyObject *last_file = NULL;
+    long last_verdict = UNKNOWN;
+#ifdef PGLEAK_IFRAMES
+    if (((PyFrameObject *)start)->f_back == NULL) {
+        for (iframe *f = ((PyFrameObject *)start)->f_frame; f != NULL; f = iframe_back(f)) {
+            if (*n >= 2 * limit) {
+                return 0;
+            }
+            PyCodeObject *code = iframe_code(f);
+            long verdict = verdict_near(cache, pseudo, code, &last_file, &last_verdict);
+            if (verdict == KEEP) {
+                PyObject *lasti = lasti_int(iframe_lasti(f));
+                if (lasti == NULL) {
+                    return -1;
+                }
+                items[(*n)++] = Py_NewRef(code);
+                items[(*n)++] = lasti;
+            }
+            else if (verdict == SKIP_LOOP) {
+                return 2;
+            }
+            else if (verdict != SKIP) {
+                return PyErr_Occurred() ? -1 : 3;
+            }
+        }
+        return 1;
+    }
+#endif
+    PyFrameObject *frame = (PyFrameObject *)Py_NewRef(start);
+    for (; frame != NULL; frame = back(frame)) {
+        if (*n >= 2 * limit) {
+            Py_DECREF(frame);
+            return 0;
+        }
+        PyCodeObject *code = PyFrame_GetCode(frame);
+        long verdict = verdict_near(cache, pseudo, code, &last_file, &last_verdict);
+        if (verdict == KEEP) {
+            PyObject *lasti = lasti_int(frame_lasti(frame));
+            if (lasti == NULL) {
+                Py_DECREF(code);
+                Py_DECREF(frame);
+                return -1;
+            }
+            items[(*n)++] = (PyObject *)code;
+            items[(*n)++] = lasti;
+            continue;
+        }
+        Py_DECREF(code);
+        if (verdict == SKIP_LOOP || verdict != SKIP) {
+            Py_DECREF(frame);
+            return verdict == SKIP_LOOP ? 2 : (PyErr_Occurred() ? -1 : 3);
+        }
+    }
+    return 1;
+}
+
 /* pgleak._stack._capture_in_task(frame, limit, task, False), step for step, for the common
- * case: the walk's caches know every frame (status 3, a frame to judge, hands the whole capture
- * back to Python: None), greenlet boundaries are crossed by the Python helper, and the task's
- * coroutine chain is merged by Python only when chain_complete() says the walk missed one of
- * its frames. Every asyncio checkout runs this; in Python it was ~10,000 instructions. */
+ * case: the walk's caches know every frame (a frame to judge hands the whole capture back to
+ * Python: None), greenlet boundaries are crossed here, and the task's coroutine chain is merged
+ * by Python only when chain_in() says the walk missed one of its frames. Every asyncio
+ * checkout runs this; the pairs are gathered in a buffer and made a tuple once. */
 static PyObject *
 task_capture(PyObject *start, PyObject *depth, PyObject *task)
 {
@@ -998,47 +1080,50 @@ task_capture(PyObject *start, PyObject *depth, PyObject *task)
     if (limit == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    PyObject *out = PyList_New(0);
-    if (out == NULL) {
-        return NULL;
+    if (limit < 0) {
+        limit = 0;
     }
-    PyObject *greenlets = NULL;
+    PyObject *small[64];
+    PyObject **items = small;
+    if (2 * limit > 64) {
+        items = PyMem_Malloc(2 * (size_t)limit * sizeof(PyObject *));
+        if (items == NULL) {
+            return PyErr_NoMemory();
+        }
+    }
+    Py_ssize_t n = 0;
+    PyObject *greenlets = NULL, *result = NULL;
     PyObject *frame = Py_NewRef(start);
     Py_ssize_t loop_at = -1;
-    int hops = 0;
+    int hops = 0, status = 1;
     while (frame != NULL && frame != Py_None) {
         if (!PyFrame_Check(frame)) { /* a greenlet's gr_frame that is not one: Python's turn */
             goto python;
         }
-        PyObject *args[5] = {frame, depth, b_skip_cache, b_pseudo, out};
-        PyObject *res = walk(NULL, args, 5);
+        status = walk_into(frame, limit, b_skip_cache, b_pseudo, items, &n);
         Py_CLEAR(frame);
-        if (res == NULL) {
-            goto error;
-        }
-        long status = PyLong_AsLong(PyTuple_GET_ITEM(res, 0));
-        frame = Py_NewRef(PyTuple_GET_ITEM(res, 1));
-        Py_DECREF(res);
-        if (status == 0) {
+        if (status < 0) {
             goto done;
         }
+        if (status == 0) {
+            goto full;
+        }
         if (status == 2) {
-            loop_at = PyList_GET_SIZE(out);
+            loop_at = n;
             break;
         }
-        if (status != 1) {
+        if (status == 3) {
             goto python;
         }
         /* the chain ended: the suspended parent greenlet's frames come next, if any */
-        Py_CLEAR(frame);
-        if (PyList_GET_SIZE(out) >= 2 * limit) {
-            goto done;
+        if (n >= 2 * limit) {
+            goto full;
         }
         if (hops < 8) {
             hops++;
             frame = parent_greenlet_frame(&greenlets);
             if (frame == NULL) {
-                goto error;
+                goto done;
             }
         }
     }
@@ -1047,49 +1132,59 @@ task_capture(PyObject *start, PyObject *depth, PyObject *task)
     PyObject *coro = PyObject_CallMethodNoArgs(task, s_get_coro);
     if (coro == NULL) {
         PyErr_Clear(); /* as _add_task_chain: a best-effort completion */
-        goto truncate;
+        goto full;
     }
-    PyObject *cargs[4] = {out, coro, b_skip_cache, b_pseudo};
-    PyObject *complete = chain_complete(NULL, cargs, 4);
+    int whole = chain_in(items, n, coro, b_skip_cache, b_pseudo);
     Py_DECREF(coro);
-    if (complete == NULL) {
-        goto error;
+    if (whole < 0) {
+        goto done;
     }
-    int whole = complete == Py_True;
-    Py_DECREF(complete);
     if (!whole) {
-        PyObject *at = PyLong_FromSsize_t(loop_at);
-        if (at == NULL) {
-            goto error;
+        /* the merge is Python's, on a list; then cut to the limit */
+        PyObject *out = PyList_New(n);
+        if (out == NULL) {
+            goto done;
         }
-        PyObject *added = PyObject_CallFunctionObjArgs(b_add_task_chain, out, task, at, NULL);
-        Py_DECREF(at);
-        if (added == NULL) {
-            goto error;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyList_SET_ITEM(out, i, items[i]); /* the list owns them now */
         }
-        Py_DECREF(added);
+        n = 0;
+        PyObject *added = NULL, *at = PyLong_FromSsize_t(loop_at);
+        if (at != NULL) {
+            added = PyObject_CallFunctionObjArgs(b_add_task_chain, out, task, at, NULL);
+            Py_DECREF(at);
+        }
+        if (added != NULL) {
+            Py_DECREF(added);
+            Py_ssize_t size = PyList_GET_SIZE(out);
+            if (size <= 2 * limit || PyList_SetSlice(out, 2 * limit, size, NULL) == 0) {
+                result = PyList_AsTuple(out);
+            }
+        }
+        Py_DECREF(out);
+        goto done;
     }
-truncate:
-    if (PyList_GET_SIZE(out) > 2 * limit
-        && PyList_SetSlice(out, 2 * limit, PyList_GET_SIZE(out), NULL) < 0) {
-        goto error;
+full:
+    result = PyTuple_New(n);
+    if (result != NULL) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyTuple_SET_ITEM(result, i, items[i]); /* steals */
+        }
+        n = 0;
     }
+    goto done;
+python:
+    result = Py_NewRef(Py_None);
 done:
     Py_XDECREF(frame);
     Py_XDECREF(greenlets);
-    PyObject *result = PyList_AsTuple(out);
-    Py_DECREF(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_DECREF(items[i]);
+    }
+    if (items != small) {
+        PyMem_Free(items);
+    }
     return result;
-python:
-    Py_XDECREF(frame);
-    Py_XDECREF(greenlets);
-    Py_DECREF(out);
-    Py_RETURN_NONE;
-error:
-    Py_XDECREF(frame);
-    Py_XDECREF(greenlets);
-    Py_DECREF(out);
-    return NULL;
 }
 
 PyDoc_STRVAR(capture_task_doc,
