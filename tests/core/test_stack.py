@@ -181,6 +181,32 @@ def test_pseudo_file_code_of_the_application_is_kept() -> None:
     assert stack[-1].startswith("<string>:2 in generated")
 
 
+def test_neighbouring_pseudo_file_frames_are_judged_each_by_its_module() -> None:
+    """Two pseudo-file frames side by side with one file name object (``exec`` of strings
+    shares "<string>"): the application's is kept, the library's dropped, in a task too."""
+    import os
+
+    import sqlalchemy.orm.session
+
+    _stack.register_library(os.path.dirname(sqlalchemy.__file__ or ""))
+    filename = "<string>"
+    library: dict[str, Any] = {"__name__": sqlalchemy.orm.session.__name__}
+    exec(compile("def lib(fn, limit):\n    return fn(limit)\n", filename, "exec"), library)
+    user: dict[str, Any] = {"__name__": "__main__", "_stack": _stack, "asyncio": asyncio}
+    source = "def app(limit):\n    return _stack.capture(limit, 1, asyncio.current_task())\n"
+    exec(compile(source, filename, "exec"), user)
+
+    async def in_task() -> _stack.RawStack:
+        # the library's frame calls the application's: both "<string>", one file name object
+        raw: _stack.RawStack = library["lib"](user["app"], 10)
+        return raw
+
+    for _ in range(2):  # the second time, every verdict is cached
+        raw = asyncio.run(in_task())
+        assert raw[0] is user["app"].__code__
+        assert library["lib"].__code__ not in raw[0::2]  # not recorded (nor shown)
+
+
 def _both(limit: int, task: Any = None) -> tuple[_stack.RawStack, _stack.RawStack]:
     """The same frames captured by the C walk and by the Python walk, from the same line."""
     fast = _stack._fast
