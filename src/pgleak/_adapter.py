@@ -478,7 +478,7 @@ def {name}({params}):
 """
 
 
-def _awaiting() -> Any:
+def c_awaitables() -> Any:
     """``pgleak._speedups`` if it has the C awaitables the fast asyncio templates need."""
     fast = _stack._fast
     return fast if fast is not None and hasattr(fast, "acquiring") else None
@@ -783,7 +783,7 @@ class Adapter:
                 **_asynchronous(is_async),
                 tag=_ATAG if is_async else _TAG,
             )
-            fast = _awaiting() if is_async else None
+            fast = c_awaitables() if is_async else None
             if fast is None:
                 return wrapper
             spec = (core, pools, kind, namer, None, gave_up, internal_error, f"{kind}.checkout")
@@ -843,7 +843,7 @@ class Adapter:
             shape = _forward.shape_of(original, reserved)
             if conn_param not in shape.names:
                 shape = _forward.GENERIC
-            fast = _awaiting() if is_async else None
+            fast = c_awaitables() if is_async else None
             if fast is not None:
                 return _forward.compile_wrapper(
                     _ARELEASE_FAST,

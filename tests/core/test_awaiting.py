@@ -22,7 +22,7 @@ from pgleak import _adapter
 from pgleak._core import Lease, core
 
 pytestmark = pytest.mark.skipif(
-    _adapter._awaiting() is None,
+    _adapter.c_awaitables() is None,
     reason="pgleak._speedups is not built here or PGLEAK_NO_SPEEDUPS=1 turned it off: the "
     "async def templates run, and the rest of the suite tests those",
 )
@@ -84,7 +84,7 @@ class _Adapter(_adapter.Adapter):
 def adapter(request: Any, installed: pgleak.Settings, monkeypatch: Any) -> Iterator[str]:
     """The fake pool wrapped with the C awaitables, or with the ``async def`` templates."""
     if request.param == "python":
-        monkeypatch.setattr(_adapter, "_awaiting", lambda: None)
+        monkeypatch.setattr(_adapter, "c_awaitables", lambda: None)
     fake = _Adapter()
     fake.install()
     try:
@@ -146,7 +146,7 @@ def test_same_stack_either_way(installed: pgleak.Settings, monkeypatch: Any) -> 
     for which in ("c", "python"):
         with monkeypatch.context() as patched:
             if which == "python":
-                patched.setattr(_adapter, "_awaiting", lambda: None)
+                patched.setattr(_adapter, "c_awaitables", lambda: None)
             fake = _Adapter()
             fake.install()
             try:

@@ -82,8 +82,8 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without asy
 from pgleak import _forward, _retry, _stack
 from pgleak._adapter import (
     Adapter,
-    _awaiting,
     atag,
+    c_awaitables,
     driver_state,
     driver_target,
     enter_scope,
@@ -300,7 +300,7 @@ def _wrap_acquire(original: Any) -> Any:
         },
         "acquire",
     )
-    fast = _awaiting()
+    fast = c_awaitables()
     if fast is None:
         return wrapper
     spec = (core, _pools, _KIND, _pool_name, PoolConnectionProxy, _gave_up, internal_error)
