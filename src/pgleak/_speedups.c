@@ -1973,6 +1973,9 @@ static int
 finished(Awaiting *self, PyObject *result, int raised)
 {
     Py_CLEAR(self->it);
+    if (self->target == NULL) {
+        return 0; /* already ended (a re-entrant send that the library's coroutine refused) */
+    }
     int failed = 0;
     if (self->mode == AW_ACQUIRE) {
         if (raised) {
