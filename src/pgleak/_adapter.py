@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any, ClassVar
 
-from pgleak import _forward
+from pgleak import _forward, _stack
 from pgleak._appname import tags
 from pgleak._core import Lease, allowance, core
 from pgleak._guard import internal_error, say
@@ -388,6 +388,10 @@ _RESERVED = frozenset(
         "lease",
         "result",
         "atag",
+        "acquiring",
+        "releasing",
+        "spec",
+        "slow",
     }
 )
 
@@ -448,6 +452,36 @@ _RELEASE = """
     return result
 """
 _GENERIC_CONN = "args[0] if args else kwargs.get(conn_param)"
+
+#: The asyncio flavour of ``_ACQUIRE`` where the C extension is there: no coroutine of
+#: pgleak's. The library's own coroutine is handed to ``acquiring`` (pgleak._speedups), which
+#: drives it and files the checkout the moment it returns, in the awaiting task. An observer
+#: (the wait's start) or a call-site tag (an await after the checkout) takes ``slow``: the
+#: ``async def`` above.
+_AACQUIRE_FAST = """
+def {name}({params}):
+    if core.observer is None{untagged}:
+        return acquiring(spec, original({call}), {first}, {args}, {kwargs})
+    return slow({call})
+"""
+
+#: The asyncio flavour of ``_RELEASE`` where the C extension is there: the lease is looked up
+#: before the call, as there, and ``releasing`` checks it in when the library's coroutine ends.
+#: A connection pgleak does not track gets the library's coroutine as it is.
+_ARELEASE_FAST = """
+def {name}({params}):
+    conn = {conn}
+    lease = by_conn.get(id(conn))
+    if lease is not None and lease.ref is not None and lease.ref() is conn:
+        return releasing(spec, original({call}), lease)
+    return original({call})  # untracked (or an id reused after its connection died)
+"""
+
+
+def c_awaitables() -> Any:
+    """``pgleak._speedups`` if it has the C awaitables the fast asyncio templates need."""
+    fast = _stack._fast
+    return fast if fast is not None and hasattr(fast, "acquiring") else None
 
 
 def _asynchronous(is_async: bool) -> dict[str, str]:
@@ -725,10 +759,11 @@ class Adapter:
                 internal_error(f"{kind}.exhausted", exc)
 
         def make(original: Any) -> Any:
-            return _forward.compile_wrapper(
+            shape = _forward.shape_of(original, _RESERVED)
+            wrapper = _forward.compile_wrapper(
                 _ACQUIRE,
                 attr,
-                _forward.shape_of(original, _RESERVED),
+                shape,
                 {
                     "original": original,
                     "core": core,
@@ -747,6 +782,25 @@ class Adapter:
                 "acquire",
                 **_asynchronous(is_async),
                 tag=_ATAG if is_async else _TAG,
+            )
+            fast = c_awaitables() if is_async else None
+            if fast is None:
+                return wrapper
+            spec = (core, pools, kind, namer, None, gave_up, internal_error, f"{kind}.checkout")
+            return _forward.compile_wrapper(
+                _AACQUIRE_FAST,
+                attr,
+                shape,
+                {
+                    "original": original,
+                    "core": core,
+                    "tags": tags,
+                    "acquiring": fast.acquiring,
+                    "spec": spec,
+                    "slow": wrapper,
+                },
+                "acquire",
+                untagged=" and not tags.call_site" if give_back is not None else "",
             )
 
         self.patch(owner, attr, make)
@@ -789,6 +843,22 @@ class Adapter:
             shape = _forward.shape_of(original, reserved)
             if conn_param not in shape.names:
                 shape = _forward.GENERIC
+            fast = c_awaitables() if is_async else None
+            if fast is not None:
+                return _forward.compile_wrapper(
+                    _ARELEASE_FAST,
+                    attr,
+                    shape,
+                    {
+                        "original": original,
+                        "by_conn": by_conn,
+                        "conn_param": conn_param,
+                        "releasing": fast.releasing,
+                        "spec": (core, refused, internal_error, f"{kind}.checkin"),
+                    },
+                    "release",
+                    conn=_GENERIC_CONN if shape is _forward.GENERIC else conn_param,
+                )
             return _forward.compile_wrapper(
                 _RELEASE,
                 attr,

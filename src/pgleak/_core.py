@@ -27,7 +27,6 @@ import asyncio
 import collections
 import contextlib
 import contextvars
-import functools
 import itertools
 import logging
 import math
@@ -127,7 +126,9 @@ class PoolHandle:
         try:
             self.ref = weakref.ref(obj)
         except TypeError:  # not weak-referenceable: hold it (pools live as long as the app)
-            self.ref = functools.partial(_identity, obj)
+            # A builtin's bound method, not a Python function: asyncpg's Pool is such an
+            # object, and every one of its checkouts calls this to tell a reused id.
+            self.ref = itertools.repeat(obj).__next__
         if namer is None:
             self._name = f"{kind}:{type(obj).__name__}@{id(obj):#x}"
 
@@ -1050,10 +1051,6 @@ class Core:
 
 
 _CONNECT_EVENTS = frozenset({CONNECT_RETRY, CONNECT_GAVE_UP})
-
-
-def _identity(obj: Any) -> Any:
-    return obj
 
 
 def _alive(lease: Lease) -> bool:

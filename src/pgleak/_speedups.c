@@ -1,4 +1,5 @@
-/* pgleak._speedups: the checkout hot path, in C - the stack walk and the ledger.
+/* pgleak._speedups: the checkout hot path, in C - the stack walk, the ledger, and the
+ * awaitables that let an asyncio pool's wrappers do without a coroutine of their own.
  *
  * Every checkout records up to ``stack_depth`` (code, f_lasti) pairs. In Python each frame costs
  * three attribute reads, two appends and the loop's own bytecode, about 100 ns: 1.6 us of a
@@ -9,13 +10,62 @@
  * int, and hands the frame back to Python whenever the cache has no answer, so there is one
  * definition of which frames count. The ledger's ``checkout``/``checkin`` (second half of this
  * file) follow the same rule: the common path here, every rare one handed to Core's Python
- * methods. pgleak runs all of it in Python when this module is absent (no compiler at install
- * time) or disabled (``PGLEAK_NO_SPEEDUPS=1``).
+ * methods; so do the awaitables (last part): the common path here, an observer's or a
+ * call-site tag's in the ``async def`` templates. pgleak runs all of it in Python when this
+ * module is absent (no compiler at install time) or disabled (``PGLEAK_NO_SPEEDUPS=1``).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <frameobject.h>
 #include <structmember.h>
+
+/* From 3.11 a frame is a _PyInterpreterFrame, and a PyFrameObject is made for it only when
+ * asked for: each PyFrame_GetBack() of a walk allocates one (and its deallocation follows),
+ * several hundred instructions a frame, for frames the walk mostly passes over (SQLAlchemy's
+ * asyncio checkout crosses some twenty made anew every time). The asyncio walk below reads the
+ * interpreter frames themselves, as PyFrame_GetBack() does (the frame it would give is the
+ * first complete one in the ``previous`` chain), and makes a frame object only for a frame it
+ * hands back to Python. The header is CPython's internal one, of the version built against,
+ * as greenlet and the profilers use it; 3.10's frames are objects already. */
+#if PY_VERSION_HEX >= 0x030B0000
+#  define PGLEAK_IFRAMES 1
+#  ifndef Py_BUILD_CORE
+#    define Py_BUILD_CORE 1
+#  endif
+#  include <internal/pycore_frame.h>
+#  undef Py_BUILD_CORE
+
+typedef struct _PyInterpreterFrame iframe;
+
+static inline PyCodeObject *
+iframe_code(iframe *f)
+{
+#  if PY_VERSION_HEX >= 0x030D0000
+    return _PyFrame_GetCode(f);
+#  else
+    return f->f_code;
+#  endif
+}
+
+/* PyFrame_GetBack()'s choice, without the frame object: the first complete frame back. */
+static inline iframe *
+iframe_back(iframe *f)
+{
+    f = f->previous;
+    while (f != NULL && _PyFrame_IsIncomplete(f)) {
+        f = f->previous;
+    }
+    return f;
+}
+
+/* PyFrame_GetLasti() of the frame's object. */
+static inline int
+iframe_lasti(iframe *f)
+{
+    int lasti = _PyInterpreterFrame_LASTI(f);
+    return lasti < 0 ? -1 : lasti * (int)sizeof(_Py_CODEUNIT);
+}
+#endif
 
 #if PY_VERSION_HEX < 0x030D0000
 /* 3.13's PyObject_GetOptionalAttr: 1 found, 0 absent (no error set), -1 error. */
@@ -83,11 +133,58 @@ verdict_of(PyObject *cache, PyObject *pseudo, PyCodeObject *code)
     return (verdict == -1 && PyErr_Occurred()) ? UNKNOWN : verdict;
 }
 
+/* verdict_of(), remembering the last file's verdict for the next frame (neighbouring frames
+ * are often of one file; the file name is the cache's key, so the same object gives the same
+ * answer). Only a file's own verdict is remembered: a pseudo-file's ("<string>", shared by
+ * the code of unrelated modules) is per code object. */
+static inline long
+verdict_near(PyObject *cache, PyObject *pseudo, PyCodeObject *code, PyObject **last_file,
+             long *last_verdict)
+{
+    if (code->co_filename == *last_file) {
+        return *last_verdict;
+    }
+    PyObject *hit = PyDict_GetItemWithError(cache, code->co_filename); /* borrowed */
+    if (hit != NULL && PyLong_CheckExact(hit)) {
+        long verdict = PyLong_AsLong(hit);
+        if (verdict >= 0) {
+            *last_file = code->co_filename;
+            *last_verdict = verdict;
+            return verdict;
+        }
+    }
+    *last_file = NULL;
+    return verdict_of(cache, pseudo, code);
+}
+
+/* ``lasti`` as an int object (a new reference). The stack records one per frame, and
+ * CPython keeps ready-made ints only up to 256: beyond, each was an allocation (and its
+ * deallocation when the lease goes). Offsets are even and most code is short, so the ints of
+ * the first few thousand offsets are made once and shared. */
+#define LASTI_CACHED 4096
+static PyObject *lasti_ints[LASTI_CACHED / 2];
+
+static PyObject *
+lasti_int(int lasti)
+{
+    if (lasti < 0 || lasti >= LASTI_CACHED || (lasti & 1)) {
+        return PyLong_FromLong(lasti);
+    }
+    PyObject **slot = &lasti_ints[lasti / 2];
+    if (*slot == NULL) {
+        *slot = PyLong_FromLong(lasti);
+        if (*slot == NULL) {
+            return NULL;
+        }
+    }
+    return Py_NewRef(*slot);
+}
+
 /* Append (code, lasti) of ``frame`` to ``out``; -1 on error. */
 static int
 record(PyObject *out, PyFrameObject *frame, PyCodeObject *code)
 {
-    PyObject *lasti = PyLong_FromLong(frame_lasti(frame));
+    PyObject *lasti = lasti_int(frame_lasti(frame));
     if (lasti == NULL) {
         return -1;
     }
@@ -207,32 +304,77 @@ walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (limit == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    PyFrameObject *frame = (PyFrameObject *)Py_NewRef(start);
     int status = 1;
-    /* Neighbouring frames are often of one file: its verdict is not looked up again (the
-     * file name is the cache's key, so the same object gives the same answer). */
-    PyObject *last_file = NULL;
+    PyObject *last_file = NULL; /* see verdict_near() */
     long last_verdict = UNKNOWN;
+#ifdef PGLEAK_IFRAMES
+    /* The same walk over the interpreter frames (see iframe_back), for a frame that is
+     * running or suspended (its object's f_back is set only once it has finished). */
+    if (((PyFrameObject *)start)->f_back == NULL) {
+        iframe *f = ((PyFrameObject *)start)->f_frame;
+        Py_ssize_t steps = 0;
+        while (f != NULL) {
+            if (PyList_GET_SIZE(out) >= 2 * limit) {
+                status = 0;
+                break;
+            }
+            PyCodeObject *code = iframe_code(f);
+            long verdict = verdict_near(cache, pseudo, code, &last_file, &last_verdict);
+            if (verdict == KEEP) {
+                PyObject *lasti = lasti_int(iframe_lasti(f));
+                if (lasti == NULL) {
+                    return NULL;
+                }
+                int failed = PyList_Append(out, (PyObject *)code) < 0
+                             || PyList_Append(out, lasti) < 0;
+                Py_DECREF(lasti);
+                if (failed) {
+                    return NULL;
+                }
+            }
+            else if (verdict == SKIP_LOOP) {
+                status = 2;
+                break;
+            }
+            else if (verdict != SKIP) {
+                if (PyErr_Occurred()) {
+                    return NULL;
+                }
+                status = 3;
+                break;
+            }
+            f = iframe_back(f);
+            steps++;
+        }
+        PyObject *frame = NULL;
+        if (status == 3) {
+            /* Python judges this frame: its object, the same PyFrame_GetBack() steps away
+             * from ``start`` (rare: once per file or pseudo-file code never seen before) */
+            PyFrameObject *at = (PyFrameObject *)Py_NewRef(start);
+            for (Py_ssize_t i = 0; i < steps && at != NULL; i++) {
+                at = back(at);
+            }
+            frame = (PyObject *)at;
+        }
+        PyObject *code = PyLong_FromLong(status);
+        if (code == NULL) {
+            Py_XDECREF(frame);
+            return NULL;
+        }
+        PyObject *result = PyTuple_Pack(2, code, frame == NULL ? Py_None : frame);
+        Py_DECREF(code);
+        Py_XDECREF(frame);
+        return result;
+    }
+#endif
+    PyFrameObject *frame = (PyFrameObject *)Py_NewRef(start);
     while (frame != NULL) {
         if (PyList_GET_SIZE(out) >= 2 * limit) {
             status = 0;
             break;
         }
         PyCodeObject *code = PyFrame_GetCode(frame);
-        long verdict;
-        if (code->co_filename == last_file) {
-            verdict = last_verdict;
-        }
-        else {
-            verdict = verdict_of(cache, pseudo, code);
-            if (verdict >= 0) { /* a file's verdict, not a pseudo-file's per-code one */
-                last_file = code->co_filename;
-                last_verdict = verdict;
-            }
-            else {
-                last_file = NULL;
-            }
-        }
+        long verdict = verdict_near(cache, pseudo, code, &last_file, &last_verdict);
         if (verdict == KEEP) {
             int failed = record(out, frame, code);
             Py_DECREF(code);
@@ -345,22 +487,18 @@ chain_link(PyObject *obj, PyObject *first, PyObject *second, int frame, PyObject
 
 static PyObject *s_cr_frame, *s_gi_frame, *s_cr_await, *s_gi_yieldfrom;
 
-static PyObject *
-chain_complete(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* chain_complete() over the pairs ``items[0:n]``: 1 complete, 0 not, -1 error. */
+static int
+chain_in(PyObject *const *items, Py_ssize_t n, PyObject *start, PyObject *cache,
+         PyObject *pseudo)
 {
-    if (nargs != 4 || !PyList_Check(args[0]) || !PyDict_Check(args[2])
-        || !PyDict_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "chain_complete(out: list, coro, cache, pseudo)");
-        return NULL;
-    }
-    PyObject *out = args[0], *cache = args[2], *pseudo = args[3];
-    PyObject *coro = Py_NewRef(args[1]);
+    PyObject *coro = Py_NewRef(start);
     int complete = 1;
     for (int depth = 0; depth < 64 && coro != NULL && coro != Py_None && complete; depth++) {
         PyObject *frame = NULL, *next = NULL;
         if (chain_link(coro, s_cr_frame, s_gi_frame, 1, &frame) < 0) {
             Py_DECREF(coro);
-            return NULL;
+            return -1;
         }
         if (frame == NULL) {
             break;
@@ -378,9 +516,8 @@ chain_complete(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         else if (verdict == KEEP) {
             int found = 0;
-            Py_ssize_t n = PyList_GET_SIZE(out);
             for (Py_ssize_t i = 0; i < n; i += 2) {
-                if (PyList_GET_ITEM(out, i) == (PyObject *)code) {
+                if (items[i] == (PyObject *)code) {
                     found = 1;
                     break;
                 }
@@ -391,12 +528,26 @@ chain_complete(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(frame);
         if (chain_link(coro, s_cr_await, s_gi_yieldfrom, 0, &next) < 0) {
             Py_DECREF(coro);
-            return NULL;
+            return -1;
         }
         Py_SETREF(coro, next);
     }
     Py_XDECREF(coro);
-    return PyBool_FromLong(complete);
+    return complete;
+}
+
+static PyObject *
+chain_complete(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyList_Check(args[0]) || !PyDict_Check(args[2])
+        || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "chain_complete(out: list, coro, cache, pseudo)");
+        return NULL;
+    }
+    PyObject *out = args[0];
+    int complete = chain_in(&PyList_GET_ITEM(out, 0), PyList_GET_SIZE(out), args[1], args[2],
+                            args[3]);
+    return complete < 0 ? NULL : PyBool_FromLong(complete);
 }
 
 /* ---- The ledger's hot path: Core.checkout / Core.checkin (pgleak/_core.py) -------------
@@ -439,7 +590,7 @@ static PyObject *s_settings, *s_enabled, *s_max_tracked, *s_leak_threshold, *s_c
     *s_stack_depth, *s_leases, *s_by_conn, *s_ids, *s_watchdog, *s_thread, *s_observer,
     *s_waker, *s_collected, *s_get_name, *s_generation, *s_pending,
     *s_after_checkout, *s_forget, *s_on_collected, *s_wake_gate, *s_thread_key, *s_append,
-    *s_get_coro;
+    *s_get_coro, *s_greenlet, *s_getcurrent, *s_parent, *s_gr_frame;
 
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
@@ -813,11 +964,117 @@ forget_thread(PyObject *module, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* pgleak._stack._parent_greenlet_frame(), with ``*current`` for its list: the suspended
+ * frame of the greenlet that switched into ``*current`` (the running greenlet when NULL),
+ * which becomes ``*current``; None when there is none. A new reference, NULL on error. */
+static PyObject *
+parent_greenlet_frame(PyObject **current)
+{
+    if (*current == NULL) {
+        /* greenlet.getcurrent, kept once greenlet is imported (a module is not unloaded;
+         * finding it in sys.modules costs more than the call) */
+        static PyObject *getcurrent = NULL;
+        if (getcurrent == NULL) {
+            PyObject *module = PyImport_GetModule(s_greenlet);
+            if (module == NULL || module == Py_None) { /* not imported, or blocked */
+                Py_XDECREF(module);
+                return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+            }
+            getcurrent = PyObject_GetAttr(module, s_getcurrent);
+            Py_DECREF(module);
+            if (getcurrent == NULL) {
+                return NULL;
+            }
+        }
+        *current = PyObject_CallNoArgs(getcurrent);
+        if (*current == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *parent = NULL;
+    if (PyObject_GetOptionalAttr(*current, s_parent, &parent) < 0) {
+        return NULL;
+    }
+    if (parent == NULL || parent == Py_None) {
+        Py_XDECREF(parent);
+        return Py_NewRef(Py_None);
+    }
+    Py_SETREF(*current, parent);
+    PyObject *frame = NULL;
+    if (PyObject_GetOptionalAttr(parent, s_gr_frame, &frame) < 0) {
+        return NULL;
+    }
+    return frame == NULL ? Py_NewRef(Py_None) : frame;
+}
+
+/* walk()'s walk, into ``items`` (room for 2 * ``limit``; ``*n`` in use, new references),
+ * for task_capture(): 0 full, 1 the chain ended, 2 the event loop's frame, 3 a frame with no
+ * cached verdict (task_capture() then hands the whole capture to Python), -1 an error. */
+static int
+walk_into(PyObject *start, Py_ssize_t limit, PyObject *cache, PyObject *pseudo,
+          PyObject **items, Py_ssize_t *n)
+{
+    PyObject *last_file = NULL;
+    long last_verdict = UNKNOWN;
+#ifdef PGLEAK_IFRAMES
+    if (((PyFrameObject *)start)->f_back == NULL) {
+        for (iframe *f = ((PyFrameObject *)start)->f_frame; f != NULL; f = iframe_back(f)) {
+            if (*n >= 2 * limit) {
+                return 0;
+            }
+            PyCodeObject *code = iframe_code(f);
+            long verdict = verdict_near(cache, pseudo, code, &last_file, &last_verdict);
+            if (verdict == KEEP) {
+                PyObject *lasti = lasti_int(iframe_lasti(f));
+                if (lasti == NULL) {
+                    return -1;
+                }
+                items[(*n)++] = Py_NewRef(code);
+                items[(*n)++] = lasti;
+            }
+            else if (verdict == SKIP_LOOP) {
+                return 2;
+            }
+            else if (verdict != SKIP) {
+                return PyErr_Occurred() ? -1 : 3;
+            }
+        }
+        return 1;
+    }
+#endif
+    PyFrameObject *frame = (PyFrameObject *)Py_NewRef(start);
+    for (; frame != NULL; frame = back(frame)) {
+        if (*n >= 2 * limit) {
+            Py_DECREF(frame);
+            return 0;
+        }
+        PyCodeObject *code = PyFrame_GetCode(frame);
+        long verdict = verdict_near(cache, pseudo, code, &last_file, &last_verdict);
+        if (verdict == KEEP) {
+            PyObject *lasti = lasti_int(frame_lasti(frame));
+            if (lasti == NULL) {
+                Py_DECREF(code);
+                Py_DECREF(frame);
+                return -1;
+            }
+            items[(*n)++] = (PyObject *)code;
+            items[(*n)++] = lasti;
+            continue;
+        }
+        Py_DECREF(code);
+        if (verdict == SKIP_LOOP || verdict != SKIP) {
+            Py_DECREF(frame);
+            return verdict == SKIP_LOOP ? 2 : (PyErr_Occurred() ? -1 : 3);
+        }
+    }
+    return 1;
+}
+
 /* pgleak._stack._capture_in_task(frame, limit, task, False), step for step, for the common
- * case: the walk's caches know every frame (status 3, a frame to judge, hands the whole capture
- * back to Python: None), greenlet boundaries are crossed by the Python helper, and the task's
- * coroutine chain is merged by Python only when chain_complete() says the walk missed one of
- * its frames. Every asyncio checkout runs this; in Python it was ~10,000 instructions. */
+ * case: the walk's caches know every frame (a frame to judge hands the whole capture back to
+ * Python: None), greenlet boundaries are crossed here, and the task's coroutine chain is merged
+ * by Python only when chain_in() says the walk missed one of its frames. Every asyncio
+ * checkout runs this; the pairs are gathered in a buffer and made a tuple once. */
 static PyObject *
 task_capture(PyObject *start, PyObject *depth, PyObject *task)
 {
@@ -825,50 +1082,50 @@ task_capture(PyObject *start, PyObject *depth, PyObject *task)
     if (limit == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    PyObject *out = PyList_New(0);
-    if (out == NULL) {
-        return NULL;
+    if (limit < 0) {
+        limit = 0;
     }
-    PyObject *greenlets = NULL;
+    PyObject *small[64];
+    PyObject **items = small;
+    if (2 * limit > 64) {
+        items = PyMem_Malloc(2 * (size_t)limit * sizeof(PyObject *));
+        if (items == NULL) {
+            return PyErr_NoMemory();
+        }
+    }
+    Py_ssize_t n = 0;
+    PyObject *greenlets = NULL, *result = NULL;
     PyObject *frame = Py_NewRef(start);
     Py_ssize_t loop_at = -1;
-    int hops = 0;
+    int hops = 0, status = 1;
     while (frame != NULL && frame != Py_None) {
         if (!PyFrame_Check(frame)) { /* a greenlet's gr_frame that is not one: Python's turn */
             goto python;
         }
-        PyObject *args[5] = {frame, depth, b_skip_cache, b_pseudo, out};
-        PyObject *res = walk(NULL, args, 5);
+        status = walk_into(frame, limit, b_skip_cache, b_pseudo, items, &n);
         Py_CLEAR(frame);
-        if (res == NULL) {
-            goto error;
-        }
-        long status = PyLong_AsLong(PyTuple_GET_ITEM(res, 0));
-        frame = Py_NewRef(PyTuple_GET_ITEM(res, 1));
-        Py_DECREF(res);
-        if (status == 0) {
+        if (status < 0) {
             goto done;
         }
+        if (status == 0) {
+            goto full;
+        }
         if (status == 2) {
-            loop_at = PyList_GET_SIZE(out);
+            loop_at = n;
             break;
         }
-        if (status != 1) {
+        if (status == 3) {
             goto python;
         }
         /* the chain ended: the suspended parent greenlet's frames come next, if any */
-        Py_CLEAR(frame);
-        if (PyList_GET_SIZE(out) >= 2 * limit) {
-            goto done;
+        if (n >= 2 * limit) {
+            goto full;
         }
         if (hops < 8) {
             hops++;
-            if (greenlets == NULL && (greenlets = PyList_New(0)) == NULL) {
-                goto error;
-            }
-            frame = PyObject_CallOneArg(b_parent_greenlet_frame, greenlets);
+            frame = parent_greenlet_frame(&greenlets);
             if (frame == NULL) {
-                goto error;
+                goto done;
             }
         }
     }
@@ -877,49 +1134,59 @@ task_capture(PyObject *start, PyObject *depth, PyObject *task)
     PyObject *coro = PyObject_CallMethodNoArgs(task, s_get_coro);
     if (coro == NULL) {
         PyErr_Clear(); /* as _add_task_chain: a best-effort completion */
-        goto truncate;
+        goto full;
     }
-    PyObject *cargs[4] = {out, coro, b_skip_cache, b_pseudo};
-    PyObject *complete = chain_complete(NULL, cargs, 4);
+    int whole = chain_in(items, n, coro, b_skip_cache, b_pseudo);
     Py_DECREF(coro);
-    if (complete == NULL) {
-        goto error;
+    if (whole < 0) {
+        goto done;
     }
-    int whole = complete == Py_True;
-    Py_DECREF(complete);
     if (!whole) {
-        PyObject *at = PyLong_FromSsize_t(loop_at);
-        if (at == NULL) {
-            goto error;
+        /* the merge is Python's, on a list; then cut to the limit */
+        PyObject *out = PyList_New(n);
+        if (out == NULL) {
+            goto done;
         }
-        PyObject *added = PyObject_CallFunctionObjArgs(b_add_task_chain, out, task, at, NULL);
-        Py_DECREF(at);
-        if (added == NULL) {
-            goto error;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyList_SET_ITEM(out, i, items[i]); /* the list owns them now */
         }
-        Py_DECREF(added);
+        n = 0;
+        PyObject *added = NULL, *at = PyLong_FromSsize_t(loop_at);
+        if (at != NULL) {
+            added = PyObject_CallFunctionObjArgs(b_add_task_chain, out, task, at, NULL);
+            Py_DECREF(at);
+        }
+        if (added != NULL) {
+            Py_DECREF(added);
+            Py_ssize_t size = PyList_GET_SIZE(out);
+            if (size <= 2 * limit || PyList_SetSlice(out, 2 * limit, size, NULL) == 0) {
+                result = PyList_AsTuple(out);
+            }
+        }
+        Py_DECREF(out);
+        goto done;
     }
-truncate:
-    if (PyList_GET_SIZE(out) > 2 * limit
-        && PyList_SetSlice(out, 2 * limit, PyList_GET_SIZE(out), NULL) < 0) {
-        goto error;
+full:
+    result = PyTuple_New(n);
+    if (result != NULL) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyTuple_SET_ITEM(result, i, items[i]); /* steals */
+        }
+        n = 0;
     }
+    goto done;
+python:
+    result = Py_NewRef(Py_None);
 done:
     Py_XDECREF(frame);
     Py_XDECREF(greenlets);
-    PyObject *result = PyList_AsTuple(out);
-    Py_DECREF(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_DECREF(items[i]);
+    }
+    if (items != small) {
+        PyMem_Free(items);
+    }
     return result;
-python:
-    Py_XDECREF(frame);
-    Py_XDECREF(greenlets);
-    Py_DECREF(out);
-    Py_RETURN_NONE;
-error:
-    Py_XDECREF(frame);
-    Py_XDECREF(greenlets);
-    Py_DECREF(out);
-    return NULL;
 }
 
 PyDoc_STRVAR(capture_task_doc,
@@ -1404,6 +1671,517 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
     Py_RETURN_NONE;
 }
 
+/* ---- asyncio checkouts and checkins without a coroutine of pgleak's -------------------
+ *
+ * An ``async def`` wrapper around a pool's ``getconn()`` / ``putconn()`` (or asyncpg's
+ * ``Pool._acquire``) is a coroutine of its own on every checkout and checkin: its creation,
+ * its frame, and a C-level ``send`` on every step of the library's coroutine under it. The
+ * wrappers (pgleak._adapter, pgleak.integrations.asyncpg) hand the library's own awaitable to
+ * this object instead, which forwards every ``send``/``throw``/``close`` to it and, the moment
+ * it returns (or fails), does what the end of the ``async def`` did: the checkout (its
+ * connection filed with the C ledger), the wait that ran out (``gave_up``, Python), the checkin.
+ * It is a collections.abc.Coroutine (``__await__``, ``send``, ``throw``, ``close``), so code
+ * that hands the call's result to ``create_task()`` or ``wait_for()`` still can, and its
+ * ``cr_await`` leads a stack walk to the library's coroutine, as the ``async def``'s did.
+ *
+ * The checkout runs in the task that awaits (``send`` is called from the awaiting frame), so
+ * the holder and the stack are those the ``async def`` saw. Everything rare (an observer
+ * waiting for the wait's start, call-site tags) stays with the ``async def`` templates, which
+ * the wrappers call instead whenever one is on. */
+
+enum { AW_ACQUIRE = 0, AW_RELEASE = 1 };
+
+/* spec, for AW_ACQUIRE: (core, pools, kind, namer, proxy_type or None, gave_up,
+ * internal_error, site); for AW_RELEASE: (core, refused, internal_error, site). */
+enum { A_CORE, A_POOLS, A_KIND, A_NAMER, A_PROXY_TYPE, A_GAVE_UP, A_ERROR, A_SITE, A_COUNT };
+enum { R_CORE, R_REFUSED, R_ERROR, R_SITE, R_COUNT };
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *it;     /* the library's awaitable's iterator; NULL once finished */
+    PyObject *spec;
+    PyObject *target; /* the pool (acquire) or the lease (release) */
+    PyObject *args, *kwargs; /* the call's other arguments, for gave_up (acquire) */
+    int mode;
+} Awaiting;
+
+static PyTypeObject Awaiting_Type;
+static PyObject *s_pool, *s_con, *s_ref, *s_throw, *s_close, *s_checkout, *s_checkin;
+
+static int
+awaiting_traverse(Awaiting *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->it);
+    Py_VISIT(self->spec);
+    Py_VISIT(self->target);
+    Py_VISIT(self->args);
+    Py_VISIT(self->kwargs);
+    return 0;
+}
+
+static int
+awaiting_clear(Awaiting *self)
+{
+    Py_CLEAR(self->it);
+    Py_CLEAR(self->spec);
+    Py_CLEAR(self->target);
+    Py_CLEAR(self->args);
+    Py_CLEAR(self->kwargs);
+    return 0;
+}
+
+static void
+awaiting_dealloc(Awaiting *self)
+{
+    PyObject_GC_UnTrack(self);
+    awaiting_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The iterator ``await obj`` drives: a native coroutine itself, else ``obj.__await__()``. */
+static PyObject *
+awaitable_iter(PyObject *obj)
+{
+    if (PyCoro_CheckExact(obj)) {
+        return Py_NewRef(obj);
+    }
+    PyAsyncMethods *am = Py_TYPE(obj)->tp_as_async;
+    if (am == NULL || am->am_await == NULL) {
+        PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyObject *it = am->am_await(obj);
+    if (it != NULL && !PyIter_Check(it)) {
+        PyErr_Format(PyExc_TypeError, "__await__() returned non-iterator of type '%.100s'",
+                     Py_TYPE(it)->tp_name);
+        Py_CLEAR(it);
+    }
+    return it;
+}
+
+static PyObject *
+make_awaiting(int mode, PyObject *spec, PyObject *awaitable, PyObject *target, PyObject *args,
+              PyObject *kwargs)
+{
+    Py_ssize_t need = mode == AW_ACQUIRE ? A_COUNT : R_COUNT;
+    if (!PyTuple_CheckExact(spec) || PyTuple_GET_SIZE(spec) != need) {
+        PyErr_SetString(PyExc_TypeError, "pgleak: a malformed awaiting spec");
+        return NULL;
+    }
+    PyObject *it = awaitable_iter(awaitable);
+    if (it == NULL) {
+        return NULL;
+    }
+    Awaiting *self = PyObject_GC_New(Awaiting, &Awaiting_Type);
+    if (self == NULL) {
+        Py_DECREF(it);
+        return NULL;
+    }
+    self->it = it;
+    self->spec = Py_NewRef(spec);
+    self->target = Py_NewRef(target);
+    self->args = Py_XNewRef(args);
+    self->kwargs = Py_XNewRef(kwargs);
+    self->mode = mode;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+PyDoc_STRVAR(acquiring_doc,
+"acquiring(spec, awaitable, pool, args, kwargs) -> awaitable\n\n"
+"``awaitable`` (a pool's acquiring coroutine), with a checkout of its result when it returns\n"
+"and ``gave_up(pool, err, args, kwargs)`` when it fails (see the comment above Awaiting).");
+
+static PyObject *
+acquiring(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "acquiring(spec, awaitable, pool, args, kwargs)");
+        return NULL;
+    }
+    return make_awaiting(AW_ACQUIRE, args[0], args[1], args[2], args[3], args[4]);
+}
+
+PyDoc_STRVAR(releasing_doc,
+"releasing(spec, awaitable, lease) -> awaitable\n\n"
+"``awaitable`` (a pool's releasing coroutine), with the checkin of ``lease`` when it returns,\n"
+"or fails with anything but the pool's refusal (``spec``'s ``refused`` classes).");
+
+static PyObject *
+releasing(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "releasing(spec, awaitable, lease)");
+        return NULL;
+    }
+    return make_awaiting(AW_RELEASE, args[0], args[1], args[2], NULL, NULL);
+}
+
+/* A failure in pgleak's own bookkeeping: ``internal_error(site, exc)`` for an Exception (as
+ * the templates' ``except Exception``), and carry on; anything else propagates. 0 swallowed,
+ * -1 an error set. */
+static int
+swallow(PyObject *report, PyObject *site)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+        return -1;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    PyObject *done = PyObject_CallFunctionObjArgs(report, site, value ? value : Py_None, NULL);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    if (done == NULL) {
+        PyErr_Clear(); /* internal_error never raises; if it did, pgleak still must not */
+    }
+    Py_XDECREF(done);
+    return 0;
+}
+
+/* The end of ``_ACQUIRE`` after the call returned ``result``: file the checkout. */
+static int
+acquired(Awaiting *self, PyObject *result)
+{
+    PyObject **spec = &PyTuple_GET_ITEM(self->spec, 0);
+    PyObject *core = spec[A_CORE], *pool = self->target;
+    PyObject *conn = NULL, *handle = NULL, *lease = NULL;
+    int failed = 0;
+    if (spec[A_PROXY_TYPE] != Py_None) {
+        /* asyncpg: the proxy is filed under its Connection (the proxy has no weak refs) */
+        if (!PyType_Check(spec[A_PROXY_TYPE])
+            || !PyObject_TypeCheck(result, (PyTypeObject *)spec[A_PROXY_TYPE])) {
+            return 0;
+        }
+        conn = PyObject_GetAttr(result, s_con);
+        if (conn == NULL) {
+            goto error;
+        }
+        if (conn == Py_None) {
+            Py_DECREF(conn);
+            return 0;
+        }
+    }
+    else {
+        conn = Py_NewRef(result);
+    }
+    /* handle = pools.get(id(pool)), unless a dead pool's id was reused: core.pool() */
+    PyObject *key = PyLong_FromVoidPtr(pool);
+    if (key == NULL) {
+        goto error;
+    }
+    handle = PyDict_CheckExact(spec[A_POOLS]) ? PyDict_GetItemWithError(spec[A_POOLS], key) : NULL;
+    Py_DECREF(key);
+    Py_XINCREF(handle);
+    if (handle == NULL && PyErr_Occurred()) {
+        goto error;
+    }
+    if (handle != NULL) {
+        PyObject *ref = PyObject_GetAttr(handle, s_ref);
+        PyObject *obj = ref == NULL ? NULL : PyObject_CallNoArgs(ref);
+        Py_XDECREF(ref);
+        if (obj == NULL) {
+            goto error;
+        }
+        if (obj != pool) {
+            Py_CLEAR(handle);
+        }
+        Py_DECREF(obj);
+    }
+    if (handle == NULL) {
+        handle = PyObject_CallMethodObjArgs(core, s_pool, pool, spec[A_KIND], spec[A_NAMER], NULL);
+        if (handle == NULL) {
+            goto error;
+        }
+    }
+    PyObject *cargs[4] = {core, handle, conn, Py_True};
+    /* ``core.checkout``, looked up as the template did: the C ledger's, bound to the core,
+     * unless someone (a test's spy) put another there */
+    lease = PyObject_VectorcallMethod(s_checkout, cargs, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (lease == NULL) {
+        goto error;
+    }
+    goto done;
+error:
+    failed = swallow(spec[A_ERROR], spec[A_SITE]);
+done:
+    Py_XDECREF(conn);
+    Py_XDECREF(handle);
+    Py_XDECREF(lease);
+    return failed;
+}
+
+/* The wait failed with the error set: ``gave_up(pool, err, args, kwargs)``, error kept. */
+static void
+gave_up(Awaiting *self)
+{
+    PyObject **spec = &PyTuple_GET_ITEM(self->spec, 0);
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    PyObject *done = PyObject_CallFunctionObjArgs(
+        spec[A_GAVE_UP], self->target, value ? value : Py_None,
+        self->args ? self->args : Py_None, self->kwargs ? self->kwargs : Py_None, NULL);
+    if (done == NULL) {
+        PyErr_Clear(); /* gave_up guards itself; nothing of pgleak's reaches the caller */
+    }
+    Py_XDECREF(done);
+    PyErr_Restore(type, value, tb);
+}
+
+/* The end of ``_RELEASE``: the lease is checked in, whatever ended the call (error set or
+ * not) but the pool's refusal. */
+static int
+released(Awaiting *self, int raised)
+{
+    PyObject **spec = &PyTuple_GET_ITEM(self->spec, 0);
+    PyObject *type = NULL, *value = NULL, *tb = NULL;
+    if (raised) {
+        int refused = PyErr_ExceptionMatches(spec[R_REFUSED]);
+        if (refused) {
+            return 0;
+        }
+        PyErr_Fetch(&type, &value, &tb);
+    }
+    PyObject *cargs[2] = {spec[R_CORE], self->target};
+    PyObject *done = PyObject_VectorcallMethod(s_checkin, cargs,
+                                               2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    int failed = 0;
+    if (done == NULL) {
+        failed = swallow(spec[R_ERROR], spec[R_SITE]);
+    }
+    Py_XDECREF(done);
+    if (raised) {
+        if (failed) {
+            /* a BaseException of pgleak's own over the call's: the call's goes on */
+            PyErr_Clear();
+        }
+        PyErr_Restore(type, value, tb);
+        return 0;
+    }
+    return failed;
+}
+
+/* The library's call has ended: returned ``result`` (``raised`` 0) or with the error set. */
+static int
+finished(Awaiting *self, PyObject *result, int raised)
+{
+    Py_CLEAR(self->it);
+    if (self->target == NULL) {
+        return 0; /* already ended (a re-entrant send that the library's coroutine refused) */
+    }
+    int failed = 0;
+    if (self->mode == AW_ACQUIRE) {
+        if (raised) {
+            gave_up(self);
+        }
+        else {
+            failed = acquired(self, result);
+        }
+    }
+    else {
+        failed = released(self, raised);
+    }
+    Py_CLEAR(self->target);
+    Py_CLEAR(self->args);
+    Py_CLEAR(self->kwargs);
+    return failed;
+}
+
+static PySendResult
+awaiting_am_send(Awaiting *self, PyObject *arg, PyObject **presult)
+{
+    PyObject *it = self->it;
+    if (it == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        *presult = NULL;
+        return PYGEN_ERROR;
+    }
+    Py_INCREF(it);
+    PyObject *result = NULL;
+    PySendResult status = PyIter_Send(it, arg, &result);
+    Py_DECREF(it);
+    if (status == PYGEN_NEXT) {
+        *presult = result;
+        return PYGEN_NEXT;
+    }
+    if (finished(self, result, status == PYGEN_ERROR) < 0) {
+        Py_XDECREF(result);
+        *presult = NULL;
+        return PYGEN_ERROR;
+    }
+    *presult = result;
+    return status;
+}
+
+/* ``return value`` of a coroutine seen from Python: StopIteration(value). */
+static PyObject *
+stop_with(PyObject *value)
+{
+    if (value == Py_None) {
+        Py_DECREF(value);
+        PyErr_SetNone(PyExc_StopIteration);
+        return NULL;
+    }
+    PyObject *exc = PyObject_CallOneArg(PyExc_StopIteration, value);
+    Py_DECREF(value);
+    if (exc != NULL) {
+        PyErr_SetObject(PyExc_StopIteration, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static PyObject *
+awaiting_send(Awaiting *self, PyObject *arg)
+{
+    PyObject *result;
+    PySendResult status = awaiting_am_send(self, arg, &result);
+    if (status == PYGEN_NEXT) {
+        return result;
+    }
+    if (status == PYGEN_RETURN) {
+        return stop_with(result);
+    }
+    return NULL;
+}
+
+static PyObject *
+awaiting_iternext(Awaiting *self)
+{
+    return awaiting_send(self, Py_None);
+}
+
+/* ``throw(...)``: passed on to the library's iterator; its end is the call's end. */
+static PyObject *
+awaiting_throw(Awaiting *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *it = self->it;
+    if (it == NULL) {
+        /* nothing left to throw into: raise it here, as a finished coroutine does */
+        if (nargs < 1) {
+            PyErr_SetString(PyExc_TypeError, "throw expected at least 1 argument");
+            return NULL;
+        }
+        PyObject *typ = args[0], *val = nargs > 1 ? args[1] : Py_None;
+        if (PyExceptionInstance_Check(typ)) {
+            PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+        }
+        else {
+            PyErr_SetObject(typ, val);
+        }
+        return NULL;
+    }
+    Py_INCREF(it);
+    PyObject *callargs[4] = {it, NULL, NULL, NULL};
+    for (Py_ssize_t i = 0; i < nargs && i < 3; i++) {
+        callargs[i + 1] = args[i];
+    }
+    PyObject *result = PyObject_VectorcallMethod(
+        s_throw, callargs, ((nargs > 3 ? 3 : nargs) + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(it);
+    if (result != NULL) {
+        return result; /* the library's coroutine caught it and awaits again */
+    }
+    if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        PyObject *ret = value ? PyObject_GetAttrString(value, "value") : Py_NewRef(Py_None);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        if (ret == NULL) {
+            return NULL;
+        }
+        if (finished(self, ret, 0) < 0) {
+            Py_DECREF(ret);
+            return NULL;
+        }
+        return stop_with(ret);
+    }
+    finished(self, NULL, 1);
+    return NULL;
+}
+
+static PyObject *
+awaiting_close(Awaiting *self, PyObject *unused)
+{
+    PyObject *it = self->it;
+    if (it == NULL) {
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(it);
+    PyObject *close = NULL;
+    if (PyObject_GetOptionalAttr(it, s_close, &close) < 0) {
+        Py_DECREF(it);
+        return NULL;
+    }
+    Py_DECREF(it);
+    PyObject *result = close == NULL ? Py_NewRef(Py_None) : PyObject_CallNoArgs(close);
+    Py_XDECREF(close);
+    /* closed before it ended: as an ``async def`` closed at its await, nothing recorded */
+    Py_CLEAR(self->it);
+    Py_CLEAR(self->target);
+    Py_CLEAR(self->args);
+    Py_CLEAR(self->kwargs);
+    return result;
+}
+
+static PyObject *
+awaiting_await(Awaiting *self)
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *
+awaiting_cr_await(Awaiting *self, void *closure)
+{
+    return Py_NewRef(self->it != NULL ? self->it : Py_None);
+}
+
+static PyAsyncMethods awaiting_as_async = {
+    .am_await = (unaryfunc)awaiting_await,
+    .am_send = (sendfunc)awaiting_am_send,
+};
+
+static PyMethodDef awaiting_methods[] = {
+    {"send", (PyCFunction)awaiting_send, METH_O, NULL},
+    {"throw", (PyCFunction)(void (*)(void))awaiting_throw, METH_FASTCALL, NULL},
+    {"close", (PyCFunction)awaiting_close, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef awaiting_getset[] = {
+    {"cr_await", (getter)awaiting_cr_await, NULL,
+     "The library's awaitable this one drives (None once it ended).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject Awaiting_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pgleak._speedups.Awaiting",
+    .tp_basicsize = sizeof(Awaiting),
+    .tp_dealloc = (destructor)awaiting_dealloc,
+    .tp_as_async = &awaiting_as_async,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A pool's awaitable, with pgleak's checkout or checkin at its end.",
+    .tp_traverse = (traverseproc)awaiting_traverse,
+    .tp_clear = (inquiry)awaiting_clear,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)awaiting_iternext,
+    .tp_methods = awaiting_methods,
+    .tp_getset = awaiting_getset,
+};
+
 static PyMethodDef methods[] = {
     {"capture", (PyCFunction)(void (*)(void))capture, METH_FASTCALL, capture_doc},
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL, walk_doc},
@@ -1411,6 +2189,8 @@ static PyMethodDef methods[] = {
      chain_complete_doc},
     {"capture_task", (PyCFunction)(void (*)(void))capture_task, METH_FASTCALL,
      capture_task_doc},
+    {"acquiring", (PyCFunction)(void (*)(void))acquiring, METH_FASTCALL, acquiring_doc},
+    {"releasing", (PyCFunction)(void (*)(void))releasing, METH_FASTCALL, releasing_doc},
     {"bind", bind, METH_O, bind_doc},
     {"adopt", adopt, METH_O, adopt_doc},
     {"forget_thread", forget_thread, METH_NOARGS, forget_thread_doc},
@@ -1457,13 +2237,19 @@ PyInit__speedups(void)
         {&s_forget, "_forget"}, {&s_on_collected, "_on_collected"},
         {&s_wake_gate, "wake_gate"}, {&s_thread_key, "pgleak.thread"},
         {&s_append, "append"},
-        {&s_get_coro, "get_coro"},
+        {&s_get_coro, "get_coro"}, {&s_pool, "pool"}, {&s_con, "_con"}, {&s_ref, "ref"},
+        {&s_throw, "throw"}, {&s_close, "close"}, {&s_checkout, "checkout"},
+        {&s_checkin, "checkin"}, {&s_greenlet, "greenlet"}, {&s_getcurrent, "getcurrent"},
+        {&s_parent, "parent"}, {&s_gr_frame, "gr_frame"},
     };
     for (size_t i = 0; i < sizeof(interned) / sizeof(interned[0]); i++) {
         *interned[i].slot = PyUnicode_InternFromString(interned[i].text);
         if (*interned[i].slot == NULL) {
             return NULL;
         }
+    }
+    if (PyType_Ready(&Awaiting_Type) < 0) {
+        return NULL;
     }
     return PyModule_Create(&speedups);
 }

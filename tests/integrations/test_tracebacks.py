@@ -75,3 +75,32 @@ def test_sqlalchemy_pool_timeout(pg: Server, installed: pgleak.Settings) -> None
         held.close()
         engine.dispose()
     assert frames == ["integrations/sqlalchemy.py connect"]
+
+
+def test_psycopg_pool_async_timeout(pg: Server, installed: pgleak.Settings) -> None:
+    """asyncio: the C awaitable (pgleak._speedups) leaves no frame of pgleak's in the
+    traceback; without it, the ``async def`` template's one."""
+    import asyncio
+
+    from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+    from pgleak._adapter import c_awaitables
+
+    async def main() -> list[str]:
+        pool = AsyncConnectionPool(pg.dsn, min_size=1, max_size=1, timeout=0.1, open=False)
+        await pool.open(wait=True)
+        held = await pool.getconn()
+        try:
+            with pytest.raises(PoolTimeout) as caught:
+                await pool.getconn()
+        finally:
+            await pool.putconn(held)
+            await pool.close()
+        return [
+            f"{re.sub(r' #[0-9]+>$', '>', frame.filename.rsplit('/pgleak/', 1)[1])} {frame.name}"
+            for frame in traceback.extract_tb(caught.value.__traceback__)
+            if "/src/pgleak/" in frame.filename or "/site-packages/pgleak/" in frame.filename
+        ]
+
+    frames = asyncio.run(main())
+    assert frames == ([] if c_awaitables() is not None else ["<acquire> getconn"])

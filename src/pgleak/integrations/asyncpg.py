@@ -80,7 +80,15 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without asy
     raise AdapterUnavailable("asyncpg is not installed") from _exc
 
 from pgleak import _forward, _retry, _stack
-from pgleak._adapter import Adapter, atag, driver_state, driver_target, enter_scope, exit_scope
+from pgleak._adapter import (
+    Adapter,
+    atag,
+    c_awaitables,
+    driver_state,
+    driver_target,
+    enter_scope,
+    exit_scope,
+)
 from pgleak._appname import tags
 from pgleak._core import Lease, PoolKind, PoolStats, core
 from pgleak._guard import internal_error
@@ -196,7 +204,7 @@ def _lease_lent_by(holder: Any) -> Any:
 _RESERVED = frozenset(
     {"pool", "holder", "original", "core", "pools", "kind", "namer", "waiting", "gave_up"}
     | {"internal_error", "tags", "atag", "proxy_type", "handle", "since", "proxy", "err"}
-    | {"con", "lease", "exc", "result", "by_conn"}
+    | {"con", "lease", "exc", "result", "by_conn", "acquiring", "spec", "slow"}
 )
 
 #: ``Pool._acquire(timeout)``: a checkout, or a wait that ran out. Compiled with the method's
@@ -233,6 +241,17 @@ async def {name}({params}):
     return proxy
 """
 
+#: ``_ACQUIRE`` where the C extension is there: no coroutine of pgleak's (see
+#: ``pgleak._adapter._AACQUIRE_FAST``). ``acquiring`` drives ``Pool._acquire``'s coroutine and
+#: files the checkout under the proxy's connection when it returns, in the awaiting task; an
+#: observer or a call-site tag takes ``slow``, the ``async def`` above.
+_ACQUIRE_FAST = """
+def {name}({params}):
+    if core.observer is None and not tags.call_site:
+        return acquiring(spec, original({call}), {first}, {args}, {kwargs})
+    return slow({call})
+"""
+
 #: ``PoolConnectionHolder._release()``: the slot is back in the pool's queue. The lease is
 #: looked up before the call (``_lease_lent_by``, inlined): once the holder is back in the
 #: queue, the next checkout may take the very same connection.
@@ -261,10 +280,11 @@ def {name}({params}):
 
 def _wrap_acquire(original: Any) -> Any:
     """``Pool._acquire(timeout)``: a checkout, or a wait that ran out."""
-    return _forward.compile_wrapper(
+    shape = _forward.shape_of(original, _RESERVED)
+    wrapper = _forward.compile_wrapper(
         _ACQUIRE,
         "_acquire",
-        _forward.shape_of(original, _RESERVED),
+        shape,
         {
             "original": original,
             "core": core,
@@ -277,6 +297,24 @@ def _wrap_acquire(original: Any) -> Any:
             "tags": tags,
             "atag": atag,
             "proxy_type": PoolConnectionProxy,
+        },
+        "acquire",
+    )
+    fast = c_awaitables()
+    if fast is None:
+        return wrapper
+    spec = (core, _pools, _KIND, _pool_name, PoolConnectionProxy, _gave_up, internal_error)
+    return _forward.compile_wrapper(
+        _ACQUIRE_FAST,
+        "_acquire",
+        shape,
+        {
+            "original": original,
+            "core": core,
+            "tags": tags,
+            "acquiring": fast.acquiring,
+            "spec": (*spec, "asyncpg.checkout"),
+            "slow": wrapper,
         },
         "acquire",
     )
