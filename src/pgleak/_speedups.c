@@ -26,8 +26,10 @@
  * interpreter frames themselves, as PyFrame_GetBack() does (the frame it would give is the
  * first complete one in the ``previous`` chain), and makes a frame object only for a frame it
  * hands back to Python. The header is CPython's internal one, of the version built against,
- * as greenlet and the profilers use it; 3.10's frames are objects already. */
-#if PY_VERSION_HEX >= 0x030B0000
+ * as greenlet and the profilers use it; 3.10's frames are objects already. Only for the
+ * versions whose frame layout this was checked against (3.11 to 3.13): a later one walks frame
+ * objects, as 3.10 does, until it has been checked too. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000
 #  define PGLEAK_IFRAMES 1
 #  ifndef Py_BUILD_CORE
 #    define Py_BUILD_CORE 1
@@ -93,7 +95,7 @@ PyObject_GetOptionalAttr(PyObject *obj, PyObject *name, PyObject **result)
 static int
 frame_lasti(PyFrameObject *frame)
 {
-#if PY_VERSION_HEX >= 0x030B0000
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000
     return PyFrame_GetLasti(frame);
 #else
     /* 3.10 counts instructions; Python's frame.f_lasti reports bytes. */
