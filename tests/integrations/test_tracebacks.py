@@ -74,4 +74,4 @@ def test_sqlalchemy_pool_timeout(pg: Server, installed: pgleak.Settings) -> None
     finally:
         held.close()
         engine.dispose()
-    assert frames == ["integrations/sqlalchemy.py connect"]
+    assert frames == ["integrations/sqlalchemy.py _checkout"]
