@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any, ClassVar
 
-from pgleak import _forward
+from pgleak import _core, _forward, _stack
 from pgleak._appname import tags
 from pgleak._core import Lease, allowance, core
 from pgleak._guard import internal_error, say
@@ -450,6 +450,36 @@ _RELEASE = """
 _GENERIC_CONN = "args[0] if args else kwargs.get(conn_param)"
 
 
+#: Whether sync checkout and checkin wrappers may be the C ones (tests turn it off to compare).
+use_c_wrappers = True
+
+
+def _c_wrappers() -> Any:
+    """``pgleak._speedups`` when its wrappers can be used: the extension is loaded and the C
+    ledger is bound (the wrappers call it directly); ``None``: the Python templates."""
+    fast = _stack._fast
+    if not use_c_wrappers or fast is None or not hasattr(fast, "acquire_wrapper"):
+        return None
+    if _core._fast_ledger is None:
+        return None
+    return fast
+
+
+def _position(fn: Any, name: str) -> int:
+    """The position of ``fn``'s parameter ``name`` when it can be passed by position (-1: by
+    keyword only); 1, the first after the pool, when the parameters cannot be read (as
+    :data:`_GENERIC_CONN` reads it)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return 1
+    for index, param in enumerate(params):
+        if param.name == name:
+            positional = (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
+            return index if param.kind in positional else -1
+    return 1
+
+
 def _asynchronous(is_async: bool) -> dict[str, str]:
     return {"async_": "async " if is_async else "", "await_": "await " if is_async else ""}
 
@@ -725,7 +755,7 @@ class Adapter:
                 internal_error(f"{kind}.exhausted", exc)
 
         def make(original: Any) -> Any:
-            return _forward.compile_wrapper(
+            python = _forward.compile_wrapper(
                 _ACQUIRE,
                 attr,
                 _forward.shape_of(original, _RESERVED),
@@ -747,6 +777,21 @@ class Adapter:
                 "acquire",
                 **_asynchronous(is_async),
                 tag=_ATAG if is_async else _TAG,
+            )
+            fast = _c_wrappers()
+            if fast is None or is_async:
+                return python
+            return fast.acquire_wrapper(
+                original,
+                python,
+                core,
+                pools,
+                kind,
+                namer,
+                f"{kind}.checkout",
+                gave_up,
+                internal_error,
+                None if give_back is None else tags,
             )
 
         self.patch(owner, attr, make)
@@ -789,7 +834,7 @@ class Adapter:
             shape = _forward.shape_of(original, reserved)
             if conn_param not in shape.names:
                 shape = _forward.GENERIC
-            return _forward.compile_wrapper(
+            python = _forward.compile_wrapper(
                 _RELEASE,
                 attr,
                 shape,
@@ -806,6 +851,20 @@ class Adapter:
                 "release",
                 **_asynchronous(is_async),
                 conn=_GENERIC_CONN if shape is _forward.GENERIC else conn_param,
+            )
+            fast = _c_wrappers()
+            if fast is None or is_async:
+                return python
+            return fast.release_wrapper(
+                original,
+                python,
+                core,
+                by_conn,
+                refused,
+                _position(original, conn_param),
+                conn_param,
+                f"{kind}.checkin",
+                internal_error,
             )
 
         self.patch(owner, attr, make)

@@ -1404,6 +1404,555 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
     Py_RETURN_NONE;
 }
 
+/* ---- The checkout and checkin wrappers, in C (pgleak._adapter.track_acquire/track_release) --
+ *
+ * Compiled to the method's own signature, a Python wrapper still costs a frame on every
+ * checkout and every checkin (~2,500 instructions each, with the attribute reads and calls
+ * in it): as much as the whole C ledger. ``Tracked`` is that wrapper as a callable object:
+ * called by vectorcall, it calls the library's method by vectorcall with the same arguments
+ * and the C ledger directly. Everything rare goes to the Python template it was made with
+ * (``python``), whose body stays the definition: an observer running, call-site tags on, a
+ * call it cannot read (no pool argument, no connection argument). A failed call hands the
+ * error to the template's own helpers (``gave_up``, ``checked_in``) before it propagates, a
+ * fault of pgleak's goes to ``internal_error``, as in the template. ``core.checkout`` and
+ * ``core.checkin`` are called directly only while they are the C ledger's bound methods this
+ * wrapper was made with (a test may have put a spy there). As a descriptor it binds like a
+ * function (Py_TPFLAGS_METHOD_DESCRIPTOR: ``pool.getconn()`` calls it with the pool first,
+ * no bound method made), and its ``__dict__`` takes what ``functools.update_wrapper`` sets. */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *dict;
+    PyObject *weakrefs;
+    int release;
+    PyObject *original, *python, *core, *core_dict, *ledger, *site, *internal_error;
+    PyObject *pools, *kind, *namer, *gave_up, *tags_dict;   /* acquire */
+    PyObject *by_conn, *refused, *conn_name;                /* release */
+    Py_ssize_t conn_index;
+} Tracked;
+
+static PyObject *s_call_site, *s_checkout, *s_checkin, *s_ref, *s_pool;
+
+/* An exception taken out of the way while pgleak's own handling runs, then put back as it was. */
+typedef struct {
+    PyObject *type, *value, *tb;
+} saved_error;
+
+static inline void
+error_save(saved_error *e)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    e->type = e->tb = NULL;
+    e->value = PyErr_GetRaisedException();
+#else
+    PyErr_Fetch(&e->type, &e->value, &e->tb);
+    PyErr_NormalizeException(&e->type, &e->value, &e->tb);
+    if (e->tb != NULL && e->value != NULL) {
+        PyException_SetTraceback(e->value, e->tb);
+    }
+#endif
+}
+
+static inline void
+error_restore(saved_error *e)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(e->value);
+#else
+    PyErr_Restore(e->type, e->value, e->tb);
+#endif
+}
+
+static inline void
+error_drop(saved_error *e)
+{
+    Py_XDECREF(e->type);
+    Py_XDECREF(e->value);
+    Py_XDECREF(e->tb);
+}
+
+/* The current exception, handed to ``handler(site, exc)`` (internal_error) and cleared. */
+static void
+report_fault(Tracked *w)
+{
+    saved_error e;
+    error_save(&e);
+    if (e.value != NULL) {
+        PyObject *done = PyObject_CallFunctionObjArgs(w->internal_error, w->site, e.value, NULL);
+        Py_XDECREF(done);
+        PyErr_Clear(); /* internal_error never raises; if it did, the call must still go on */
+    }
+    error_drop(&e);
+}
+
+/* The positional arguments after the first, as a tuple, and the keywords, as a dict. */
+static int
+split_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **rest,
+           PyObject **kwargs)
+{
+    *rest = PyTuple_New(nargs > 1 ? nargs - 1 : 0);
+    *kwargs = PyDict_New();
+    if (*rest == NULL || *kwargs == NULL) {
+        Py_CLEAR(*rest);
+        Py_CLEAR(*kwargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 1; i < nargs; i++) {
+        PyTuple_SET_ITEM(*rest, i - 1, Py_NewRef(args[i]));
+    }
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        if (PyDict_SetItem(*kwargs, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0) {
+            Py_CLEAR(*rest);
+            Py_CLEAR(*kwargs);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ``core.checkout`` / ``core.checkin`` as it is now: the C ledger itself (NULL: call it
+ * directly) or whatever was put there instead (a new reference). */
+static int
+ledger_now(Tracked *w, PyObject *name, PyObject **other)
+{
+    *other = NULL;
+    PyObject *now = PyDict_GetItemWithError(w->core_dict, name);
+    if (now == w->ledger && now != NULL) {
+        return 0;
+    }
+    if (PyErr_Occurred()) {
+        return -1;
+    }
+    *other = PyObject_GetAttr(w->core, name);
+    return *other == NULL ? -1 : 0;
+}
+
+/* The checkout's bookkeeping (the template's ``checked_out()`` part); faults reported. */
+static void
+acquired(Tracked *w, PyObject *pool, PyObject *conn)
+{
+    PyObject *handle = NULL, *lease = NULL, *other = NULL;
+    PyObject *key = PyLong_FromVoidPtr(pool);
+    if (key == NULL) {
+        goto fault;
+    }
+    handle = PyDict_GetItemWithError(w->pools, key);
+    Py_DECREF(key);
+    if (handle == NULL && PyErr_Occurred()) {
+        goto fault;
+    }
+    if (handle != NULL) {
+        Py_INCREF(handle);
+        PyObject *ref = PyObject_GetAttr(handle, s_ref);
+        PyObject *obj = ref == NULL ? NULL : PyObject_CallNoArgs(ref);
+        Py_XDECREF(ref);
+        if (obj == NULL) {
+            goto fault;
+        }
+        Py_DECREF(obj);
+        if (obj != pool) {
+            Py_CLEAR(handle);
+        }
+    }
+    if (handle == NULL) {
+        handle = PyObject_CallMethodObjArgs(w->core, s_pool, pool, w->kind, w->namer, NULL);
+        if (handle == NULL) {
+            goto fault;
+        }
+    }
+    if (ledger_now(w, s_checkout, &other) < 0) {
+        goto fault;
+    }
+    if (other == NULL) {
+        PyObject *cargs[4] = {w->core, handle, conn, Py_True};
+        lease = ledger_checkout(NULL, cargs, 4, NULL);
+    }
+    else {
+        PyObject *cargs[4] = {handle, conn, Py_True, Py_None};
+        lease = PyObject_Vectorcall(other, cargs, 4, NULL);
+        Py_DECREF(other);
+    }
+    if (lease == NULL) {
+        goto fault;
+    }
+    Py_DECREF(lease);
+    Py_DECREF(handle);
+    return;
+fault:
+    Py_XDECREF(handle);
+    report_fault(w);
+}
+
+static PyObject *
+acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1) {
+        goto python;
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer != Py_None) { /* an observer (or no such attribute): the template's */
+        PyErr_Clear();
+        goto python;
+    }
+    if (w->tags_dict != NULL) {
+        PyObject *call_site = PyDict_GetItemWithError(w->tags_dict, s_call_site);
+        if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
+            PyErr_Clear();
+            goto python;
+        }
+    }
+    PyObject *pool = args[0];
+    Py_INCREF(pool); /* the arguments are the caller's; the pool must outlive the call */
+    PyObject *conn = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    if (conn == NULL) {
+        /* the template's ``except BaseException``: gave_up() says whether the wait ran out */
+        saved_error e;
+        PyObject *rest, *kwargs;
+        error_save(&e);
+        if (e.value != NULL && split_args(args, nargs, kwnames, &rest, &kwargs) == 0) {
+            PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, rest,
+                                                          kwargs, NULL);
+            Py_XDECREF(done);
+            Py_DECREF(rest);
+            Py_DECREF(kwargs);
+        }
+        PyErr_Clear();
+        error_restore(&e);
+        Py_DECREF(pool);
+        return NULL;
+    }
+    acquired(w, pool, conn);
+    Py_DECREF(pool);
+    return conn;
+python:
+    return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+}
+
+/* ``core.checkin(lease)``; faults reported, never raised. */
+static void
+released(Tracked *w, PyObject *lease)
+{
+    PyObject *other = NULL, *done;
+    if (ledger_now(w, s_checkin, &other) < 0) {
+        report_fault(w);
+        return;
+    }
+    if (other == NULL) {
+        PyObject *cargs[2] = {w->core, lease};
+        done = ledger_checkin(NULL, cargs, 2, NULL);
+    }
+    else {
+        done = PyObject_CallOneArg(other, lease);
+        Py_DECREF(other);
+    }
+    if (done == NULL) {
+        report_fault(w);
+        return;
+    }
+    Py_DECREF(done);
+}
+
+static PyObject *
+release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *conn = NULL;
+    if (w->conn_index >= 0 && w->conn_index < nargs) {
+        conn = args[w->conn_index];
+    }
+    else if (kwnames != NULL) {
+        Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nkw && conn == NULL; i++) {
+            PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+            int same = name == w->conn_name ? 1 : PyUnicode_Compare(name, w->conn_name) == 0;
+            if (same) {
+                conn = args[nargs + i];
+            }
+        }
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            conn = NULL;
+        }
+    }
+    if (conn == NULL || !bound) {
+        return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+    }
+    /* The lease, looked up before the call (the template's ``by_conn.get(id(conn))``): a pool
+     * may lend the same connection to a waiting thread at once, whose lease is not this. */
+    PyObject *lease = NULL;
+    PyObject *key = PyLong_FromVoidPtr(conn);
+    if (key == NULL) {
+        return NULL;
+    }
+    lease = PyDict_GetItemWithError(w->by_conn, key);
+    Py_DECREF(key);
+    if (lease == NULL && PyErr_Occurred()) {
+        report_fault(w);
+    }
+    if (lease != NULL) {
+        if (!Py_IS_TYPE(lease, lease_type)) {
+            return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+        }
+        PyObject *ref = SLOT(lease, lease_off[L_REF]);
+        PyObject *target = (ref != NULL && PyWeakref_Check(ref)) ? ref_target(ref) : NULL;
+        Py_XDECREF(target);
+        if (target != conn) {
+            lease = NULL; /* an id reused after its connection died */
+        }
+        Py_XINCREF(lease);
+    }
+    PyObject *result = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    if (result == NULL) {
+        if (lease != NULL && !PyErr_ExceptionMatches(w->refused)) {
+            /* back all the same: the user let go of it (the template's checked_in()) */
+            saved_error e;
+            error_save(&e);
+            released(w, lease);
+            error_restore(&e);
+        }
+        Py_XDECREF(lease);
+        return NULL;
+    }
+    if (lease != NULL) {
+        released(w, lease);
+        Py_DECREF(lease);
+    }
+    return result;
+}
+
+static PyObject *
+tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Tracked *w = (Tracked *)self;
+    if (w->release) {
+        return release_call(w, args, nargsf, kwnames);
+    }
+    return acquire_call(w, args, nargsf, kwnames);
+}
+
+static PyObject *
+tracked_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(self);
+    }
+    return PyMethod_New(self, obj);
+}
+
+static int
+tracked_traverse(Tracked *w, visitproc visit, void *arg)
+{
+    Py_VISIT(w->dict);
+    Py_VISIT(w->original);
+    Py_VISIT(w->python);
+    Py_VISIT(w->core);
+    Py_VISIT(w->core_dict);
+    Py_VISIT(w->ledger);
+    Py_VISIT(w->site);
+    Py_VISIT(w->internal_error);
+    Py_VISIT(w->pools);
+    Py_VISIT(w->kind);
+    Py_VISIT(w->namer);
+    Py_VISIT(w->gave_up);
+    Py_VISIT(w->tags_dict);
+    Py_VISIT(w->by_conn);
+    Py_VISIT(w->refused);
+    Py_VISIT(w->conn_name);
+    return 0;
+}
+
+static int
+tracked_clear(Tracked *w)
+{
+    Py_CLEAR(w->dict);
+    Py_CLEAR(w->original);
+    Py_CLEAR(w->python);
+    Py_CLEAR(w->core);
+    Py_CLEAR(w->core_dict);
+    Py_CLEAR(w->ledger);
+    Py_CLEAR(w->site);
+    Py_CLEAR(w->internal_error);
+    Py_CLEAR(w->pools);
+    Py_CLEAR(w->kind);
+    Py_CLEAR(w->namer);
+    Py_CLEAR(w->gave_up);
+    Py_CLEAR(w->tags_dict);
+    Py_CLEAR(w->by_conn);
+    Py_CLEAR(w->refused);
+    Py_CLEAR(w->conn_name);
+    return 0;
+}
+
+static void
+tracked_dealloc(Tracked *w)
+{
+    PyObject_GC_UnTrack(w);
+    if (w->weakrefs != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)w);
+    }
+    tracked_clear(w);
+    Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+static PyObject *
+tracked_repr(Tracked *w)
+{
+    return PyUnicode_FromFormat("<pgleak %s wrapper of %R>", w->release ? "checkin" : "checkout",
+                                w->original);
+}
+
+static PyGetSetDef tracked_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL},
+};
+
+static PyMemberDef tracked_members[] = {
+    /* the compiled template it hands the rare cases to (tests read its parameters) */
+    {"_pgleak_python", T_OBJECT, offsetof(Tracked, python), READONLY, NULL},
+    {NULL},
+};
+
+static PyTypeObject TrackedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pgleak._speedups.Tracked",
+    .tp_basicsize = sizeof(Tracked),
+    .tp_dealloc = (destructor)tracked_dealloc,
+    .tp_vectorcall_offset = offsetof(Tracked, vectorcall),
+    .tp_repr = (reprfunc)tracked_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
+                | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = "A pool's checkout or checkin method, wrapped by pgleak (see track_acquire).",
+    .tp_traverse = (traverseproc)tracked_traverse,
+    .tp_clear = (inquiry)tracked_clear,
+    .tp_weaklistoffset = offsetof(Tracked, weakrefs),
+    .tp_getset = tracked_getset,
+    .tp_members = tracked_members,
+    .tp_descr_get = tracked_get,
+    .tp_dictoffset = offsetof(Tracked, dict),
+};
+
+static Tracked *
+tracked_new(int release)
+{
+    Tracked *w = PyObject_GC_New(Tracked, &TrackedType);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->vectorcall = tracked_vectorcall;
+    w->release = release;
+    w->dict = w->weakrefs = NULL;
+    w->original = w->python = w->core = w->core_dict = w->ledger = NULL;
+    w->site = w->internal_error = w->pools = w->kind = w->namer = NULL;
+    w->gave_up = w->tags_dict = w->by_conn = w->refused = w->conn_name = NULL;
+    w->conn_index = -1;
+    PyObject_GC_Track(w);
+    return w;
+}
+
+/* ``core.__dict__`` and the C ledger's method bound to ``core`` that sits in it now. */
+static int
+tracked_core(Tracked *w, PyObject *core, PyObject *name)
+{
+    w->core = Py_NewRef(core);
+    w->core_dict = PyObject_GenericGetDict(core, NULL);
+    if (w->core_dict == NULL || !PyDict_Check(w->core_dict)) {
+        PyErr_SetString(PyExc_TypeError, "core has no __dict__");
+        return -1;
+    }
+    PyObject *ledger = PyDict_GetItemWithError(w->core_dict, name);
+    if (ledger == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "core has no C ledger");
+        }
+        return -1;
+    }
+    w->ledger = Py_NewRef(ledger);
+    return 0;
+}
+
+PyDoc_STRVAR(acquire_wrapper_doc,
+"acquire_wrapper(original, python, core, pools, kind, namer, site, gave_up, internal_error,\n"
+"                tags) -> Tracked\n\n"
+"track_acquire's wrapper of ``original`` (sync), with ``python`` (the compiled template) for\n"
+"what it does not do itself; ``tags``: the call-site tags, or None when the method does not\n"
+"tag (no ``give_back``).");
+
+static PyObject *
+acquire_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 10 || !PyDict_Check(args[3]) || !bound) {
+        PyErr_SetString(PyExc_TypeError, "acquire_wrapper(): bad arguments, or not bound");
+        return NULL;
+    }
+    Tracked *w = tracked_new(0);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->original = Py_NewRef(args[0]);
+    w->python = Py_NewRef(args[1]);
+    w->pools = Py_NewRef(args[3]);
+    w->kind = Py_NewRef(args[4]);
+    w->namer = Py_NewRef(args[5]);
+    w->site = Py_NewRef(args[6]);
+    w->gave_up = Py_NewRef(args[7]);
+    w->internal_error = Py_NewRef(args[8]);
+    if (args[9] != Py_None) {
+        w->tags_dict = PyObject_GenericGetDict(args[9], NULL);
+        if (w->tags_dict == NULL) {
+            Py_DECREF(w);
+            return NULL;
+        }
+    }
+    if (tracked_core(w, args[2], s_checkout) < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
+    return (PyObject *)w;
+}
+
+PyDoc_STRVAR(release_wrapper_doc,
+"release_wrapper(original, python, core, by_conn, refused, conn_index, conn_name, site,\n"
+"                internal_error) -> Tracked\n\n"
+"track_release's wrapper of ``original`` (sync): the connection is positional argument\n"
+"``conn_index`` (-1: by keyword only) or the keyword ``conn_name``.");
+
+static PyObject *
+release_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9 || !PyDict_Check(args[3]) || !PyTuple_Check(args[4])
+        || !PyLong_Check(args[5]) || !PyUnicode_Check(args[6]) || !bound) {
+        PyErr_SetString(PyExc_TypeError, "release_wrapper(): bad arguments, or not bound");
+        return NULL;
+    }
+    Py_ssize_t index = PyLong_AsSsize_t(args[5]);
+    if (index == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Tracked *w = tracked_new(1);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->original = Py_NewRef(args[0]);
+    w->python = Py_NewRef(args[1]);
+    w->by_conn = Py_NewRef(args[3]);
+    w->refused = Py_NewRef(args[4]);
+    w->conn_index = index;
+    w->conn_name = Py_NewRef(args[6]);
+    w->site = Py_NewRef(args[7]);
+    w->internal_error = Py_NewRef(args[8]);
+    if (tracked_core(w, args[2], s_checkin) < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
+    return (PyObject *)w;
+}
+
 static PyMethodDef methods[] = {
     {"capture", (PyCFunction)(void (*)(void))capture, METH_FASTCALL, capture_doc},
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL, walk_doc},
@@ -1418,6 +1967,10 @@ static PyMethodDef methods[] = {
      checkout_doc},
     {"checkin", (PyCFunction)(void (*)(void))ledger_checkin, METH_FASTCALL | METH_KEYWORDS,
      checkin_doc},
+    {"acquire_wrapper", (PyCFunction)(void (*)(void))acquire_wrapper, METH_FASTCALL,
+     acquire_wrapper_doc},
+    {"release_wrapper", (PyCFunction)(void (*)(void))release_wrapper, METH_FASTCALL,
+     release_wrapper_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1458,6 +2011,8 @@ PyInit__speedups(void)
         {&s_wake_gate, "wake_gate"}, {&s_thread_key, "pgleak.thread"},
         {&s_append, "append"},
         {&s_get_coro, "get_coro"},
+        {&s_call_site, "call_site"}, {&s_checkout, "checkout"}, {&s_checkin, "checkin"},
+        {&s_ref, "ref"}, {&s_pool, "pool"},
     };
     for (size_t i = 0; i < sizeof(interned) / sizeof(interned[0]); i++) {
         *interned[i].slot = PyUnicode_InternFromString(interned[i].text);
@@ -1465,5 +2020,12 @@ PyInit__speedups(void)
             return NULL;
         }
     }
-    return PyModule_Create(&speedups);
+    if (PyType_Ready(&TrackedType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&speedups);
+    if (module != NULL && PyModule_AddObjectRef(module, "Tracked", (PyObject *)&TrackedType) < 0) {
+        Py_CLEAR(module);
+    }
+    return module;
 }
