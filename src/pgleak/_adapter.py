@@ -697,6 +697,7 @@ class Adapter:
         timeout_arg: int | None = 0,
         is_async: bool = False,
         give_back: str | None = None,
+        keyed: Callable[[Any], Any] | None = None,
     ) -> None:
         """Wrap ``owner.attr(pool, ...) -> connection``: a checkout, or a timed-out wait.
 
@@ -713,6 +714,10 @@ class Adapter:
                 checkouts are also tagged with their line when ``app_name_call_site`` is on
                 (outside the pool's locks: the method must not hold one), and a tag cut short
                 by a cancellation gives the connection back before the cancellation goes on.
+            keyed: A layer put over the wrapper for calls that pass anything but ``None``
+                after the pool (psycopg2's ``getconn(key)``, which may lend a key's connection
+                again); with the C wrapper, only such calls go through it (the others never
+                need it), so the common call runs no Python frame at all.
         """
         kind = self.name
         pools = core._pools
@@ -778,6 +783,8 @@ class Adapter:
                 **_asynchronous(is_async),
                 tag=_ATAG if is_async else _TAG,
             )
+            if keyed is not None:
+                python = keyed(python)
             fast = _c_wrappers()
             if fast is None or is_async:
                 return python
@@ -792,6 +799,7 @@ class Adapter:
                 gave_up,
                 internal_error,
                 None if give_back is None else tags,
+                keyed is not None,
             )
 
         self.patch(owner, attr, make)

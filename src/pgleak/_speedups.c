@@ -1430,6 +1430,7 @@ typedef struct {
     PyObject *pools, *kind, *namer, *gave_up, *tags_dict;   /* acquire */
     PyObject *by_conn, *refused, *conn_name;                /* release */
     Py_ssize_t conn_index;
+    int keyed; /* acquire: a call with any argument after the pool but None is the template's */
 } Tracked;
 
 static PyObject *s_call_site, *s_checkout, *s_checkin, *s_ref, *s_pool;
@@ -1602,6 +1603,14 @@ acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
         if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
             PyErr_Clear();
             goto python;
+        }
+    }
+    if (w->keyed) { /* psycopg2's getconn(key): a key may be a re-lend, which the template sees */
+        Py_ssize_t total = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
+        for (Py_ssize_t i = 1; i < total; i++) {
+            if (args[i] != Py_None) {
+                goto python;
+            }
         }
     }
     PyObject *pool = args[0];
@@ -1851,6 +1860,7 @@ tracked_new(int release)
     w->site = w->internal_error = w->pools = w->kind = w->namer = NULL;
     w->gave_up = w->tags_dict = w->by_conn = w->refused = w->conn_name = NULL;
     w->conn_index = -1;
+    w->keyed = 0;
     PyObject_GC_Track(w);
     return w;
 }
@@ -1878,15 +1888,16 @@ tracked_core(Tracked *w, PyObject *core, PyObject *name)
 
 PyDoc_STRVAR(acquire_wrapper_doc,
 "acquire_wrapper(original, python, core, pools, kind, namer, site, gave_up, internal_error,\n"
-"                tags) -> Tracked\n\n"
+"                tags, keyed) -> Tracked\n\n"
 "track_acquire's wrapper of ``original`` (sync), with ``python`` (the compiled template) for\n"
 "what it does not do itself; ``tags``: the call-site tags, or None when the method does not\n"
-"tag (no ``give_back``).");
+"tag (no ``give_back``); ``keyed``: calls with an argument after the pool other than None\n"
+"go to ``python``.");
 
 static PyObject *
 acquire_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 10 || !PyDict_Check(args[3]) || !bound) {
+    if (nargs != 11 || !PyDict_Check(args[3]) || !bound) {
         PyErr_SetString(PyExc_TypeError, "acquire_wrapper(): bad arguments, or not bound");
         return NULL;
     }
@@ -1902,6 +1913,11 @@ acquire_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     w->site = Py_NewRef(args[6]);
     w->gave_up = Py_NewRef(args[7]);
     w->internal_error = Py_NewRef(args[8]);
+    w->keyed = PyObject_IsTrue(args[10]);
+    if (w->keyed < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
     if (args[9] != Py_None) {
         w->tags_dict = PyObject_GenericGetDict(args[9], NULL);
         if (w->tags_dict == NULL) {

@@ -303,11 +303,15 @@ class Psycopg2Adapter(Adapter):
             (AbstractConnectionPool, "_getconn", "_putconn", "_closeall"),
             (SimpleConnectionPool, "getconn", "putconn", "closeall"),
         ):
+            # Over the checkout wrapper: a keyed re-lend runs it with tracking suppressed.
             self.track_acquire(
-                cls, acquire, namer=_pool_name, is_timeout=_is_exhausted, timeout_arg=None
+                cls,
+                acquire,
+                namer=_pool_name,
+                is_timeout=_is_exhausted,
+                timeout_arg=None,
+                keyed=_relend_untracked,
             )
-            # Outside the checkout wrapper: a keyed re-lend runs it with tracking suppressed.
-            self.patch(cls, acquire, _relend_untracked)
             self.track_release(cls, release, refused=(PoolError,))
             self.track_close(cls, close, namer=_pool_name, detail="pool.closeall()")
         self.patch(AbstractConnectionPool, "_connect", _tagging_connect)
