@@ -1483,12 +1483,14 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
  * function (Py_TPFLAGS_METHOD_DESCRIPTOR: ``pool.getconn()`` calls it with the pool first,
  * no bound method made), and its ``__dict__`` takes what ``functools.update_wrapper`` sets. */
 
+enum { ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN };
+
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     PyObject *dict;
     PyObject *weakrefs;
-    int release;
+    int release; /* a mode: ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN */
     PyObject *original, *python, *core, *core_dict, *ledger, *site, *internal_error;
     PyObject *pools, *kind, *namer, *gave_up, *tags_dict;   /* acquire */
     PyObject *by_conn, *refused, *conn_name;                /* release */
@@ -1496,7 +1498,7 @@ typedef struct {
     int keyed; /* acquire: a call with any argument after the pool but None is the template's */
 } Tracked;
 
-static PyObject *s_call_site, *s_checkout, *s_checkin, *s_ref, *s_pool;
+static PyObject *s_call_site, *s_checkout, *s_checkin, *s_ref, *s_pool, *s_connection_record;
 
 /* An exception taken out of the way while pgleak's own handling runs, then put back as it was. */
 typedef struct {
@@ -1594,8 +1596,10 @@ ledger_now(Tracked *w, PyObject *name, PyObject **other)
 }
 
 /* The checkout's bookkeeping (the template's ``checked_out()`` part); faults reported. */
-static void
-acquired(Tracked *w, PyObject *pool, PyObject *conn)
+/* The checkout's bookkeeping (the template's ``checked_out()`` part): the lease (a new
+ * reference, maybe None), or NULL after a fault, reported. */
+static PyObject *
+acquired(Tracked *w, PyObject *pool, PyObject *conn, PyObject *index)
 {
     PyObject *handle = NULL, *lease = NULL, *other = NULL;
     PyObject *key = PyLong_FromVoidPtr(pool);
@@ -1630,23 +1634,23 @@ acquired(Tracked *w, PyObject *pool, PyObject *conn)
         goto fault;
     }
     if (other == NULL) {
-        PyObject *cargs[4] = {w->core, handle, conn, Py_True};
+        PyObject *cargs[4] = {w->core, handle, conn, index};
         lease = ledger_checkout(NULL, cargs, 4, NULL);
     }
     else {
-        PyObject *cargs[4] = {handle, conn, Py_True, Py_None};
+        PyObject *cargs[4] = {handle, conn, index, Py_None};
         lease = PyObject_Vectorcall(other, cargs, 4, NULL);
         Py_DECREF(other);
     }
     if (lease == NULL) {
         goto fault;
     }
-    Py_DECREF(lease);
     Py_DECREF(handle);
-    return;
+    return lease;
 fault:
     Py_XDECREF(handle);
     report_fault(w);
+    return NULL;
 }
 
 static PyObject *
@@ -1696,7 +1700,7 @@ acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
         Py_DECREF(pool);
         return NULL;
     }
-    acquired(w, pool, conn);
+    Py_XDECREF(acquired(w, pool, conn, Py_True));
     Py_DECREF(pool);
     return conn;
 python:
@@ -1795,14 +1799,108 @@ release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
     return result;
 }
 
+/* SQLAlchemy's ``_ConnectionFairy._checkout(cls, pool, threadconns=None)`` (see
+ * pgleak.integrations.sqlalchemy._make_checkout, the template): a nested checkout (``fairy=``),
+ * an observer or call-site tags are the template's. The lease goes into the record's
+ * ``__dict__`` under ``conn_name``; a ``refused`` error (TimeoutError) goes to ``gave_up``. */
+static PyObject *
+sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL || nargs < 2 || nargs > 3) {
+        goto python;
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer != Py_None) {
+        PyErr_Clear();
+        goto python;
+    }
+    PyObject *call_site = PyDict_GetItemWithError(w->tags_dict, s_call_site);
+    if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
+        PyErr_Clear();
+        goto python;
+    }
+    PyObject *pool = args[1];
+    Py_INCREF(pool);
+    PyObject *fairy = PyObject_Vectorcall(w->original, args, nargsf, NULL);
+    if (fairy == NULL) {
+        if (PyErr_ExceptionMatches(w->refused)) {
+            saved_error e;
+            error_save(&e);
+            PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, NULL);
+            Py_XDECREF(done);
+            PyErr_Clear();
+            error_restore(&e);
+        }
+        Py_DECREF(pool);
+        return NULL;
+    }
+    PyObject *lease = acquired(w, pool, fairy, Py_False);
+    Py_DECREF(pool);
+    if (lease != NULL && lease != Py_None) {
+        PyObject *record = PyObject_GetAttr(fairy, s_connection_record);
+        PyObject *dict = record == NULL ? NULL : PyObject_GenericGetDict(record, NULL);
+        if (dict == NULL || PyDict_SetItem(dict, w->conn_name, lease) < 0) {
+            report_fault(w);
+        }
+        Py_XDECREF(dict);
+        Py_XDECREF(record);
+    }
+    Py_XDECREF(lease);
+    return fairy;
+python:
+    return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+}
+
+/* SQLAlchemy's ``Pool._return_conn(self, record)``: the record's lease, if any, is checked in
+ * before the pool has the connection back (the template: _make_return_conn). */
+static PyObject *
+sa_return_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (kwnames != NULL || PyVectorcall_NARGS(nargsf) != 2) {
+        return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+    }
+    PyObject *dict = PyObject_GenericGetDict(args[1], NULL);
+    if (dict == NULL || !PyDict_Check(dict)) {
+        Py_XDECREF(dict);
+        PyErr_Clear();
+        return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+    }
+    PyObject *lease = PyDict_GetItemWithError(dict, w->conn_name);
+    if (lease != NULL) {
+        Py_INCREF(lease);
+        if (PyDict_DelItem(dict, w->conn_name) < 0) {
+            PyErr_Clear(); /* another thread popped it first */
+            Py_CLEAR(lease);
+        }
+    }
+    else if (PyErr_Occurred()) {
+        report_fault(w);
+    }
+    Py_DECREF(dict);
+    if (lease != NULL) {
+        if (lease != Py_None) {
+            released(w, lease);
+        }
+        Py_DECREF(lease);
+    }
+    return PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+}
+
 static PyObject *
 tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Tracked *w = (Tracked *)self;
-    if (w->release) {
+    switch (w->release) {
+    case RELEASE:
         return release_call(w, args, nargsf, kwnames);
+    case SA_CHECKOUT:
+        return sa_checkout_call(w, args, nargsf, kwnames);
+    case SA_RETURN:
+        return sa_return_call(w, args, nargsf, kwnames);
+    default:
+        return acquire_call(w, args, nargsf, kwnames);
     }
-    return acquire_call(w, args, nargsf, kwnames);
 }
 
 static PyObject *
@@ -1872,7 +1970,8 @@ tracked_dealloc(Tracked *w)
 static PyObject *
 tracked_repr(Tracked *w)
 {
-    return PyUnicode_FromFormat("<pgleak %s wrapper of %R>", w->release ? "checkin" : "checkout",
+    int checkin = w->release == RELEASE || w->release == SA_RETURN;
+    return PyUnicode_FromFormat("<pgleak %s wrapper of %R>", checkin ? "checkin" : "checkout",
                                 w->original);
 }
 
@@ -1964,7 +2063,7 @@ acquire_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "acquire_wrapper(): bad arguments, or not bound");
         return NULL;
     }
-    Tracked *w = tracked_new(0);
+    Tracked *w = tracked_new(ACQUIRE);
     if (w == NULL) {
         return NULL;
     }
@@ -2013,7 +2112,7 @@ release_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (index == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    Tracked *w = tracked_new(1);
+    Tracked *w = tracked_new(RELEASE);
     if (w == NULL) {
         return NULL;
     }
@@ -2026,6 +2125,47 @@ release_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     w->site = Py_NewRef(args[7]);
     w->internal_error = Py_NewRef(args[8]);
     if (tracked_core(w, args[2], s_checkin) < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
+    return (PyObject *)w;
+}
+
+PyDoc_STRVAR(sqlalchemy_wrapper_doc,
+"sqlalchemy_wrapper(checkin, original, python, core, pools, kind, namer, gave_up,\n"
+"                   internal_error, tags, timeout_error, key) -> Tracked\n\n"
+"The wrapper of SQLAlchemy's ``_ConnectionFairy._checkout`` (``checkin`` false) or\n"
+"``Pool._return_conn`` (true), with its template ``python`` (pgleak.integrations.sqlalchemy);\n"
+"the lease rides in the record's ``__dict__`` under ``key``.");
+
+static PyObject *
+sqlalchemy_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 12 || !PyDict_Check(args[4]) || !PyUnicode_Check(args[11]) || !bound) {
+        PyErr_SetString(PyExc_TypeError, "sqlalchemy_wrapper(): bad arguments, or not bound");
+        return NULL;
+    }
+    int checkin = PyObject_IsTrue(args[0]);
+    if (checkin < 0) {
+        return NULL;
+    }
+    Tracked *w = tracked_new(checkin ? SA_RETURN : SA_CHECKOUT);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->original = Py_NewRef(args[1]);
+    w->python = Py_NewRef(args[2]);
+    w->pools = Py_NewRef(args[4]);
+    w->kind = Py_NewRef(args[5]);
+    w->namer = Py_NewRef(args[6]);
+    w->gave_up = Py_NewRef(args[7]);
+    w->internal_error = Py_NewRef(args[8]);
+    w->tags_dict = PyObject_GenericGetDict(args[9], NULL);
+    w->refused = Py_NewRef(args[10]);
+    w->conn_name = Py_NewRef(args[11]);
+    w->site = PyUnicode_FromString(checkin ? "sqlalchemy.checkin" : "sqlalchemy.checkout");
+    if (w->tags_dict == NULL || w->site == NULL
+        || tracked_core(w, args[3], checkin ? s_checkin : s_checkout) < 0) {
         Py_DECREF(w);
         return NULL;
     }
@@ -2050,6 +2190,8 @@ static PyMethodDef methods[] = {
      acquire_wrapper_doc},
     {"release_wrapper", (PyCFunction)(void (*)(void))release_wrapper, METH_FASTCALL,
      release_wrapper_doc},
+    {"sqlalchemy_wrapper", (PyCFunction)(void (*)(void))sqlalchemy_wrapper, METH_FASTCALL,
+     sqlalchemy_wrapper_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2091,7 +2233,7 @@ PyInit__speedups(void)
         {&s_append, "append"},
         {&s_get_coro, "get_coro"},
         {&s_call_site, "call_site"}, {&s_checkout, "checkout"}, {&s_checkin, "checkin"},
-        {&s_ref, "ref"}, {&s_pool, "pool"},
+        {&s_ref, "ref"}, {&s_pool, "pool"}, {&s_connection_record, "_connection_record"},
     };
     for (size_t i = 0; i < sizeof(interned) / sizeof(interned[0]); i++) {
         *interned[i].slot = PyUnicode_InternFromString(interned[i].text);

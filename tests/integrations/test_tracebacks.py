@@ -78,4 +78,6 @@ def test_sqlalchemy_pool_timeout(pg: Server, installed: pgleak.Settings) -> None
     finally:
         held.close()
         engine.dispose()
-    assert frames == ["integrations/sqlalchemy.py _checkout"]
+    # _ConnectionFairy._checkout's wrapper: none for the C one.
+    in_c = _adapter._c_wrappers() is not None
+    assert frames == ([] if in_c else ["integrations/sqlalchemy.py _checkout"])

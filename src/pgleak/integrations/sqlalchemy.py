@@ -86,7 +86,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without SQL
 
     raise AdapterUnavailable("SQLAlchemy is not installed") from _exc
 
-from pgleak import _retry, _stack
+from pgleak import _adapter, _retry, _stack
 from pgleak._adapter import Adapter, driver_state, driver_target, enter_scope, exit_scope
 from pgleak._appname import tags
 from pgleak._core import Lease, PoolHandle, PoolKind, PoolStats, core
@@ -312,7 +312,7 @@ def _make_checkout(original: Any) -> Any:
                 raise
         return fairy
 
-    return _checkout
+    return _fast(False, original, _checkout)
 
 
 def _make_return_conn(original: Any) -> Any:
@@ -329,7 +329,29 @@ def _make_return_conn(original: Any) -> Any:
             internal_error("sqlalchemy.checkin", err)
         return original(self, record)  # type: ignore[no-any-return]
 
-    return _return_conn
+    return _fast(True, original, _return_conn)
+
+
+def _fast(checkin: bool, original: Any, python: Any) -> Any:
+    """The C wrapper (``pgleak._speedups.Tracked``) that runs ``python``'s common case with no
+    Python frame, handing it everything else; ``python`` itself without the extension."""
+    fast = _adapter._c_wrappers()
+    if fast is None:
+        return python
+    return fast.sqlalchemy_wrapper(
+        checkin,
+        original,
+        python,
+        core,
+        _pools,
+        _KIND,
+        _pool_name,
+        _timed_out,
+        internal_error,
+        tags,
+        exc.TimeoutError,
+        _KEY,
+    )
 
 
 def _wait_started(pool: Any) -> tuple[PoolHandle | None, float | None]:
