@@ -1483,22 +1483,24 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
  * function (Py_TPFLAGS_METHOD_DESCRIPTOR: ``pool.getconn()`` calls it with the pool first,
  * no bound method made), and its ``__dict__`` takes what ``functools.update_wrapper`` sets. */
 
-enum { ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN };
+enum { ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN, RETRY };
 
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     PyObject *dict;
     PyObject *weakrefs;
-    int release; /* a mode: ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN */
+    int release; /* a mode: ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN, RETRY */
     PyObject *original, *python, *core, *core_dict, *ledger, *site, *internal_error;
     PyObject *pools, *kind, *namer, *gave_up, *tags_dict;   /* acquire */
     PyObject *by_conn, *refused, *conn_name;                /* release */
+    PyObject *budget_dict, *succeeded, *worth, *retried;    /* retry */
     Py_ssize_t conn_index;
     int keyed; /* acquire: a call with any argument after the pool but None is the template's */
 } Tracked;
 
-static PyObject *s_call_site, *s_checkout, *s_checkin, *s_ref, *s_pool, *s_connection_record;
+static PyObject *s_call_site, *s_checkout, *s_checkin, *s_ref, *s_pool, *s_connection_record,
+    *s_tokens;
 
 /* An exception taken out of the way while pgleak's own handling runs, then put back as it was. */
 typedef struct {
@@ -1887,6 +1889,68 @@ sa_return_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnam
     return PyObject_Vectorcall(w->original, args, nargsf, kwnames);
 }
 
+/* psycopg2's ``getconn`` with its connect retry (pgleak.integrations.psycopg2._RETRYING, the
+ * template): the first attempt is the call itself; an ``Exception`` that ``worth`` says is a
+ * refusal goes to ``retried(pool, exc, args, kwargs)`` (the retry loop, in Python); any other
+ * propagates as it came, with no frame of pgleak's. A success makes the budget's deposit
+ * (``succeeded()``) unless the budget is full, as the template's inlined test. Call-site tags
+ * are the template's. */
+static PyObject *
+retry_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1) {
+        goto python;
+    }
+    PyObject *call_site = PyDict_GetItemWithError(w->tags_dict, s_call_site);
+    if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
+        PyErr_Clear();
+        goto python;
+    }
+    PyObject *conn = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    if (conn == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            return NULL;
+        }
+        saved_error e;
+        error_save(&e);
+        PyObject *worth = PyObject_CallOneArg(w->worth, e.value);
+        int retry = worth == NULL ? -1 : PyObject_IsTrue(worth);
+        Py_XDECREF(worth);
+        if (retry <= 0) {
+            if (retry < 0) { /* the template's check would raise that error instead */
+                error_drop(&e);
+                return NULL;
+            }
+            error_restore(&e);
+            return NULL;
+        }
+        PyObject *rest, *kwargs;
+        if (split_args(args, nargs, kwnames, &rest, &kwargs) < 0) {
+            error_drop(&e);
+            return NULL;
+        }
+        conn = PyObject_CallFunctionObjArgs(w->retried, args[0], e.value, rest, kwargs, NULL);
+        Py_DECREF(rest);
+        Py_DECREF(kwargs);
+        error_drop(&e);
+        return conn;
+    }
+    PyObject *tokens = PyDict_GetItemWithError(w->budget_dict, s_tokens);
+    if (tokens != Py_None) {
+        PyErr_Clear();
+        PyObject *done = PyObject_CallNoArgs(w->succeeded);
+        if (done == NULL) {
+            Py_DECREF(conn);
+            return NULL;
+        }
+        Py_DECREF(done);
+    }
+    return conn;
+python:
+    return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+}
+
 static PyObject *
 tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -1898,6 +1962,8 @@ tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObjec
         return sa_checkout_call(w, args, nargsf, kwnames);
     case SA_RETURN:
         return sa_return_call(w, args, nargsf, kwnames);
+    case RETRY:
+        return retry_call(w, args, nargsf, kwnames);
     default:
         return acquire_call(w, args, nargsf, kwnames);
     }
@@ -1931,6 +1997,10 @@ tracked_traverse(Tracked *w, visitproc visit, void *arg)
     Py_VISIT(w->by_conn);
     Py_VISIT(w->refused);
     Py_VISIT(w->conn_name);
+    Py_VISIT(w->budget_dict);
+    Py_VISIT(w->succeeded);
+    Py_VISIT(w->worth);
+    Py_VISIT(w->retried);
     return 0;
 }
 
@@ -1953,6 +2023,10 @@ tracked_clear(Tracked *w)
     Py_CLEAR(w->by_conn);
     Py_CLEAR(w->refused);
     Py_CLEAR(w->conn_name);
+    Py_CLEAR(w->budget_dict);
+    Py_CLEAR(w->succeeded);
+    Py_CLEAR(w->worth);
+    Py_CLEAR(w->retried);
     return 0;
 }
 
@@ -2021,6 +2095,7 @@ tracked_new(int release)
     w->original = w->python = w->core = w->core_dict = w->ledger = NULL;
     w->site = w->internal_error = w->pools = w->kind = w->namer = NULL;
     w->gave_up = w->tags_dict = w->by_conn = w->refused = w->conn_name = NULL;
+    w->budget_dict = w->succeeded = w->worth = w->retried = NULL;
     w->conn_index = -1;
     w->keyed = 0;
     PyObject_GC_Track(w);
@@ -2172,6 +2247,40 @@ sqlalchemy_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return (PyObject *)w;
 }
 
+PyDoc_STRVAR(retry_wrapper_doc,
+"retry_wrapper(original, python, budget, succeeded, worth, retried, tags) -> Tracked\n\n"
+"psycopg2's getconn wrapper with its connect retry (pgleak.integrations.psycopg2): the\n"
+"template ``python`` for call-site tags; ``retried(pool, exc, args, kwargs)`` after a refusal.");
+
+static PyObject *
+retry_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "retry_wrapper(): bad arguments");
+        return NULL;
+    }
+    Tracked *w = tracked_new(RETRY);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->original = Py_NewRef(args[0]);
+    w->python = Py_NewRef(args[1]);
+    w->budget_dict = PyObject_GenericGetDict(args[2], NULL);
+    w->succeeded = Py_NewRef(args[3]);
+    w->worth = Py_NewRef(args[4]);
+    w->retried = Py_NewRef(args[5]);
+    w->tags_dict = PyObject_GenericGetDict(args[6], NULL);
+    if (w->budget_dict == NULL || w->tags_dict == NULL || !PyDict_Check(w->budget_dict)
+        || !PyDict_Check(w->tags_dict)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "retry_wrapper(): budget and tags need a __dict__");
+        }
+        Py_DECREF(w);
+        return NULL;
+    }
+    return (PyObject *)w;
+}
+
 static PyMethodDef methods[] = {
     {"capture", (PyCFunction)(void (*)(void))capture, METH_FASTCALL, capture_doc},
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL, walk_doc},
@@ -2192,6 +2301,8 @@ static PyMethodDef methods[] = {
      release_wrapper_doc},
     {"sqlalchemy_wrapper", (PyCFunction)(void (*)(void))sqlalchemy_wrapper, METH_FASTCALL,
      sqlalchemy_wrapper_doc},
+    {"retry_wrapper", (PyCFunction)(void (*)(void))retry_wrapper, METH_FASTCALL,
+     retry_wrapper_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2234,6 +2345,7 @@ PyInit__speedups(void)
         {&s_get_coro, "get_coro"},
         {&s_call_site, "call_site"}, {&s_checkout, "checkout"}, {&s_checkin, "checkin"},
         {&s_ref, "ref"}, {&s_pool, "pool"}, {&s_connection_record, "_connection_record"},
+        {&s_tokens, "_tokens"},
     };
     for (size_t i = 0; i < sizeof(interned) / sizeof(interned[0]); i++) {
         *interned[i].slot = PyUnicode_InternFromString(interned[i].text);
