@@ -2065,6 +2065,7 @@ static PyTypeObject TrackedType = {
     .tp_name = "pgleak._speedups.Tracked",
     .tp_basicsize = sizeof(Tracked),
     .tp_dealloc = (destructor)tracked_dealloc,
+    .tp_free = PyObject_GC_Del,
     .tp_vectorcall_offset = offsetof(Tracked, vectorcall),
     .tp_repr = (reprfunc)tracked_repr,
     .tp_call = PyVectorcall_Call,
