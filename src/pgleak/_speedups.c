@@ -1,4 +1,5 @@
-/* pgleak._speedups: the checkout hot path, in C - the stack walk and the ledger.
+/* pgleak._speedups: the checkout hot path, in C - the stack walk, the ledger, and the sync
+ * wrappers that call the ledger (``Tracked``).
  *
  * Every checkout records up to ``stack_depth`` (code, f_lasti) pairs. In Python each frame costs
  * three attribute reads, two appends and the loop's own bytecode, about 100 ns: 1.6 us of a
@@ -9,8 +10,9 @@
  * int, and hands the frame back to Python whenever the cache has no answer, so there is one
  * definition of which frames count. The ledger's ``checkout``/``checkin`` (second half of this
  * file) follow the same rule: the common path here, every rare one handed to Core's Python
- * methods. pgleak runs all of it in Python when this module is absent (no compiler at install
- * time) or disabled (``PGLEAK_NO_SPEEDUPS=1``).
+ * methods, and so do the wrappers (last part), which hand theirs to the compiled Python
+ * templates they stand in for. pgleak runs all of it in Python when this module is absent (no
+ * compiler at install time) or disabled (``PGLEAK_NO_SPEEDUPS=1``).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -2310,7 +2312,8 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef speedups = {
     PyModuleDef_HEAD_INIT,
     .m_name = "pgleak._speedups",
-    .m_doc = "The checkout stack walk and ledger, in C (see pgleak/_stack.py, pgleak/_core.py).",
+    .m_doc = "The checkout stack walk, ledger and sync wrappers, in C (see pgleak/_stack.py,\n"
+             "pgleak/_core.py, pgleak/_adapter.py).",
     .m_size = -1,
     .m_methods = methods,
 };
