@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any, ClassVar
 
-from pgleak import _forward, _stack
+from pgleak import _core, _forward, _stack
 from pgleak._appname import tags
 from pgleak._core import Lease, allowance, core
 from pgleak._guard import internal_error, say
@@ -484,6 +484,36 @@ def c_awaitables() -> Any:
     return fast if fast is not None and hasattr(fast, "acquiring") else None
 
 
+#: Whether sync checkout and checkin wrappers may be the C ones (tests turn it off to compare).
+use_c_wrappers = True
+
+
+def _c_wrappers() -> Any:
+    """``pgleak._speedups`` when its wrappers can be used: the extension is loaded and the C
+    ledger is bound (the wrappers call it directly); ``None``: the Python templates."""
+    fast = _stack._fast
+    if not use_c_wrappers or fast is None or not hasattr(fast, "acquire_wrapper"):
+        return None
+    if _core._fast_ledger is None:
+        return None
+    return fast
+
+
+def _position(fn: Any, name: str) -> int:
+    """The position of ``fn``'s parameter ``name`` when it can be passed by position (-1: by
+    keyword only); 1, the first after the pool, when the parameters cannot be read (as
+    :data:`_GENERIC_CONN` reads it)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return 1
+    for index, param in enumerate(params):
+        if param.name == name:
+            positional = (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
+            return index if param.kind in positional else -1
+    return 1
+
+
 def _asynchronous(is_async: bool) -> dict[str, str]:
     return {"async_": "async " if is_async else "", "await_": "await " if is_async else ""}
 
@@ -701,6 +731,7 @@ class Adapter:
         timeout_arg: int | None = 0,
         is_async: bool = False,
         give_back: str | None = None,
+        keyed: Callable[[Any], Any] | None = None,
     ) -> None:
         """Wrap ``owner.attr(pool, ...) -> connection``: a checkout, or a timed-out wait.
 
@@ -717,6 +748,10 @@ class Adapter:
                 checkouts are also tagged with their line when ``app_name_call_site`` is on
                 (outside the pool's locks: the method must not hold one), and a tag cut short
                 by a cancellation gives the connection back before the cancellation goes on.
+            keyed: A layer put over the wrapper for calls that pass anything but ``None``
+                after the pool (psycopg2's ``getconn(key)``, which may lend a key's connection
+                again); with the C wrapper, only such calls go through it (the others never
+                need it), so the common call runs no Python frame at all.
         """
         kind = self.name
         pools = core._pools
@@ -760,7 +795,7 @@ class Adapter:
 
         def make(original: Any) -> Any:
             shape = _forward.shape_of(original, _RESERVED)
-            wrapper = _forward.compile_wrapper(
+            python = _forward.compile_wrapper(
                 _ACQUIRE,
                 attr,
                 shape,
@@ -783,24 +818,51 @@ class Adapter:
                 **_asynchronous(is_async),
                 tag=_ATAG if is_async else _TAG,
             )
-            fast = c_awaitables() if is_async else None
+            if keyed is not None:
+                python = keyed(python)
+            if is_async:
+                awaiting = c_awaitables()
+                if awaiting is None:
+                    return python
+                return _forward.compile_wrapper(
+                    _AACQUIRE_FAST,
+                    attr,
+                    shape,
+                    {
+                        "original": original,
+                        "core": core,
+                        "tags": tags,
+                        "acquiring": awaiting.acquiring,
+                        "spec": (
+                            core,
+                            pools,
+                            kind,
+                            namer,
+                            None,
+                            gave_up,
+                            internal_error,
+                            f"{kind}.checkout",
+                        ),
+                        "slow": python,
+                    },
+                    "acquire",
+                    untagged=" and not tags.call_site" if give_back is not None else "",
+                )
+            fast = _c_wrappers()
             if fast is None:
-                return wrapper
-            spec = (core, pools, kind, namer, None, gave_up, internal_error, f"{kind}.checkout")
-            return _forward.compile_wrapper(
-                _AACQUIRE_FAST,
-                attr,
-                shape,
-                {
-                    "original": original,
-                    "core": core,
-                    "tags": tags,
-                    "acquiring": fast.acquiring,
-                    "spec": spec,
-                    "slow": wrapper,
-                },
-                "acquire",
-                untagged=" and not tags.call_site" if give_back is not None else "",
+                return python
+            return fast.acquire_wrapper(
+                original,
+                python,
+                core,
+                pools,
+                kind,
+                namer,
+                f"{kind}.checkout",
+                gave_up,
+                internal_error,
+                None if give_back is None else tags,
+                keyed is not None,
             )
 
         self.patch(owner, attr, make)
@@ -843,8 +905,8 @@ class Adapter:
             shape = _forward.shape_of(original, reserved)
             if conn_param not in shape.names:
                 shape = _forward.GENERIC
-            fast = c_awaitables() if is_async else None
-            if fast is not None:
+            awaiting = c_awaitables() if is_async else None
+            if awaiting is not None:
                 return _forward.compile_wrapper(
                     _ARELEASE_FAST,
                     attr,
@@ -853,13 +915,13 @@ class Adapter:
                         "original": original,
                         "by_conn": by_conn,
                         "conn_param": conn_param,
-                        "releasing": fast.releasing,
+                        "releasing": awaiting.releasing,
                         "spec": (core, refused, internal_error, f"{kind}.checkin"),
                     },
                     "release",
                     conn=_GENERIC_CONN if shape is _forward.GENERIC else conn_param,
                 )
-            return _forward.compile_wrapper(
+            python = _forward.compile_wrapper(
                 _RELEASE,
                 attr,
                 shape,
@@ -876,6 +938,20 @@ class Adapter:
                 "release",
                 **_asynchronous(is_async),
                 conn=_GENERIC_CONN if shape is _forward.GENERIC else conn_param,
+            )
+            fast = _c_wrappers()
+            if fast is None or is_async:
+                return python
+            return fast.release_wrapper(
+                original,
+                python,
+                core,
+                by_conn,
+                refused,
+                _position(original, conn_param),
+                conn_param,
+                f"{kind}.checkin",
+                internal_error,
             )
 
         self.patch(owner, attr, make)

@@ -1,5 +1,6 @@
-/* pgleak._speedups: the checkout hot path, in C - the stack walk, the ledger, and the
- * awaitables that let an asyncio pool's wrappers do without a coroutine of their own.
+/* pgleak._speedups: the checkout hot path, in C - the stack walk, the ledger, the sync
+ * wrappers that call the ledger (``Tracked``), and the awaitables that let an asyncio pool's
+ * wrappers do without a coroutine of their own.
  *
  * Every checkout records up to ``stack_depth`` (code, f_lasti) pairs. In Python each frame costs
  * three attribute reads, two appends and the loop's own bytecode, about 100 ns: 1.6 us of a
@@ -10,14 +11,16 @@
  * int, and hands the frame back to Python whenever the cache has no answer, so there is one
  * definition of which frames count. The ledger's ``checkout``/``checkin`` (second half of this
  * file) follow the same rule: the common path here, every rare one handed to Core's Python
- * methods; so do the awaitables (last part): the common path here, an observer's or a
- * call-site tag's in the ``async def`` templates. pgleak runs all of it in Python when this
- * module is absent (no compiler at install time) or disabled (``PGLEAK_NO_SPEEDUPS=1``).
+ * methods, and so do the wrappers and the awaitables (last parts), which hand theirs to the
+ * compiled Python templates they stand in for (an observer's, a call-site tag's, ...). pgleak
+ * runs all of it in Python when this module is absent (no compiler at install time) or
+ * disabled (``PGLEAK_NO_SPEEDUPS=1``).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <frameobject.h>
 #include <structmember.h>
+#include <time.h>
 
 /* From 3.11 a frame is a _PyInterpreterFrame, and a PyFrameObject is made for it only when
  * asked for: each PyFrame_GetBack() of a walk allocates one (and its deallocation follows),
@@ -587,6 +590,10 @@ static PyObject *b_capture_from, *b_capture_in_task, *b_skip_cache, *b_pseudo;
 static PyObject *b_parent_greenlet_frame, *b_add_task_chain;
 static PyObject *b_checkout_py, *b_checkin_py, *b_returned;
 static int bound = 0;
+/* b_monotonic is time.monotonic itself, so clock_now() may read the clock without calling it */
+static int own_clock = 0;
+/* _ConnRef adds no __init__ of its own: a weak reference is made by tp_new alone */
+static int connref_plain = 0;
 
 static PyObject *s_settings, *s_enabled, *s_max_tracked, *s_leak_threshold, *s_capture_stack,
     *s_stack_depth, *s_leases, *s_by_conn, *s_ids, *s_watchdog, *s_thread, *s_observer,
@@ -745,6 +752,16 @@ bind(PyObject *module, PyObject *ns)
     }
     lease_type = (PyTypeObject *)lease;
     connref_type = (PyTypeObject *)connref;
+    connref_plain = connref_type->tp_init == _PyWeakref_RefType.tp_init
+                    && connref_type->tp_new == _PyWeakref_RefType.tp_new;
+    PyObject *time = PyImport_ImportModule("time");
+    PyObject *monotonic = time == NULL ? NULL : PyObject_GetAttrString(time, "monotonic");
+    Py_XDECREF(time);
+    if (monotonic == NULL) {
+        return NULL; /* still unbound */
+    }
+    own_clock = monotonic == b_monotonic;
+    Py_DECREF(monotonic);
     bound = 1;
     Py_RETURN_NONE;
 }
@@ -1275,6 +1292,44 @@ wake_due(PyObject *core)
     return due;
 }
 
+/* ``time.monotonic()``. Read here rather than called: the call alone cost more than the clock
+ * (~190 instructions, twice a cycle). The value is the one ``time.monotonic()`` gives, computed
+ * the same way (CPython's _PyTime_FromTimespec and _PyTime_AsSecondsDouble: nanoseconds, then
+ * seconds as a double), so t0 and t_in compare exactly with readings taken in Python. 3.13 has
+ * the public PyTime_Monotonic; before it, Linux's clock_gettime(CLOCK_MONOTONIC) is what
+ * time.monotonic() reads; anywhere else, or if ``_core._monotonic`` is not time.monotonic, the
+ * call. */
+static PyObject *
+clock_now(void)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    if (own_clock) {
+        PyTime_t t;
+        if (PyTime_Monotonic(&t) < 0) {
+            return NULL;
+        }
+        return PyFloat_FromDouble(PyTime_AsSecondsDouble(t));
+    }
+#elif defined(__linux__) && defined(CLOCK_MONOTONIC)
+    if (own_clock) {
+        struct timespec ts;
+        if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0) {
+            long long ns = (long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec;
+            volatile double d; /* as CPython: no rounding changed by optimisation */
+            if (ns % 1000000000LL == 0) {
+                d = (double)(ns / 1000000000LL);
+            }
+            else {
+                d = (double)ns;
+                d /= 1e9;
+            }
+            return PyFloat_FromDouble(d);
+        }
+    }
+#endif
+    return PyObject_CallNoArgs(b_monotonic);
+}
+
 PyDoc_STRVAR(checkout_doc,
 "checkout(core, pool, conn=None, index=False, since=None) -> Lease | None\n\n"
 "Core.checkout, positional arguments only (anything else goes to the Python method).");
@@ -1351,7 +1406,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
             goto done;
         }
     }
-    PyObject *t0 = PyObject_CallNoArgs(b_monotonic);
+    PyObject *t0 = clock_now();
     if (t0 == NULL) {
         goto done;
     }
@@ -1447,8 +1502,18 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
         if (collected == NULL) {
             goto done;
         }
-        PyObject *cargs[2] = {conn, collected};
-        PyObject *ref = PyObject_Vectorcall((PyObject *)connref_type, cargs, 2, NULL);
+        PyObject *ref;
+        if (connref_plain) {
+            /* _ConnRef(conn, collected) without type_call around it: weakref's tp_init only
+             * checks the arguments its tp_new has taken already */
+            PyObject *pair = PyTuple_Pack(2, conn, collected);
+            ref = pair == NULL ? NULL : connref_type->tp_new(connref_type, pair, NULL);
+            Py_XDECREF(pair);
+        }
+        else {
+            PyObject *cargs[2] = {conn, collected};
+            ref = PyObject_Vectorcall((PyObject *)connref_type, cargs, 2, NULL);
+        }
         Py_DECREF(collected);
         if (ref == NULL) {
             if (!PyErr_ExceptionMatches(PyExc_TypeError)) {
@@ -1599,7 +1664,7 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
             Py_RETURN_NONE; /* checked out before a fork, in the parent */
         }
     }
-    PyObject *now = PyObject_CallNoArgs(b_monotonic);
+    PyObject *now = clock_now();
     if (now == NULL) {
         return NULL;
     }
@@ -2184,6 +2249,822 @@ static PyTypeObject Awaiting_Type = {
     .tp_getset = awaiting_getset,
 };
 
+
+/* ---- The checkout and checkin wrappers, in C (pgleak._adapter.track_acquire/track_release) --
+ *
+ * Compiled to the method's own signature, a Python wrapper still costs a frame on every
+ * checkout and every checkin (~2,500 instructions each, with the attribute reads and calls
+ * in it): as much as the whole C ledger. ``Tracked`` is that wrapper as a callable object:
+ * called by vectorcall, it calls the library's method by vectorcall with the same arguments
+ * and the C ledger directly. Everything rare goes to the Python template it was made with
+ * (``python``), whose body stays the definition: an observer running, call-site tags on, a
+ * call it cannot read (no pool argument, no connection argument). A failed call hands the
+ * error to the template's own helpers (``gave_up``, ``checked_in``) before it propagates, a
+ * fault of pgleak's goes to ``internal_error``, as in the template. ``core.checkout`` and
+ * ``core.checkin`` are called directly only while they are the C ledger's bound methods this
+ * wrapper was made with (a test may have put a spy there). As a descriptor it binds like a
+ * function (Py_TPFLAGS_METHOD_DESCRIPTOR: ``pool.getconn()`` calls it with the pool first,
+ * no bound method made), and its ``__dict__`` takes what ``functools.update_wrapper`` sets. */
+
+enum { ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN, RETRY };
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *dict;
+    PyObject *weakrefs;
+    int release; /* a mode: ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN, RETRY */
+    PyObject *original, *python, *core, *core_dict, *ledger, *site, *internal_error;
+    PyObject *pools, *kind, *namer, *gave_up, *tags_dict;   /* acquire */
+    PyObject *by_conn, *refused, *conn_name;                /* release */
+    PyObject *budget_dict, *succeeded, *worth, *retried;    /* retry */
+    Py_ssize_t conn_index;
+    int keyed; /* acquire: a call with any argument after the pool but None is the template's */
+} Tracked;
+
+/* s_checkout, s_checkin, s_ref and s_pool are the awaitables' (above). */
+static PyObject *s_call_site, *s_connection_record, *s_tokens;
+
+/* An exception taken out of the way while pgleak's own handling runs, then put back as it was. */
+typedef struct {
+    PyObject *type, *value, *tb;
+} saved_error;
+
+static inline void
+error_save(saved_error *e)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    e->type = e->tb = NULL;
+    e->value = PyErr_GetRaisedException();
+#else
+    PyErr_Fetch(&e->type, &e->value, &e->tb);
+    PyErr_NormalizeException(&e->type, &e->value, &e->tb);
+    if (e->tb != NULL && e->value != NULL) {
+        PyException_SetTraceback(e->value, e->tb);
+    }
+#endif
+}
+
+static inline void
+error_restore(saved_error *e)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(e->value);
+#else
+    PyErr_Restore(e->type, e->value, e->tb);
+#endif
+}
+
+static inline void
+error_drop(saved_error *e)
+{
+    Py_XDECREF(e->type);
+    Py_XDECREF(e->value);
+    Py_XDECREF(e->tb);
+}
+
+/* The current exception, handed to ``handler(site, exc)`` (internal_error) and cleared. */
+static void
+report_fault(Tracked *w)
+{
+    saved_error e;
+    error_save(&e);
+    if (e.value != NULL) {
+        PyObject *done = PyObject_CallFunctionObjArgs(w->internal_error, w->site, e.value, NULL);
+        Py_XDECREF(done);
+        PyErr_Clear(); /* internal_error never raises; if it did, the call must still go on */
+    }
+    error_drop(&e);
+}
+
+/* The positional arguments after the first, as a tuple, and the keywords, as a dict. */
+static int
+split_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **rest,
+           PyObject **kwargs)
+{
+    *rest = PyTuple_New(nargs > 1 ? nargs - 1 : 0);
+    *kwargs = PyDict_New();
+    if (*rest == NULL || *kwargs == NULL) {
+        Py_CLEAR(*rest);
+        Py_CLEAR(*kwargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 1; i < nargs; i++) {
+        PyTuple_SET_ITEM(*rest, i - 1, Py_NewRef(args[i]));
+    }
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        if (PyDict_SetItem(*kwargs, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0) {
+            Py_CLEAR(*rest);
+            Py_CLEAR(*kwargs);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ``core.checkout`` / ``core.checkin`` as it is now: the C ledger itself (NULL: call it
+ * directly) or whatever was put there instead (a new reference). */
+static int
+ledger_now(Tracked *w, PyObject *name, PyObject **other)
+{
+    *other = NULL;
+    PyObject *now = PyDict_GetItemWithError(w->core_dict, name);
+    if (now == w->ledger && now != NULL) {
+        return 0;
+    }
+    if (PyErr_Occurred()) {
+        return -1;
+    }
+    *other = PyObject_GetAttr(w->core, name);
+    return *other == NULL ? -1 : 0;
+}
+
+/* The checkout's bookkeeping (the template's ``checked_out()`` part); faults reported. */
+/* The checkout's bookkeeping (the template's ``checked_out()`` part): the lease (a new
+ * reference, maybe None), or NULL after a fault, reported. */
+static PyObject *
+tracked_acquired(Tracked *w, PyObject *pool, PyObject *conn, PyObject *index)
+{
+    PyObject *handle = NULL, *lease = NULL, *other = NULL;
+    PyObject *key = PyLong_FromVoidPtr(pool);
+    if (key == NULL) {
+        goto fault;
+    }
+    handle = PyDict_GetItemWithError(w->pools, key);
+    Py_DECREF(key);
+    if (handle == NULL && PyErr_Occurred()) {
+        goto fault;
+    }
+    if (handle != NULL) {
+        Py_INCREF(handle);
+        PyObject *ref = PyObject_GetAttr(handle, s_ref);
+        PyObject *obj = ref == NULL ? NULL : PyObject_CallNoArgs(ref);
+        Py_XDECREF(ref);
+        if (obj == NULL) {
+            goto fault;
+        }
+        Py_DECREF(obj);
+        if (obj != pool) {
+            Py_CLEAR(handle);
+        }
+    }
+    if (handle == NULL) {
+        handle = PyObject_CallMethodObjArgs(w->core, s_pool, pool, w->kind, w->namer, NULL);
+        if (handle == NULL) {
+            goto fault;
+        }
+    }
+    if (ledger_now(w, s_checkout, &other) < 0) {
+        goto fault;
+    }
+    if (other == NULL) {
+        PyObject *cargs[4] = {w->core, handle, conn, index};
+        lease = ledger_checkout(NULL, cargs, 4, NULL);
+    }
+    else {
+        PyObject *cargs[4] = {handle, conn, index, Py_None};
+        lease = PyObject_Vectorcall(other, cargs, 4, NULL);
+        Py_DECREF(other);
+    }
+    if (lease == NULL) {
+        goto fault;
+    }
+    Py_DECREF(handle);
+    return lease;
+fault:
+    Py_XDECREF(handle);
+    report_fault(w);
+    return NULL;
+}
+
+static PyObject *
+acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1) {
+        goto python;
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer != Py_None) { /* an observer (or no such attribute): the template's */
+        PyErr_Clear();
+        goto python;
+    }
+    if (w->tags_dict != NULL) {
+        PyObject *call_site = PyDict_GetItemWithError(w->tags_dict, s_call_site);
+        if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
+            PyErr_Clear();
+            goto python;
+        }
+    }
+    if (w->keyed) { /* psycopg2's getconn(key): a key may be a re-lend, which the template sees */
+        Py_ssize_t total = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
+        for (Py_ssize_t i = 1; i < total; i++) {
+            if (args[i] != Py_None) {
+                goto python;
+            }
+        }
+    }
+    PyObject *pool = args[0];
+    Py_INCREF(pool); /* the arguments are the caller's; the pool must outlive the call */
+    PyObject *conn = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    if (conn == NULL) {
+        /* the template's ``except BaseException``: gave_up() says whether the wait ran out */
+        saved_error e;
+        PyObject *rest, *kwargs;
+        error_save(&e);
+        if (e.value != NULL && split_args(args, nargs, kwnames, &rest, &kwargs) == 0) {
+            PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, rest,
+                                                          kwargs, NULL);
+            Py_XDECREF(done);
+            Py_DECREF(rest);
+            Py_DECREF(kwargs);
+        }
+        PyErr_Clear();
+        error_restore(&e);
+        Py_DECREF(pool);
+        return NULL;
+    }
+    Py_XDECREF(tracked_acquired(w, pool, conn, Py_True));
+    Py_DECREF(pool);
+    return conn;
+python:
+    return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+}
+
+/* ``core.checkin(lease)``; faults reported, never raised. */
+static void
+tracked_released(Tracked *w, PyObject *lease)
+{
+    PyObject *other = NULL, *done;
+    if (ledger_now(w, s_checkin, &other) < 0) {
+        report_fault(w);
+        return;
+    }
+    if (other == NULL) {
+        PyObject *cargs[2] = {w->core, lease};
+        done = ledger_checkin(NULL, cargs, 2, NULL);
+    }
+    else {
+        done = PyObject_CallOneArg(other, lease);
+        Py_DECREF(other);
+    }
+    if (done == NULL) {
+        report_fault(w);
+        return;
+    }
+    Py_DECREF(done);
+}
+
+static PyObject *
+release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *conn = NULL;
+    if (w->conn_index >= 0 && w->conn_index < nargs) {
+        conn = args[w->conn_index];
+    }
+    else if (kwnames != NULL) {
+        Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nkw && conn == NULL; i++) {
+            PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+            int same = name == w->conn_name ? 1 : PyUnicode_Compare(name, w->conn_name) == 0;
+            if (same) {
+                conn = args[nargs + i];
+            }
+        }
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            conn = NULL;
+        }
+    }
+    if (conn == NULL || !bound) {
+        return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+    }
+    /* The lease, looked up before the call (the template's ``by_conn.get(id(conn))``): a pool
+     * may lend the same connection to a waiting thread at once, whose lease is not this. */
+    PyObject *lease = NULL;
+    PyObject *key = PyLong_FromVoidPtr(conn);
+    if (key == NULL) {
+        return NULL;
+    }
+    lease = PyDict_GetItemWithError(w->by_conn, key);
+    Py_DECREF(key);
+    if (lease == NULL && PyErr_Occurred()) {
+        report_fault(w);
+    }
+    if (lease != NULL) {
+        if (!Py_IS_TYPE(lease, lease_type)) {
+            return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+        }
+        PyObject *ref = SLOT(lease, lease_off[L_REF]);
+        PyObject *target = (ref != NULL && PyWeakref_Check(ref)) ? ref_target(ref) : NULL;
+        Py_XDECREF(target);
+        if (target != conn) {
+            lease = NULL; /* an id reused after its connection died */
+        }
+        Py_XINCREF(lease);
+    }
+    PyObject *result = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    if (result == NULL) {
+        if (lease != NULL && !PyErr_ExceptionMatches(w->refused)) {
+            /* back all the same: the user let go of it (the template's checked_in()) */
+            saved_error e;
+            error_save(&e);
+            tracked_released(w, lease);
+            error_restore(&e);
+        }
+        Py_XDECREF(lease);
+        return NULL;
+    }
+    if (lease != NULL) {
+        tracked_released(w, lease);
+        Py_DECREF(lease);
+    }
+    return result;
+}
+
+/* SQLAlchemy's ``_ConnectionFairy._checkout(cls, pool, threadconns=None)`` (see
+ * pgleak.integrations.sqlalchemy._make_checkout, the template): a nested checkout (``fairy=``),
+ * an observer or call-site tags are the template's. The lease goes into the record's
+ * ``__dict__`` under ``conn_name``; a ``refused`` error (TimeoutError) goes to ``gave_up``. */
+static PyObject *
+sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL || nargs < 2 || nargs > 3) {
+        goto python;
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer != Py_None) {
+        PyErr_Clear();
+        goto python;
+    }
+    PyObject *call_site = PyDict_GetItemWithError(w->tags_dict, s_call_site);
+    if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
+        PyErr_Clear();
+        goto python;
+    }
+    PyObject *pool = args[1];
+    Py_INCREF(pool);
+    PyObject *fairy = PyObject_Vectorcall(w->original, args, nargsf, NULL);
+    if (fairy == NULL) {
+        if (PyErr_ExceptionMatches(w->refused)) {
+            saved_error e;
+            error_save(&e);
+            PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, NULL);
+            Py_XDECREF(done);
+            PyErr_Clear();
+            error_restore(&e);
+        }
+        Py_DECREF(pool);
+        return NULL;
+    }
+    PyObject *lease = tracked_acquired(w, pool, fairy, Py_False);
+    Py_DECREF(pool);
+    if (lease != NULL && lease != Py_None) {
+        PyObject *record = PyObject_GetAttr(fairy, s_connection_record);
+        PyObject *dict = record == NULL ? NULL : PyObject_GenericGetDict(record, NULL);
+        if (dict == NULL || PyDict_SetItem(dict, w->conn_name, lease) < 0) {
+            report_fault(w);
+        }
+        Py_XDECREF(dict);
+        Py_XDECREF(record);
+    }
+    Py_XDECREF(lease);
+    return fairy;
+python:
+    return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+}
+
+/* SQLAlchemy's ``Pool._return_conn(self, record)``: the record's lease, if any, is checked in
+ * before the pool has the connection back (the template: _make_return_conn). */
+static PyObject *
+sa_return_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (kwnames != NULL || PyVectorcall_NARGS(nargsf) != 2) {
+        return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+    }
+    PyObject *dict = PyObject_GenericGetDict(args[1], NULL);
+    if (dict == NULL || !PyDict_Check(dict)) {
+        Py_XDECREF(dict);
+        PyErr_Clear();
+        return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+    }
+    PyObject *lease = PyDict_GetItemWithError(dict, w->conn_name);
+    if (lease != NULL) {
+        Py_INCREF(lease);
+        if (PyDict_DelItem(dict, w->conn_name) < 0) {
+            PyErr_Clear(); /* another thread popped it first */
+            Py_CLEAR(lease);
+        }
+    }
+    else if (PyErr_Occurred()) {
+        report_fault(w);
+    }
+    Py_DECREF(dict);
+    if (lease != NULL) {
+        if (lease != Py_None) {
+            tracked_released(w, lease);
+        }
+        Py_DECREF(lease);
+    }
+    return PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+}
+
+/* psycopg2's ``getconn`` with its connect retry (pgleak.integrations.psycopg2._RETRYING, the
+ * template): the first attempt is the call itself; an ``Exception`` that ``worth`` says is a
+ * refusal goes to ``retried(pool, exc, args, kwargs)`` (the retry loop, in Python); any other
+ * propagates as it came, with no frame of pgleak's. A success makes the budget's deposit
+ * (``succeeded()``) unless the budget is full, as the template's inlined test. Call-site tags
+ * are the template's. */
+static PyObject *
+retry_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1) {
+        goto python;
+    }
+    PyObject *call_site = PyDict_GetItemWithError(w->tags_dict, s_call_site);
+    if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
+        PyErr_Clear();
+        goto python;
+    }
+    PyObject *conn = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    if (conn == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            return NULL;
+        }
+        saved_error e;
+        error_save(&e);
+        PyObject *worth = PyObject_CallOneArg(w->worth, e.value);
+        int retry = worth == NULL ? -1 : PyObject_IsTrue(worth);
+        Py_XDECREF(worth);
+        if (retry <= 0) {
+            if (retry < 0) { /* the template's check would raise that error instead */
+                error_drop(&e);
+                return NULL;
+            }
+            error_restore(&e);
+            return NULL;
+        }
+        PyObject *rest, *kwargs;
+        if (split_args(args, nargs, kwnames, &rest, &kwargs) < 0) {
+            error_drop(&e);
+            return NULL;
+        }
+        conn = PyObject_CallFunctionObjArgs(w->retried, args[0], e.value, rest, kwargs, NULL);
+        Py_DECREF(rest);
+        Py_DECREF(kwargs);
+        error_drop(&e);
+        return conn;
+    }
+    PyObject *tokens = PyDict_GetItemWithError(w->budget_dict, s_tokens);
+    if (tokens != Py_None) {
+        PyErr_Clear();
+        PyObject *done = PyObject_CallNoArgs(w->succeeded);
+        if (done == NULL) {
+            Py_DECREF(conn);
+            return NULL;
+        }
+        Py_DECREF(done);
+    }
+    return conn;
+python:
+    return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+}
+
+static PyObject *
+tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Tracked *w = (Tracked *)self;
+    switch (w->release) {
+    case RELEASE:
+        return release_call(w, args, nargsf, kwnames);
+    case SA_CHECKOUT:
+        return sa_checkout_call(w, args, nargsf, kwnames);
+    case SA_RETURN:
+        return sa_return_call(w, args, nargsf, kwnames);
+    case RETRY:
+        return retry_call(w, args, nargsf, kwnames);
+    default:
+        return acquire_call(w, args, nargsf, kwnames);
+    }
+}
+
+static PyObject *
+tracked_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(self);
+    }
+    return PyMethod_New(self, obj);
+}
+
+static int
+tracked_traverse(Tracked *w, visitproc visit, void *arg)
+{
+    Py_VISIT(w->dict);
+    Py_VISIT(w->original);
+    Py_VISIT(w->python);
+    Py_VISIT(w->core);
+    Py_VISIT(w->core_dict);
+    Py_VISIT(w->ledger);
+    Py_VISIT(w->site);
+    Py_VISIT(w->internal_error);
+    Py_VISIT(w->pools);
+    Py_VISIT(w->kind);
+    Py_VISIT(w->namer);
+    Py_VISIT(w->gave_up);
+    Py_VISIT(w->tags_dict);
+    Py_VISIT(w->by_conn);
+    Py_VISIT(w->refused);
+    Py_VISIT(w->conn_name);
+    Py_VISIT(w->budget_dict);
+    Py_VISIT(w->succeeded);
+    Py_VISIT(w->worth);
+    Py_VISIT(w->retried);
+    return 0;
+}
+
+static int
+tracked_clear(Tracked *w)
+{
+    Py_CLEAR(w->dict);
+    Py_CLEAR(w->original);
+    Py_CLEAR(w->python);
+    Py_CLEAR(w->core);
+    Py_CLEAR(w->core_dict);
+    Py_CLEAR(w->ledger);
+    Py_CLEAR(w->site);
+    Py_CLEAR(w->internal_error);
+    Py_CLEAR(w->pools);
+    Py_CLEAR(w->kind);
+    Py_CLEAR(w->namer);
+    Py_CLEAR(w->gave_up);
+    Py_CLEAR(w->tags_dict);
+    Py_CLEAR(w->by_conn);
+    Py_CLEAR(w->refused);
+    Py_CLEAR(w->conn_name);
+    Py_CLEAR(w->budget_dict);
+    Py_CLEAR(w->succeeded);
+    Py_CLEAR(w->worth);
+    Py_CLEAR(w->retried);
+    return 0;
+}
+
+static void
+tracked_dealloc(Tracked *w)
+{
+    PyObject_GC_UnTrack(w);
+    if (w->weakrefs != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)w);
+    }
+    tracked_clear(w);
+    Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+static PyObject *
+tracked_repr(Tracked *w)
+{
+    int checkin = w->release == RELEASE || w->release == SA_RETURN;
+    return PyUnicode_FromFormat("<pgleak %s wrapper of %R>", checkin ? "checkin" : "checkout",
+                                w->original);
+}
+
+static PyGetSetDef tracked_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL},
+};
+
+static PyMemberDef tracked_members[] = {
+    /* the compiled template it hands the rare cases to (tests read its parameters) */
+    {"_pgleak_python", T_OBJECT, offsetof(Tracked, python), READONLY, NULL},
+    {NULL},
+};
+
+static PyTypeObject TrackedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pgleak._speedups.Tracked",
+    .tp_basicsize = sizeof(Tracked),
+    .tp_dealloc = (destructor)tracked_dealloc,
+    .tp_free = PyObject_GC_Del,
+    .tp_vectorcall_offset = offsetof(Tracked, vectorcall),
+    .tp_repr = (reprfunc)tracked_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
+                | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = "A pool's checkout or checkin method, wrapped by pgleak (see track_acquire).",
+    .tp_traverse = (traverseproc)tracked_traverse,
+    .tp_clear = (inquiry)tracked_clear,
+    .tp_weaklistoffset = offsetof(Tracked, weakrefs),
+    .tp_getset = tracked_getset,
+    .tp_members = tracked_members,
+    .tp_descr_get = tracked_get,
+    .tp_dictoffset = offsetof(Tracked, dict),
+};
+
+static Tracked *
+tracked_new(int release)
+{
+    Tracked *w = PyObject_GC_New(Tracked, &TrackedType);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->vectorcall = tracked_vectorcall;
+    w->release = release;
+    w->dict = w->weakrefs = NULL;
+    w->original = w->python = w->core = w->core_dict = w->ledger = NULL;
+    w->site = w->internal_error = w->pools = w->kind = w->namer = NULL;
+    w->gave_up = w->tags_dict = w->by_conn = w->refused = w->conn_name = NULL;
+    w->budget_dict = w->succeeded = w->worth = w->retried = NULL;
+    w->conn_index = -1;
+    w->keyed = 0;
+    PyObject_GC_Track(w);
+    return w;
+}
+
+/* ``core.__dict__`` and the C ledger's method bound to ``core`` that sits in it now. */
+static int
+tracked_core(Tracked *w, PyObject *core, PyObject *name)
+{
+    w->core = Py_NewRef(core);
+    w->core_dict = PyObject_GenericGetDict(core, NULL);
+    if (w->core_dict == NULL || !PyDict_Check(w->core_dict)) {
+        PyErr_SetString(PyExc_TypeError, "core has no __dict__");
+        return -1;
+    }
+    PyObject *ledger = PyDict_GetItemWithError(w->core_dict, name);
+    if (ledger == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "core has no C ledger");
+        }
+        return -1;
+    }
+    w->ledger = Py_NewRef(ledger);
+    return 0;
+}
+
+PyDoc_STRVAR(acquire_wrapper_doc,
+"acquire_wrapper(original, python, core, pools, kind, namer, site, gave_up, internal_error,\n"
+"                tags, keyed) -> Tracked\n\n"
+"track_acquire's wrapper of ``original`` (sync), with ``python`` (the compiled template) for\n"
+"what it does not do itself; ``tags``: the call-site tags, or None when the method does not\n"
+"tag (no ``give_back``); ``keyed``: calls with an argument after the pool other than None\n"
+"go to ``python``.");
+
+static PyObject *
+acquire_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11 || !PyDict_Check(args[3]) || !bound) {
+        PyErr_SetString(PyExc_TypeError, "acquire_wrapper(): bad arguments, or not bound");
+        return NULL;
+    }
+    Tracked *w = tracked_new(ACQUIRE);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->original = Py_NewRef(args[0]);
+    w->python = Py_NewRef(args[1]);
+    w->pools = Py_NewRef(args[3]);
+    w->kind = Py_NewRef(args[4]);
+    w->namer = Py_NewRef(args[5]);
+    w->site = Py_NewRef(args[6]);
+    w->gave_up = Py_NewRef(args[7]);
+    w->internal_error = Py_NewRef(args[8]);
+    w->keyed = PyObject_IsTrue(args[10]);
+    if (w->keyed < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
+    if (args[9] != Py_None) {
+        w->tags_dict = PyObject_GenericGetDict(args[9], NULL);
+        if (w->tags_dict == NULL) {
+            Py_DECREF(w);
+            return NULL;
+        }
+    }
+    if (tracked_core(w, args[2], s_checkout) < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
+    return (PyObject *)w;
+}
+
+PyDoc_STRVAR(release_wrapper_doc,
+"release_wrapper(original, python, core, by_conn, refused, conn_index, conn_name, site,\n"
+"                internal_error) -> Tracked\n\n"
+"track_release's wrapper of ``original`` (sync): the connection is positional argument\n"
+"``conn_index`` (-1: by keyword only) or the keyword ``conn_name``.");
+
+static PyObject *
+release_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9 || !PyDict_Check(args[3]) || !PyTuple_Check(args[4])
+        || !PyLong_Check(args[5]) || !PyUnicode_Check(args[6]) || !bound) {
+        PyErr_SetString(PyExc_TypeError, "release_wrapper(): bad arguments, or not bound");
+        return NULL;
+    }
+    Py_ssize_t index = PyLong_AsSsize_t(args[5]);
+    if (index == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Tracked *w = tracked_new(RELEASE);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->original = Py_NewRef(args[0]);
+    w->python = Py_NewRef(args[1]);
+    w->by_conn = Py_NewRef(args[3]);
+    w->refused = Py_NewRef(args[4]);
+    w->conn_index = index;
+    w->conn_name = Py_NewRef(args[6]);
+    w->site = Py_NewRef(args[7]);
+    w->internal_error = Py_NewRef(args[8]);
+    if (tracked_core(w, args[2], s_checkin) < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
+    return (PyObject *)w;
+}
+
+PyDoc_STRVAR(sqlalchemy_wrapper_doc,
+"sqlalchemy_wrapper(checkin, original, python, core, pools, kind, namer, gave_up,\n"
+"                   internal_error, tags, timeout_error, key) -> Tracked\n\n"
+"The wrapper of SQLAlchemy's ``_ConnectionFairy._checkout`` (``checkin`` false) or\n"
+"``Pool._return_conn`` (true), with its template ``python`` (pgleak.integrations.sqlalchemy);\n"
+"the lease rides in the record's ``__dict__`` under ``key``.");
+
+static PyObject *
+sqlalchemy_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 12 || !PyDict_Check(args[4]) || !PyUnicode_Check(args[11]) || !bound) {
+        PyErr_SetString(PyExc_TypeError, "sqlalchemy_wrapper(): bad arguments, or not bound");
+        return NULL;
+    }
+    int checkin = PyObject_IsTrue(args[0]);
+    if (checkin < 0) {
+        return NULL;
+    }
+    Tracked *w = tracked_new(checkin ? SA_RETURN : SA_CHECKOUT);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->original = Py_NewRef(args[1]);
+    w->python = Py_NewRef(args[2]);
+    w->pools = Py_NewRef(args[4]);
+    w->kind = Py_NewRef(args[5]);
+    w->namer = Py_NewRef(args[6]);
+    w->gave_up = Py_NewRef(args[7]);
+    w->internal_error = Py_NewRef(args[8]);
+    w->tags_dict = PyObject_GenericGetDict(args[9], NULL);
+    w->refused = Py_NewRef(args[10]);
+    w->conn_name = Py_NewRef(args[11]);
+    w->site = PyUnicode_FromString(checkin ? "sqlalchemy.checkin" : "sqlalchemy.checkout");
+    if (w->tags_dict == NULL || w->site == NULL
+        || tracked_core(w, args[3], checkin ? s_checkin : s_checkout) < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
+    return (PyObject *)w;
+}
+
+PyDoc_STRVAR(retry_wrapper_doc,
+"retry_wrapper(original, python, budget, succeeded, worth, retried, tags) -> Tracked\n\n"
+"psycopg2's getconn wrapper with its connect retry (pgleak.integrations.psycopg2): the\n"
+"template ``python`` for call-site tags; ``retried(pool, exc, args, kwargs)`` after a refusal.");
+
+static PyObject *
+retry_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "retry_wrapper(): bad arguments");
+        return NULL;
+    }
+    Tracked *w = tracked_new(RETRY);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->original = Py_NewRef(args[0]);
+    w->python = Py_NewRef(args[1]);
+    w->budget_dict = PyObject_GenericGetDict(args[2], NULL);
+    w->succeeded = Py_NewRef(args[3]);
+    w->worth = Py_NewRef(args[4]);
+    w->retried = Py_NewRef(args[5]);
+    w->tags_dict = PyObject_GenericGetDict(args[6], NULL);
+    if (w->budget_dict == NULL || w->tags_dict == NULL || !PyDict_Check(w->budget_dict)
+        || !PyDict_Check(w->tags_dict)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "retry_wrapper(): budget and tags need a __dict__");
+        }
+        Py_DECREF(w);
+        return NULL;
+    }
+    return (PyObject *)w;
+}
+
 static PyMethodDef methods[] = {
     {"capture", (PyCFunction)(void (*)(void))capture, METH_FASTCALL, capture_doc},
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL, walk_doc},
@@ -2200,13 +3081,22 @@ static PyMethodDef methods[] = {
      checkout_doc},
     {"checkin", (PyCFunction)(void (*)(void))ledger_checkin, METH_FASTCALL | METH_KEYWORDS,
      checkin_doc},
+    {"acquire_wrapper", (PyCFunction)(void (*)(void))acquire_wrapper, METH_FASTCALL,
+     acquire_wrapper_doc},
+    {"release_wrapper", (PyCFunction)(void (*)(void))release_wrapper, METH_FASTCALL,
+     release_wrapper_doc},
+    {"sqlalchemy_wrapper", (PyCFunction)(void (*)(void))sqlalchemy_wrapper, METH_FASTCALL,
+     sqlalchemy_wrapper_doc},
+    {"retry_wrapper", (PyCFunction)(void (*)(void))retry_wrapper, METH_FASTCALL,
+     retry_wrapper_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef speedups = {
     PyModuleDef_HEAD_INIT,
     .m_name = "pgleak._speedups",
-    .m_doc = "The checkout stack walk and ledger, in C (see pgleak/_stack.py, pgleak/_core.py).",
+    .m_doc = "The checkout stack walk, ledger and sync wrappers, in C (see pgleak/_stack.py,\n"
+             "pgleak/_core.py, pgleak/_adapter.py).",
     .m_size = -1,
     .m_methods = methods,
 };
@@ -2243,6 +3133,8 @@ PyInit__speedups(void)
         {&s_throw, "throw"}, {&s_close, "close"}, {&s_checkout, "checkout"},
         {&s_checkin, "checkin"}, {&s_greenlet, "greenlet"}, {&s_getcurrent, "getcurrent"},
         {&s_parent, "parent"}, {&s_gr_frame, "gr_frame"},
+        {&s_call_site, "call_site"}, {&s_connection_record, "_connection_record"},
+        {&s_tokens, "_tokens"},
     };
     for (size_t i = 0; i < sizeof(interned) / sizeof(interned[0]); i++) {
         *interned[i].slot = PyUnicode_InternFromString(interned[i].text);
@@ -2250,8 +3142,12 @@ PyInit__speedups(void)
             return NULL;
         }
     }
-    if (PyType_Ready(&Awaiting_Type) < 0) {
+    if (PyType_Ready(&Awaiting_Type) < 0 || PyType_Ready(&TrackedType) < 0) {
         return NULL;
     }
-    return PyModule_Create(&speedups);
+    PyObject *module = PyModule_Create(&speedups);
+    if (module != NULL && PyModule_AddObjectRef(module, "Tracked", (PyObject *)&TrackedType) < 0) {
+        Py_CLEAR(module);
+    }
+    return module;
 }

@@ -189,3 +189,21 @@ def test_in_a_task_the_lease_names_it(installed: pgleak.Settings) -> None:
 def test_the_process_core_uses_it() -> None:
     assert core.checkout.__func__ is _core._fast_ledger.checkout  # type: ignore[attr-defined]
     assert sys.modules["pgleak._speedups"] is _core._fast_ledger
+
+
+def test_its_clock_is_time_monotonic(installed: pgleak.Settings) -> None:
+    """The C ledger reads the monotonic clock itself, not through ``time.monotonic()``: its
+    t0 and t_in must be that clock's readings, as exact (held times are their differences,
+    and the watchdog compares them with its own ``time.monotonic()``)."""
+    import time
+
+    handle = core.pool(Pool(), "test", None)
+    conn = Conn()
+    for _ in range(200):
+        before = time.monotonic()
+        lease = _out(handle, conn)
+        between = time.monotonic()
+        core.checkin(lease)
+        after = time.monotonic()
+        assert type(lease.t0) is float
+        assert before <= lease.t0 <= between <= lease.t_in <= after  # type: ignore[operator]

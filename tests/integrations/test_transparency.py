@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 import pgleak
+from pgleak import _stack
 from pgleak.integrations import ADAPTERS
 from tests.conftest import Server
 
@@ -35,6 +36,10 @@ def installed() -> Iterator[None]:
         yield
     finally:
         pgleak.uninstall()
+
+
+#: pgleak's C wrapper type, when the extension is loaded.
+_TRACKED = getattr(_stack._fast, "Tracked", None)
 
 
 def _unwrapped(obj: Any) -> Any:
@@ -65,7 +70,11 @@ def test_every_patched_callable_keeps_its_signature_and_kind(installed: None) ->
             assert _is_async(after) == _is_async(before), where
             assert after.__name__ == before.__name__, where
             assert after.__doc__ == before.__doc__, where
-            if isinstance(original, types.MethodType):
+            if type(after) is _TRACKED or type(before) is _TRACKED:
+                # A C checkout/checkin wrapper (pgleak._speedups.Tracked) of a function, or a
+                # wrapper over one: it binds and reads as the function (test below).
+                assert type(after) in (_TRACKED, types.FunctionType), where
+            elif isinstance(original, types.MethodType):
                 # ``psycopg.connect`` is ``Connection.connect`` bound at import; its wrapper is
                 # a function that takes the same arguments (``Adapter.patch`` makes functions).
                 assert type(owner.__dict__[attr]) is types.FunctionType, where
@@ -153,3 +162,30 @@ def test_sqlalchemy_connection_info_holds_only_what_the_user_put_there(
         assert pgleak.checked_out() == []
     finally:
         engine.dispose()
+
+
+def test_a_c_wrapper_binds_and_reads_as_the_function_it_wraps(installed: None) -> None:
+    """The sync checkout and checkin wrappers are C objects (pgleak._speedups.Tracked) where
+    the extension is loaded: as a method they bind like a function, and ``inspect`` sees the
+    method they wrap."""
+    if _TRACKED is None:
+        pytest.skip("the C extension is not loaded (PGLEAK_NO_SPEEDUPS=1)")
+    from psycopg_pool import ConnectionPool
+
+    wrapper = ConnectionPool.__dict__["getconn"]
+    assert type(wrapper) is _TRACKED
+    original = wrapper.__wrapped__
+    assert type(original) is types.FunctionType
+    assert ConnectionPool.getconn is wrapper  # through the class: itself, as a function is
+    pool = ConnectionPool("", open=False)
+    bound = pool.getconn
+    assert isinstance(bound, types.MethodType)
+    assert bound.__func__ is wrapper
+    assert bound.__self__ is pool
+    assert inspect.signature(bound) == inspect.signature(original.__get__(pool))
+    assert inspect.signature(wrapper) == inspect.signature(original)
+    for name in ("__name__", "__qualname__", "__doc__", "__module__"):
+        assert getattr(wrapper, name) == getattr(original, name), name
+    assert inspect.ismethod(bound)
+    assert inspect.isroutine(wrapper)
+    assert not inspect.iscoroutinefunction(wrapper)

@@ -82,7 +82,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without psy
 
     raise AdapterUnavailable("psycopg2 is not installed") from _exc
 
-from pgleak import _forward, _retry, _stack
+from pgleak import _adapter, _forward, _retry, _stack
 from pgleak._adapter import Adapter, driver_state, driver_target, tag
 from pgleak._appname import tags, untagged
 from pgleak._core import PoolKind, PoolStats, core, suppressed
@@ -207,7 +207,7 @@ def _retrying_getconn(original: Any) -> Any:
     Also where a checkout is tagged with its line (``app_name_call_site``): outside the
     pool's lock, which a round trip must not hold.
     """
-    return _forward.compile_wrapper(
+    python = _forward.compile_wrapper(
         _RETRYING,
         getattr(original, "__name__", "getconn"),
         _forward.shape_of(original, _RESERVED),
@@ -221,6 +221,21 @@ def _retrying_getconn(original: Any) -> Any:
             "tag": tag,
         },
         "retrying",
+    )
+    fast = _adapter._c_wrappers()
+    if fast is None:
+        return python
+
+    def retried(pool: Any, refused: Exception, args: tuple[Any, ...], kwargs: Any) -> Any:
+        # The template's retry, after the C wrapper's first attempt was refused.
+        return _retry.retry_connect(
+            lambda: original(pool, *args, **kwargs),
+            pool=lambda: _pool_handle(pool),
+            refused=refused,
+        )
+
+    return fast.retry_wrapper(
+        original, python, _retry.BUDGET, _retry.succeeded, _retry.worth_retrying, retried, tags
     )
 
 
@@ -303,11 +318,15 @@ class Psycopg2Adapter(Adapter):
             (AbstractConnectionPool, "_getconn", "_putconn", "_closeall"),
             (SimpleConnectionPool, "getconn", "putconn", "closeall"),
         ):
+            # Over the checkout wrapper: a keyed re-lend runs it with tracking suppressed.
             self.track_acquire(
-                cls, acquire, namer=_pool_name, is_timeout=_is_exhausted, timeout_arg=None
+                cls,
+                acquire,
+                namer=_pool_name,
+                is_timeout=_is_exhausted,
+                timeout_arg=None,
+                keyed=_relend_untracked,
             )
-            # Outside the checkout wrapper: a keyed re-lend runs it with tracking suppressed.
-            self.patch(cls, acquire, _relend_untracked)
             self.track_release(cls, release, refused=(PoolError,))
             self.track_close(cls, close, namer=_pool_name, detail="pool.closeall()")
         self.patch(AbstractConnectionPool, "_connect", _tagging_connect)

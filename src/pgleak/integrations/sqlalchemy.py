@@ -2,7 +2,16 @@
 
 Hooks, and why each:
 
-* Pool events ``checkout`` / ``checkin`` / ``detach``, listened on the ``Pool`` class so that
+* Checkout and checkin, on SQLAlchemy 2.0 and 2.1: ``_ConnectionFairy._checkout`` and
+  ``Pool._return_conn``, private methods, wrapped exactly where the ``checkout`` and ``checkin``
+  events fire (after the checkout's listeners; after the record's finalizers, before the pool
+  has the connection back). Listening to the events cost SQLAlchemy's dispatch to pgleak's
+  listeners (two ``_ListenerCollection.__call__`` frames a cycle, ~40% of what pgleak added
+  to a checkout without the stack), and kept its slower checkout path, which it skips when no
+  one listens. Each is checked at install for the shape these wrappers are written for
+  (``_direct_hooks_fit``); any other version or shape gets the events, as below.
+* Pool events ``checkout`` / ``checkin`` (only where the private methods are not as expected)
+  and ``detach``, listened on the ``Pool`` class so that
   engines created before ``install()`` are covered too. ``checkout`` fires once per fairy
   (nested checkouts of one connection do not re-fire), ``checkin`` once when it comes back.
   The lease rides in an attribute of the pool's ``ConnectionPoolEntry``, which lives as long as
@@ -13,8 +22,9 @@ Hooks, and why each:
 * Garbage-collected fairies: sync pools reset them and fire ``checkin`` from a weakref callback;
   async pools fire ``detach`` and no ``checkin``. The core sees in both cases that the
   user-facing fairy is dead and reports ``leak.collected``.
-* ``Pool.connect`` is wrapped only to see ``sqlalchemy.exc.TimeoutError`` (``QueuePool limit of
-  size N overflow M reached``), the moment to dump every holder: no pool event exists for it.
+* ``_ConnectionFairy._checkout`` (or, with the events, ``Pool.connect``) also sees
+  ``sqlalchemy.exc.TimeoutError`` (``QueuePool limit of size N overflow M reached``), the
+  moment to dump every holder: no pool event exists for it.
 * The ``do_connect`` dialect event, listened on the ``Engine`` class (so engines created before
   ``install()`` are covered too), is where SQLAlchemy opens a server connection: pgleak opens it
   there, through :func:`pgleak._retry.retry_connect`, so a connection refused because the
@@ -35,9 +45,10 @@ Hooks, and why each:
 
 OpenTelemetry (only does anything with an observer installed):
 
-* ``Pool.connect`` marks the start of the wait for a connection (the checkout span's start,
-  ``db.client.connection.wait_time``, pending requests). The checkout event inside it is a
-  few calls deeper, so the start travels there in a context variable (a thread-local would
+* ``_ConnectionFairy._checkout`` (or ``Pool.connect``) marks the start of the wait for a
+  connection (the checkout span's start, ``db.client.connection.wait_time``, pending
+  requests). With the events, the checkout event inside ``Pool.connect`` is a few calls
+  deeper, so the start travels there in a context variable (a thread-local would
   be wrong: in asyncio mode other tasks' checkouts interleave on the thread while this one
   awaits a new connection).
 * ``Connection.__enter__`` / ``__exit__`` and ``AsyncConnection.__aenter__`` / ``__aexit__``
@@ -58,6 +69,7 @@ import asyncio
 import contextvars
 import functools
 import gc
+import inspect
 import os
 import time
 from collections.abc import Callable
@@ -68,13 +80,13 @@ try:
     from sqlalchemy import event, exc
     from sqlalchemy.engine import Connection, Dialect, Engine
     from sqlalchemy.pool import Pool, QueuePool
-    from sqlalchemy.pool.base import _ConnectionRecord
+    from sqlalchemy.pool.base import _ConnectionFairy, _ConnectionRecord
 except ImportError as _exc:  # pragma: no cover - exercised by users without SQLAlchemy
     from pgleak._adapter import AdapterUnavailable
 
     raise AdapterUnavailable("SQLAlchemy is not installed") from _exc
 
-from pgleak import _retry, _stack
+from pgleak import _adapter, _retry, _stack
 from pgleak._adapter import Adapter, driver_state, driver_target, enter_scope, exit_scope
 from pgleak._appname import tags
 from pgleak._core import Lease, PoolHandle, PoolKind, PoolStats, core
@@ -192,6 +204,174 @@ def _on_detach(dbapi_connection: Any, record: Any) -> None:
             core.discard(lease)
     except Exception as err:
         internal_error("sqlalchemy.detach", err)
+
+
+#: The SQLAlchemy versions whose private checkout and checkin the direct hooks were written for.
+_DIRECT_VERSIONS = frozenset({(2, 0), (2, 1)})
+
+
+def _code_names(fn: Any) -> frozenset[str]:
+    return frozenset(getattr(getattr(fn, "__code__", None), "co_names", ()))
+
+
+def _params(fn: Any) -> tuple[str, ...]:
+    return tuple(inspect.signature(fn).parameters)
+
+
+def _direct_hooks_fit() -> bool:
+    """Whether SQLAlchemy's private checkout and checkin are the ones the direct hooks fit.
+
+    ``_ConnectionFairy._checkout`` must be the classmethod that fires the ``checkout`` event
+    (``(cls, pool, threadconns=None, fairy=None)``, a fairy's ``_counter`` deciding whether the
+    checkout is new), ``_ConnectionRecord.checkin`` the method that fires ``checkin`` and then
+    hands the record to ``Pool._return_conn(record)``, defined on ``Pool`` alone (no pool class
+    of SQLAlchemy's overrides it). Anything else (another version, a changed shape): the
+    public events, which cost more but cannot break.
+    """
+    try:
+        version = tuple(int(part) for part in sqlalchemy.__version__.split(".")[:2])
+        if version not in _DIRECT_VERSIONS:
+            return False
+        checkout = _ConnectionFairy.__dict__.get("_checkout")
+        checkin = _ConnectionRecord.__dict__.get("checkin")
+        return_conn = Pool.__dict__.get("_return_conn")
+        if not (
+            isinstance(checkout, classmethod)
+            and inspect.isfunction(checkout.__func__)
+            and _params(checkout.__func__) == ("cls", "pool", "threadconns", "fairy")
+            and {"_counter", "dispatch", "checkout"} <= _code_names(checkout.__func__)
+            and inspect.isfunction(checkin)
+            and {"dispatch", "checkin", "_return_conn"} <= _code_names(checkin)
+            and inspect.isfunction(return_conn)
+            and _params(return_conn) == ("self", "record")
+            and callable(getattr(_ConnectionRecord, "_checkin_failed", None))
+        ):
+            return False
+        classes, seen = list(Pool.__subclasses__()), set()
+        while classes:  # SQLAlchemy's own pool classes (and any defined by now)
+            cls = classes.pop()
+            if cls in seen:
+                continue
+            seen.add(cls)
+            if "_return_conn" in cls.__dict__:
+                return False
+            classes.extend(cls.__subclasses__())
+    except Exception:
+        return False
+    return True
+
+
+def _make_checkout(original: Any) -> Any:
+    """``_ConnectionFairy._checkout``: the checkout, where the ``checkout`` event would fire.
+
+    Listening to the event costs SQLAlchemy's dispatch to the listener on every checkout (and
+    keeps its slower path, which it skips when nobody listens); this is one frame, and it also
+    sees the pool give up waiting (``TimeoutError``), which no event reports. Recorded once
+    ``_checkout`` has returned a new fairy (a nested checkout of a fairy already out is not
+    one), after any checkout listeners of the application's: a listener's
+    ``DisconnectionError`` retried inside makes one checkout, not two.
+    """
+
+    def _checkout(cls: Any, pool: Any, threadconns: Any = None, fairy: Any = None) -> Any:
+        if fairy:  # the same test as SQLAlchemy's: a nested checkout, no event either
+            return original(cls, pool, threadconns, fairy)
+        waited = since = None
+        if core.observer is not None:
+            waited, since = _wait_started(pool)
+        try:
+            fairy = original(cls, pool, threadconns)
+        except exc.TimeoutError as err:
+            _timed_out(pool, err)
+            if waited is not None:
+                core.wait_end(waited)
+            raise
+        except BaseException:
+            if waited is not None:
+                core.wait_end(waited)
+            raise
+        # _on_checkout(), inlined: this is every checkout.
+        try:
+            handle = _pools.get(id(pool))
+            if handle is None or handle.ref() is not pool:
+                handle = core.pool(pool, _KIND, _pool_name)
+            lease = core.checkout(handle, fairy, False, since)
+            if lease is not None:
+                fairy._connection_record.__dict__[_KEY] = lease
+        except Exception as err:
+            internal_error("sqlalchemy.checkout", err)
+            lease = None
+        if waited is not None:
+            core.wait_end(waited)
+        if tags.call_site and lease is not None:
+            try:
+                _tag_checkout(fairy.dbapi_connection, fairy, lease)
+            except BaseException as err:
+                # A cancellation: SQLAlchemy gives the connection back when its own checkout
+                # event is cut short so, and so does this.
+                fairy._connection_record._checkin_failed(err, _fairy_was_created=True)
+                raise
+        return fairy
+
+    return _fast(False, original, _checkout)
+
+
+def _make_return_conn(original: Any) -> Any:
+    """``Pool._return_conn``: the checkin, called right where the ``checkin`` event fires
+    (after the record's finalizers, before the pool has the connection back), for every
+    checkin, a collected fairy's included."""
+
+    def _return_conn(self: Any, record: Any) -> None:
+        try:
+            lease = record.__dict__.pop(_KEY, None)
+            if lease is not None:
+                core.checkin(lease)
+        except Exception as err:
+            internal_error("sqlalchemy.checkin", err)
+        return original(self, record)  # type: ignore[no-any-return]
+
+    return _fast(True, original, _return_conn)
+
+
+def _fast(checkin: bool, original: Any, python: Any) -> Any:
+    """The C wrapper (``pgleak._speedups.Tracked``) that runs ``python``'s common case with no
+    Python frame, handing it everything else; ``python`` itself without the extension."""
+    fast = _adapter._c_wrappers()
+    if fast is None:
+        return python
+    return fast.sqlalchemy_wrapper(
+        checkin,
+        original,
+        python,
+        core,
+        _pools,
+        _KIND,
+        _pool_name,
+        _timed_out,
+        internal_error,
+        tags,
+        exc.TimeoutError,
+        _KEY,
+    )
+
+
+def _wait_started(pool: Any) -> tuple[PoolHandle | None, float | None]:
+    """The pool's handle and the wait's start (both ``None`` unless the observer took the
+    start, which then needs a :meth:`Core.wait_end` however the wait ends)."""
+    try:
+        handle = _handle(pool)
+        since = core.wait_start(handle)
+    except Exception as err:
+        internal_error("sqlalchemy.checkout", err)
+        return None, None
+    return (None, None) if since is None else (handle, since)
+
+
+def _timed_out(pool: Any, err: BaseException) -> None:
+    try:
+        # The pool waited its whole timeout; no clock is read on the hot path.
+        core.exhausted(_handle(pool), getattr(pool, "_timeout", None), str(err))
+    except Exception as inner:
+        internal_error("sqlalchemy.exhausted", inner)
 
 
 def _greenlet_sleep() -> Callable[[float], object] | None:
@@ -401,11 +581,11 @@ class SQLAlchemyAdapter(Adapter):
         greenlet_spec = _find_dir("greenlet")
         if greenlet_spec:
             _stack.register_library(greenlet_spec)
-        for name, fn in (
-            ("checkout", _on_checkout),
-            ("checkin", _on_checkin),
-            ("detach", _on_detach),
-        ):
+        direct = _direct_hooks_fit()
+        listeners: list[tuple[str, Callable[..., None]]] = [("detach", _on_detach)]
+        if not direct:
+            listeners += [("checkout", _on_checkout), ("checkin", _on_checkin)]
+        for name, fn in listeners:
             event.listen(Pool, name, fn)
             self.on_uninstall(functools.partial(event.remove, Pool, name, fn))
         event.listen(Engine, "do_connect", _on_do_connect)
@@ -426,12 +606,7 @@ class SQLAlchemyAdapter(Adapter):
                 try:
                     return original(self)
                 except exc.TimeoutError as err:
-                    try:
-                        # The pool waited its whole timeout; no clock is read on the hot path.
-                        waited = getattr(self, "_timeout", None)
-                        core.exhausted(_handle(self), waited, str(err))
-                    except Exception as inner:
-                        internal_error("sqlalchemy.exhausted", inner)
+                    _timed_out(self, err)
                     raise
                 finally:
                     if token is not None and handle is not None:
@@ -466,7 +641,11 @@ class SQLAlchemyAdapter(Adapter):
 
             return dispose
 
-        self.patch(Pool, "connect", make_connect)
+        if direct:
+            self.patch(_ConnectionFairy, "_checkout", _make_checkout)
+            self.patch(Pool, "_return_conn", _make_return_conn)
+        else:
+            self.patch(Pool, "connect", make_connect)
         self.patch(_ConnectionRecord, "_ConnectionRecord__connect", _record_connect)
         # Not ``Engine.__init__``: ``create_engine()`` reads the keywords it accepts off the
         # code object of ``Engine.__init__`` itself, and a wrapper's ``*args, **kwargs`` would

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
+from sqlalchemy.pool.base import _ConnectionFairy
 
 import pgleak
 from pgleak.integrations import sqlalchemy as sa_adapter
@@ -27,6 +29,8 @@ def clean() -> Iterator[None]:
 def _patched_objects() -> dict[tuple[type, str], object]:
     return {
         (Pool, "connect"): Pool.__dict__["connect"],
+        (Pool, "_return_conn"): Pool.__dict__["_return_conn"],
+        (_ConnectionFairy, "_checkout"): _ConnectionFairy.__dict__["_checkout"],
         (Engine, "__init__"): Engine.__dict__["__init__"],
         (Engine, "dispose"): Engine.__dict__["dispose"],
     }
@@ -41,19 +45,76 @@ def _listening() -> list[bool]:
     ]
 
 
-def test_install_three_times_uninstall_once_restores_the_originals(clean: None) -> None:
+@pytest.fixture(params=["direct", "events"])
+def hooks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways of hooking checkout and checkin: SQLAlchemy's private methods where they are
+    what pgleak expects (2.0, 2.1), its pool events where they are not."""
+    if request.param == "events":
+        monkeypatch.setattr(sa_adapter, "_direct_hooks_fit", lambda: False)
+    assert request.param == "events" or sa_adapter._direct_hooks_fit()
+    return str(request.param)
+
+
+def test_install_three_times_uninstall_once_restores_the_originals(clean: None, hooks: str) -> None:
     originals = _patched_objects()
     for _ in range(3):
         pgleak.install()
     assert "sqlalchemy" in pgleak.installed()
-    assert Pool.__dict__["connect"] is not originals[(Pool, "connect")]
-    assert _listening() == [True, True, True, True]
+    direct = hooks == "direct"
+    patched = {key for key, obj in _patched_objects().items() if obj is not originals[key]}
+    if direct:
+        assert patched == {
+            (Pool, "_return_conn"),
+            (_ConnectionFairy, "_checkout"),
+            (Engine, "dispose"),
+        }
+    else:
+        assert patched == {(Pool, "connect"), (Engine, "dispose")}
+    assert _listening() == [not direct, not direct, True, True]
     pgleak.uninstall()
     for (owner, attr), original in originals.items():
         assert owner.__dict__[attr] is original, f"{owner.__name__}.{attr} not restored"
     assert _listening() == [False, False, False, False]
     pgleak.uninstall()
     assert _patched_objects() == originals
+
+
+def test_a_changed_private_shape_falls_back_to_the_events(
+    clean: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert sa_adapter._direct_hooks_fit()
+    monkeypatch.setattr(sa, "__version__", "3.0.0")
+    assert not sa_adapter._direct_hooks_fit()
+    monkeypatch.undo()
+
+    def changed(cls: type, pool: object, fairy: object = None) -> object:  # a new shape
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(_ConnectionFairy, "_checkout", classmethod(changed))
+    assert not sa_adapter._direct_hooks_fit()
+    monkeypatch.undo()
+
+    class OwnReturn(Pool):  # a pool class that returns connections its own way
+        def _return_conn(self, record: object) -> None:
+            raise AssertionError("never called")
+
+    assert not sa_adapter._direct_hooks_fit()
+    del OwnReturn
+    gc.collect()  # a class leaves Pool.__subclasses__() only once collected
+    assert sa_adapter._direct_hooks_fit()
+
+
+def test_the_events_fallback_tracks_checkout_and_checkin(
+    clean: None, pg: Server, hooks: str
+) -> None:
+    pgleak.install()
+    engine = sa.create_engine(pg.url("psycopg"))
+    try:
+        with engine.connect():
+            assert len(pgleak.checked_out()) == 1
+        assert pgleak.checked_out() == []
+    finally:
+        engine.dispose()
 
 
 def test_install_after_uninstall_tracks_again(clean: None, pg: Server) -> None:

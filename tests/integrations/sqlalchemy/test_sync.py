@@ -13,11 +13,25 @@ import pytest
 import sqlalchemy as sa
 
 import pgleak
-from pgleak import _guard
+from pgleak import _adapter, _guard
 from pgleak._core import core
+from pgleak.integrations import sqlalchemy as sa_adapter
 from pgleak.testing import EventCapture, capture_events
 from tests.conftest import Server
 from tests.helpers import assert_site, site_of
+
+
+@pytest.fixture(autouse=True, params=["direct", "direct, python", "events"])
+def hooks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with each way of hooking checkout and checkin: SQLAlchemy's private
+    methods (2.0, 2.1), wrapped in C where the extension is loaded and by the Python templates
+    the C wrappers stand in for, and the pool events pgleak falls back on when the private
+    methods are not as expected. Autouse, so it is set before ``installed`` installs."""
+    if request.param == "events":
+        monkeypatch.setattr(sa_adapter, "_direct_hooks_fit", lambda: False)
+    if request.param == "direct, python":
+        monkeypatch.setattr(_adapter, "use_c_wrappers", False)
+    return str(request.param)
 
 
 @pytest.fixture
