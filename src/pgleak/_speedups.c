@@ -439,7 +439,7 @@ static PyObject *s_settings, *s_enabled, *s_max_tracked, *s_leak_threshold, *s_c
     *s_stack_depth, *s_leases, *s_by_conn, *s_ids, *s_watchdog, *s_thread, *s_observer,
     *s_waker, *s_collected, *s_get_name, *s_generation, *s_pending,
     *s_after_checkout, *s_forget, *s_on_collected, *s_wake_gate, *s_thread_key, *s_append,
-    *s_get_coro;
+    *s_get_coro, *s_observe_checkin;
 
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
@@ -1398,8 +1398,9 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
     int observed = observer != Py_None;
     Py_DECREF(observer);
     if (observed) {
-        return PyObject_CallMethod(core, "_observe_checkin", "OOO", lease,
-                                   late ? Py_True : Py_False, Py_False);
+        /* Every traced checkin: the name interned, no format string to parse. */
+        return PyObject_CallMethodObjArgs(core, s_observe_checkin, lease,
+                                          late ? Py_True : Py_False, Py_False, NULL);
     }
     Py_RETURN_NONE;
 }
@@ -1457,7 +1458,7 @@ PyInit__speedups(void)
         {&s_forget, "_forget"}, {&s_on_collected, "_on_collected"},
         {&s_wake_gate, "wake_gate"}, {&s_thread_key, "pgleak.thread"},
         {&s_append, "append"},
-        {&s_get_coro, "get_coro"},
+        {&s_get_coro, "get_coro"}, {&s_observe_checkin, "_observe_checkin"},
     };
     for (size_t i = 0; i < sizeof(interned) / sizeof(interned[0]); i++) {
         *interned[i].slot = PyUnicode_InternFromString(interned[i].text);
