@@ -27,10 +27,11 @@ Settings: ``default`` (stack on; OpenTelemetry API present, no SDK; tags and ret
 ``no_stack`` (``capture_stack=False``), and ``otel_sdk`` (an SDK tracer provider with a batch
 processor whose exporter drops every span: a span per checkout). For ``otel_sdk`` pgleak's own
 share is measured against the same span made by hand in the same cycle: the uninstalled block
-runs each checkout + checkin inside a span started with the same attributes, made current,
-given two more at the end and ended, on the same provider (what an instrumentation that
-reported the same span would pay the SDK), and the installed block runs the same loop without
-it; their difference is what pgleak adds beyond the SDK's span. The span alone in a tight loop
+runs each checkout + checkin inside a span started with the same attributes, made current
+where pgleak makes its span current (around the user's block: not on psycopg2's bare
+``putconn(getconn())``), given two more at the end and ended, on the same provider (what an
+instrumentation that reported the same span would pay the SDK), and the installed block runs
+the same loop without it; their difference is what pgleak adds beyond the SDK's span. The span alone in a tight loop
 is printed beside it: it runs with hot caches, so it understates what the span costs inside a
 cycle, and subtracting it overstated pgleak's share.
 
