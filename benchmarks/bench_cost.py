@@ -31,9 +31,9 @@ runs each checkout + checkin inside a span started with the same attributes, mad
 where pgleak makes its span current (around the user's block: not on psycopg2's bare
 ``putconn(getconn())``), given two more at the end and ended, on the same provider (what an
 instrumentation that reported the same span would pay the SDK), and the installed block runs
-the same loop without it; their difference is what pgleak adds beyond the SDK's span. The span alone in a tight loop
-is printed beside it: it runs with hot caches, so it understates what the span costs inside a
-cycle, and subtracting it overstated pgleak's share.
+the same loop without it; their difference is what pgleak adds beyond the SDK's span. The span
+alone in a tight loop is printed beside it: it runs with hot caches, so it understates what the
+span costs inside a cycle, and subtracting it overstated pgleak's share.
 
 ``--held`` measures the watchdog with 10,000 checkouts held at once (its thread's CPU per second
 of wall time, and memory per held checkout), and memory over 1,000,000 checkout + checkin
