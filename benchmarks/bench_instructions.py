@@ -40,6 +40,10 @@ import bench_cost
 
 PATHS = bench_cost.PATHS
 SETTINGS: dict[str, dict[str, Any]] = {"default": {}, "no_stack": {"capture_stack": False}}
+#: Counted only when asked for (``--settings otel_sdk``): against the same span made by hand in
+#: each cycle, as ``bench_cost.py`` measures it, so the bare run of that row is the hand-spanned
+#: cycle, not the default's bare one.
+OPTIONAL = ("otel_sdk",)
 N1, N2 = 1000, 6000
 _REFS = re.compile(r"(?:I\s+refs|Collected)\s*:\s*([\d,]+)")
 
@@ -49,24 +53,48 @@ def child(path: str, setting: str, installed: bool, n: int, where: dict[str, Any
     import pgleak
 
     server: Any = types.SimpleNamespace(**where)
+    kwargs = _settings(setting)
+    spanned = "tracer_provider" in kwargs
     if path in ("sqlalchemy", "psycopg_pool", "psycopg2"):
         _, bare, _, close = bench_cost.sync_paths(server)[path]
+        run = bare
+        if spanned:
+            run = bench_cost._one_by_one(bare)
+            if not installed:
+                run = bench_cost._hand_spanned(bare, kwargs, path)
         if installed:
-            pgleak.install(**SETTINGS[setting])
-        bare(50)
-        bench_cost._deep(bench_cost.DEPTH, lambda: bare(n))
+            pgleak.install(**kwargs)
+        run(50)
+        bench_cost._deep(bench_cost.DEPTH, lambda: run(n))
         close()
         return
 
     async def main() -> None:
         _, bare, _, close = (await bench_cost.async_paths(server))[path]
+        arun = bare
+        if spanned:
+            arun = bench_cost._ahand_spanned(bare, None if installed else kwargs, path)
         if installed:
-            pgleak.install(**SETTINGS[setting])
-        await bare(50)
-        await bench_cost._adeep(bench_cost.DEPTH, lambda: bare(n))
+            pgleak.install(**kwargs)
+        await arun(50)
+        await bench_cost._adeep(bench_cost.DEPTH, lambda: arun(n))
         await close()
 
     asyncio.run(main())
+
+
+def _settings(setting: str) -> dict[str, Any]:
+    if setting == "otel_sdk":
+        otel = bench_cost._otel_settings()
+        if otel is None:
+            raise SystemExit("opentelemetry-sdk not installed: otel_sdk cannot be counted")
+        return otel
+    return SETTINGS[setting]
+
+
+def _bare_of(setting: str) -> str:
+    """The setting whose uninstalled run is ``setting``'s baseline."""
+    return setting if setting in OPTIONAL else "default"
 
 
 def count(path: str, setting: str, installed: bool, n: int, where: dict[str, Any]) -> int:
@@ -123,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             "dbname": server.dbname,
         }
         # Every count runs in a process of its own: as many at once as there are CPUs.
-        jobs = [(path, "default", False) for path in paths] + [
+        bares = dict.fromkeys(_bare_of(setting) for setting in settings)
+        jobs = [(path, bare, False) for path in paths for bare in bares] + [
             (path, setting, True) for path in paths for setting in settings
         ]
 
@@ -133,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             counted = dict(zip(jobs, pool.map(run, jobs), strict=True))
         for path in paths:
-            bare = counted[(path, "default", False)]
             for setting in settings:
+                bare = counted[(path, _bare_of(setting), False)]
                 added = counted[(path, setting, True)] - bare
                 print(f"| {path} | {setting} | {bare:,.0f} | +{added:,.0f} | {added / bare:+.0%} |")
     print(

@@ -32,6 +32,7 @@ import logging
 import math
 import sys
 import threading
+import time
 import types
 from collections.abc import Awaitable, Callable
 from importlib import metadata
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("pgleak")
+_monotonic = time.monotonic
 _MISSING = object()
 #: The base class names of wrapt's proxies, in wrapt itself and in the copies some agents vendor
 #: (``ddtrace.vendor.wrapt``, ``newrelic.packages.wrapt``): each is a different class object.
@@ -262,21 +264,31 @@ class _Scope:
     """A library's checkout context manager, with the checkout's span current inside it.
 
     A class rather than a generator: its enter and exit add one call each, and the library's
-    ``__exit__`` result (whether it suppressed an exception) is passed on untouched.
+    ``__exit__`` result (whether it suppressed an exception) is passed on untouched. Made by
+    :data:`_SCOPE` without an ``__init__`` call; each :meth:`Adapter.track_scope` has a
+    subclass that says whose it is.
     """
 
-    __slots__ = ("_cm", "_kind", "_lease", "_lease_of")
+    __slots__ = ("_cm", "_lease")
+    _kind: ClassVar[str] = "scope"
+    #: Finds the lease of the connection the block got; ``None``: ``core.lease_of``, inlined.
+    _lease_of: ClassVar[Callable[[Any], Lease | None] | None] = None
 
-    def __init__(self, cm: Any, lease_of: Callable[[Any], Lease | None], kind: str) -> None:
+    def __init__(self, cm: Any) -> None:
         self._cm = cm
-        self._lease_of = lease_of
-        self._kind = kind
         self._lease: Lease | None = None
 
     def _entered(self, conn: Any) -> None:
         # enter_scope(), inlined (this is every checkout's block while an observer runs)
         try:
-            lease = self._lease = self._lease_of(conn)
+            lease_of: Any = self._lease_of  # a staticmethod: called with the connection only
+            if lease_of is None:  # core.lease_of(), inlined
+                lease = _by_conn.get(id(conn))
+                if lease is not None and (lease.ref is None or lease.ref() is not conn):
+                    lease = None
+            else:
+                lease = lease_of(conn)
+            self._lease = lease
             observer = core.observer
             if observer is not None and lease is not None:
                 observer.enter(lease)
@@ -285,26 +297,57 @@ class _Scope:
 
     def __enter__(self) -> Any:
         conn = self._cm.__enter__()
-        self._entered(conn)
+        # _entered(), inlined: one call less at every block (the asyncio one stays a call)
+        try:
+            lease_of: Any = self._lease_of
+            if lease_of is None:  # core.lease_of(), inlined
+                lease = _by_conn.get(id(conn))
+                if lease is not None and (lease.ref is None or lease.ref() is not conn):
+                    lease = None
+            else:
+                lease = lease_of(conn)
+            self._lease = lease
+            observer = core.observer
+            if observer is not None and lease is not None:
+                observer.enter(lease)
+        except Exception as exc:
+            internal_error(f"{self._kind}.scope", exc)
         return conn
 
-    def __exit__(self, *exc_info: Any) -> Any:
+    def __exit__(self, typ: Any, value: Any, tb: Any) -> Any:
         observer, lease = core.observer, self._lease  # exit_scope(), inlined
         if observer is not None and lease is not None:
             try:
                 observer.exit(lease)
             except Exception as exc:
                 internal_error(f"{self._kind}.scope", exc)
-        return self._cm.__exit__(*exc_info)
+        return self._cm.__exit__(typ, value, tb)
 
     async def __aenter__(self) -> Any:
         conn = await self._cm.__aenter__()
         self._entered(conn)
         return conn
 
-    async def __aexit__(self, *exc_info: Any) -> Any:
+    async def __aexit__(self, typ: Any, value: Any, tb: Any) -> Any:
         exit_scope(self._lease, self._kind)
-        return await self._cm.__aexit__(*exc_info)
+        return await self._cm.__aexit__(typ, value, tb)
+
+
+_by_conn = core.by_conn
+
+#: ``Adapter.track_scope``'s wrapper, compiled with the method's own parameters (see
+#: pgleak._forward): a ``(pool, *args, **kwargs)`` layer costs more than the rest of it. The
+#: scope is made without calling ``__init__`` (one Python call less a checkout).
+_SCOPE = """
+def {name}({params}):
+    cm = original({call})
+    if core.observer is None:
+        return cm
+    scope = new(scope_type)
+    scope._cm = cm
+    scope._lease = None
+    return scope
+"""
 
 
 def driver_target(conn: Any) -> tuple[str | None, int | None, str | None]:
@@ -512,6 +555,10 @@ def _position(fn: Any, name: str) -> int:
             positional = (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
             return index if param.kind in positional else -1
     return 1
+
+
+#: The names :data:`_SCOPE` uses.
+_SCOPE_RESERVED = frozenset({"original", "core", "new", "scope_type", "cm", "scope"})
 
 
 def _asynchronous(is_async: bool) -> dict[str, str]:
@@ -759,19 +806,18 @@ class Adapter:
         def waiting(pool: Any) -> tuple[Any, float | None]:
             # Only an observer needs the wait's start (and the handle, before the call);
             # the callers check for one first, so that without one this is never called.
+            # core.pool() and core.wait_start() inlined: this is every checkout then.
             try:
-                handle = core.pool(pool, kind, namer)
+                handle = pools.get(id(pool))
+                if handle is None or handle.ref() is not pool:
+                    handle = core.pool(pool, kind, namer)
+                if core.observer is None:
+                    return handle, None
+                handle.pending.append(None)
             except Exception as exc:
                 internal_error(f"{kind}.checkout", exc)
                 return None, None
-            observer = core.observer  # core.wait_start(), inlined
-            if observer is None:
-                return handle, None
-            try:
-                return handle, observer.wait_started(handle)
-            except Exception as exc:
-                internal_error("observer.wait", exc)
-                return handle, None
+            return handle, _monotonic()
 
         def gave_up(
             pool: Any, err: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -1007,16 +1053,30 @@ class Adapter:
 
         Without an observer the library's own context manager is returned, as it is.
         """
-        kind = self.name
+        scope_type = type(
+            "_Scope",
+            (_Scope,),
+            {
+                "__slots__": (),
+                "__module__": __name__,
+                "_kind": self.name,
+                "_lease_of": None if lease_of == core.lease_of else staticmethod(lease_of),
+            },
+        )
 
         def make(original: Any) -> Any:
-            def method(pool: Any, *args: Any, **kwargs: Any) -> Any:
-                cm = original(pool, *args, **kwargs)
-                if core.observer is None:
-                    return cm
-                return _Scope(cm, lease_of, kind)
-
-            return method
+            return _forward.compile_wrapper(
+                _SCOPE,
+                attr,
+                _forward.shape_of(original, _SCOPE_RESERVED),
+                {
+                    "original": original,
+                    "core": core,
+                    "new": object.__new__,
+                    "scope_type": scope_type,
+                },
+                "scope",
+            )
 
         self.patch_scope(owner, attr, make)
 

@@ -198,8 +198,6 @@ class Observer(Protocol):
     :func:`~pgleak._guard.internal_error`.
     """
 
-    def wait_started(self, pool: PoolHandle) -> float: ...
-    def wait_ended(self, pool: PoolHandle) -> None: ...
     def checked_out(self, lease: Lease, since: float | None) -> None: ...
     def checked_in(self, lease: Lease, late: bool, discarded: bool) -> None: ...
     def settled(self, lease: Lease) -> None: ...
@@ -455,25 +453,20 @@ class Core:
         Only an observer needs to know (the wait is the start of a checkout span, and pending
         requests are a metric), so without one this costs nothing but the check. A non-``None``
         result must be handed to :meth:`wait_end` when the wait is over, however it ended, and
-        to :meth:`checkout` as ``since``.
+        to :meth:`checkout` as ``since``. The core keeps the count itself (two C calls, no
+        call into the observer: this is every checkout while one runs).
         """
-        observer = self.observer
-        if observer is None:
+        if self.observer is None:
             return None
-        try:
-            return observer.wait_started(pool)
-        except Exception as exc:
-            internal_error("observer.wait", exc)
-            return None
+        pool.pending.append(None)
+        return _monotonic()
 
     def wait_end(self, pool: PoolHandle) -> None:
         """The wait begun by a non-``None`` :meth:`wait_start` is over."""
-        observer = self.observer
-        if observer is not None:
-            try:
-                observer.wait_ended(pool)
-            except Exception as exc:
-                internal_error("observer.wait", exc)
+        try:  # noqa: SIM105 - not contextlib.suppress: three calls more at every checkout
+            pool.pending.pop()
+        except IndexError:  # a pop without its append: never negative
+            pass
 
     def connected(self, pool: PoolHandle, started: float) -> None:
         """``pool`` opened a server connection it began opening at ``started`` (monotonic)."""

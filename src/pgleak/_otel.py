@@ -56,6 +56,8 @@ from typing import Any, Final
 from opentelemetry import context as otel_context
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -70,7 +72,7 @@ from pgleak._events import (
     LeakEvent,
 )
 from pgleak._guard import internal_error
-from pgleak._otel_metrics import _instruments, _pool_info
+from pgleak._otel_metrics import _instruments, _pool_info, _PoolInfo
 from pgleak._otel_names import (
     CODE_FILE_PATH,
     CODE_FUNCTION_NAME,
@@ -101,6 +103,7 @@ _MESSAGES: Final = {
 
 _monotonic = time.monotonic
 _time_ns = time.time_ns
+_INTERNAL: Final = SpanKind.INTERNAL
 _SITE = re.compile(r"^(?P<file>.*):(?P<line>\d+) in (?P<function>.*)$")
 
 
@@ -124,8 +127,50 @@ def _global_meter_set() -> bool:
     return getattr(_metrics_internal, "_METER_PROVIDER", True) is not None
 
 
+def _context_var() -> contextvars.ContextVar[Any] | None:
+    """The variable the API's default runtime context keeps the current context in, if in use.
+
+    Found through the public API (``attach`` returns that variable's token), so that the
+    checkout span's block reads, sets and resets it directly: ``context.attach``,
+    ``get_current`` and ``set_span_in_context`` are two to four Python calls each, around the
+    same ``ContextVar`` operation. Any other runtime context (``OTEL_PYTHON_CONTEXT``): ``None``,
+    and the API is called as documented.
+    """
+    if not isinstance(getattr(otel_context, "_RUNTIME_CONTEXT", None), ContextVarsRuntimeContext):
+        return None
+    current = otel_context.get_current()
+    token = otel_context.attach(current)
+    try:
+        var = token.var if isinstance(token, contextvars.Token) else None
+    finally:
+        otel_context.detach(token)
+    if var is None or var.get() is not otel_context.get_current():
+        return None
+    return var
+
+
+def _span_key() -> str | None:
+    """The key ``trace.set_span_in_context`` files the span under, read off what it returns."""
+    marker = trace.INVALID_SPAN
+    found = list(trace.set_span_in_context(marker, Context()))
+    if len(found) != 1 or trace.get_current_span(Context({found[0]: marker})) is not marker:
+        return None
+    return found[0]
+
+
+_SPAN_KEY: Final[str] = _span_key() or ""
+#: ``None``: the API's functions are called instead (another runtime context, or an API whose
+#: span key could not be read).
+_CONTEXT: Final = _context_var() if _SPAN_KEY else None
+#: Call-site attributes kept per pool (see ``Telemetry._base``); bounded like ``_stack``'s.
+_MAX_SITES: Final = 1_000
+
+
 class _Trace:
     """One checkout's tracing state, in ``Lease.otel``.
+
+    Made at every traced checkout, by ``Telemetry.checked_out`` alone, without ``__init__``
+    (``_new`` and a store per slot: a Python ``__init__`` call costs as much again).
 
     Attributes:
         parent: The context the checkout was made in: the span's parent when nobody enters a
@@ -135,19 +180,33 @@ class _Trace:
         token, ctx, depth: While the span is current inside the user's block.
         outcome: How the checkout ended, for a span ended later by the watchdog.
         ended: Set once, by whoever ends the span.
+        offset: Wall-clock minus monotonic nanoseconds when the span started, which stamps
+            its end as well.
     """
 
-    __slots__ = ("ctx", "depth", "ended", "outcome", "parent", "since", "span", "token")
+    __slots__ = (
+        "ctx",
+        "depth",
+        "ended",
+        "offset",
+        "outcome",
+        "parent",
+        "since",
+        "span",
+        "token",
+    )
+    ctx: Any
+    depth: int
+    ended: bool
+    offset: int
+    outcome: str
+    parent: Any
+    since: float | None
+    span: Span | None
+    token: Any
 
-    def __init__(self, parent: Any, since: float | None) -> None:
-        self.parent = parent
-        self.since = since
-        self.span: Span | None = None
-        self.token: Any = None
-        self.ctx: Any = None
-        self.depth = 0
-        self.outcome = "returned"
-        self.ended = False
+
+_new = object.__new__
 
 
 def _detach(token: Any) -> None:
@@ -234,9 +293,7 @@ class Telemetry:
             tracer_provider is not None or _global_tracer_set()
         )
         self.metering = not self._meter_off and (meter_provider is not None or _global_meter_set())
-        self.dormant = not (self.tracing or self._tracer_off) or not (
-            self.metering or self._meter_off
-        )
+        self._doze()
 
     @property
     def asleep(self) -> bool:
@@ -276,47 +333,59 @@ class Telemetry:
             self.tracing = True
         if not self.metering and not self._meter_off and _global_meter_set():
             self.metering = True
-        self.dormant = not (self.tracing or self._tracer_off) or not (
-            self.metering or self._meter_off
-        )
+        self._doze()
+
+    def _doze(self) -> None:
+        """Which global provider a checkout still has to look for (see :meth:`checked_out`)."""
+        self._watch_tracer = not (self.tracing or self._tracer_off)
+        self._watch_meter = not (self.metering or self._meter_off)
+        self.dormant = self._watch_tracer or self._watch_meter
 
     # -- the hot path ------------------------------------------------------------------------
-
-    def wait_started(self, pool: PoolHandle) -> float:
-        pool.pending.append(None)
-        return _monotonic()
-
-    def wait_ended(self, pool: PoolHandle) -> None:
-        # Not contextlib.suppress: three calls more at every checkout.
-        try:  # noqa: SIM105
-            pool.pending.pop()
-        except IndexError:  # a pop without its append: never negative
-            pass
+    #
+    # A traced checkout runs checked_out() and checked_in(), and enter() and exit() when a
+    # ``with`` block surrounds it: one call each, beside the SDK's own. What does not change
+    # from one checkout to the next (the pool's attributes and the call site's) is built once
+    # (_base), and the API's context functions give way to the ContextVar they wrap (_CONTEXT).
 
     def checked_out(self, lease: Lease, since: float | None) -> None:
         # Dormant: a provider may still be set. _wake()'s tests, inlined: with spans and no
         # metrics (or the other way round) for good, this runs at every checkout.
         if self.dormant and (
-            (not (self.tracing or self._tracer_off) and _global_tracer_set())
-            or (not (self.metering or self._meter_off) and _global_meter_set())
+            (self._watch_tracer and getattr(trace, "_TRACER_PROVIDER", True) is not None)
+            or (
+                self._watch_meter
+                and getattr(_metrics_internal, "_METER_PROVIDER", True) is not None
+            )
         ):
             self._wake()
+        info = lease.pool.observed
+        if type(info) is not _PoolInfo:
+            info = _pool_info(lease.pool)
         if self.tracing:
-            lease.otel = _Trace(otel_context.get_current(), since)
-            if _pool_info(lease.pool).span is None:
+            var = _CONTEXT
+            state = lease.otel = _new(_Trace)
+            state.parent = otel_context.get_current() if var is None else var.get()
+            state.since = since
+            state.span = state.token = state.ctx = None
+            state.depth = state.offset = 0
+            state.outcome = "returned"
+            state.ended = False
+            if info.span is None:
                 self._pool_attributes(lease)  # while the connection is surely open
         if self.metering and since is not None:
+            t0 = lease.t0
             self.instruments.later(
-                self.instruments.wait_time,
-                max(0.0, lease.t0 - since),
-                _pool_info(lease.pool).metric,
+                self.instruments.wait_time, t0 - since if t0 > since else 0.0, info.metric
             )
 
     def checked_in(self, lease: Lease, late: bool, discarded: bool) -> None:
-        if self.metering and lease.t_in is not None:
+        end = lease.t_in
+        if self.metering and end is not None:
+            t0 = lease.t0
             self.instruments.later(
                 self.instruments.use_time,
-                max(0.0, lease.t_in - lease.t0),
+                end - t0 if end > t0 else 0.0,
                 _pool_info(lease.pool).metric,
             )
         state = lease.otel
@@ -324,8 +393,22 @@ class Telemetry:
             return
         if discarded:
             state.outcome = "discarded"
-        if not late:
-            self._finish(lease, state, lease.t_in)
+        if late or state.ended:
+            return
+        # _finish(), its common case inlined: this is every traced checkin.
+        state.ended = True
+        span = state.span
+        if span is None:
+            span = self._start(lease, state, state.parent)
+        state.parent = None  # the user's context is not kept alive by a finished checkout
+        if end is None:
+            end = _monotonic()
+        t0 = lease.t0
+        # No is_recording() first: a span that does not record ignores its attributes anyway.
+        span.set_attributes(
+            {"pgleak.held_s": end - t0 if end > t0 else 0.0, "pgleak.outcome": state.outcome}
+        )
+        span.end(state.offset + int(end * 1e9))  # the API's end(end_time)
 
     def settled(self, lease: Lease) -> None:
         state = lease.otel
@@ -335,23 +418,33 @@ class Telemetry:
     def enter(self, lease: Lease) -> None:
         """The user's block for ``lease`` begins: its span becomes the current span."""
         state = lease.otel
-        if not isinstance(state, _Trace) or state.ended:
+        if state is None or state.ended:
             return
         if state.token is not None:  # the same connection's block, nested
             state.depth += 1
             return
         # Started here, it is parented to the user's own context, not to whatever the pool
         # library's instrumentation had made current when the checkout happened.
-        span = state.span if state.span is not None else self._start(lease, state, None)
-        ctx = trace.set_span_in_context(span)
-        state.ctx = ctx
-        state.token = otel_context.attach(ctx)
+        var = _CONTEXT
+        span = state.span
+        if var is None:
+            if span is None:
+                span = self._start(lease, state, None)
+            ctx = state.ctx = trace.set_span_in_context(span)
+            state.token = otel_context.attach(ctx)
+        else:
+            current = var.get()
+            if span is None:
+                span = self._start(lease, state, current)
+            # trace.set_span_in_context(span) and context.attach(), without their four calls
+            ctx = state.ctx = Context(current, **{_SPAN_KEY: span})
+            state.token = var.set(ctx)
         state.depth = 1
 
     def exit(self, lease: Lease) -> None:
         """The user's block for ``lease`` ends: what was current before it is again."""
         state = lease.otel
-        if not isinstance(state, _Trace) or state.token is None:
+        if state is None or state.token is None:
             return
         state.depth -= 1
         if state.depth > 0:
@@ -360,38 +453,76 @@ class Telemetry:
         state.token = state.ctx = None
         # Someone attached a context since and has not detached it: resetting ours now would
         # pull theirs out from under them.
-        if otel_context.get_current() is ctx:
-            _detach(token)
+        var = _CONTEXT
+        if var is None:
+            if otel_context.get_current() is ctx:
+                _detach(token)
+        elif var.get() is ctx:
+            try:  # noqa: SIM105 - _detach(), inlined; contextlib.suppress is three calls more
+                var.reset(token)
+            except (ValueError, RuntimeError):  # a token of another contextvars.Context
+                pass
 
     # -- spans -------------------------------------------------------------------------------
 
     def _start(self, lease: Lease, state: _Trace, parent: Any) -> Span:
-        start = state.since if state.since is not None else lease.t0
+        since, t0 = state.since, lease.t0
+        # The pool's and the call site's attributes, as kept for this pool and line.
+        raw = lease.raw
+        info = lease.pool.observed
+        hit = None
+        if type(info) is _PoolInfo:
+            code = raw[0] if raw else None
+            hit = info.sites.get((id(code), raw[1]) if raw else None)
+            if hit is not None and hit[0] is not code:
+                hit = None  # an id reused by another code object
+        attrs = hit[1].copy() if hit is not None else self._base(lease)
+        attrs["pgleak.checkout_id"] = lease.id
+        # lease.holder(), inlined
+        context, task = lease.context, lease.task
+        if task is None:
+            holder = f"thread {lease.thread[1]!r}"
+        else:
+            holder = f"task {task[1]!r} (thread {lease.thread[1]!r})"
+        if context:
+            attrs["pgleak.holder"] = f"{holder} during {context}"
+            attrs["pgleak.context"] = context
+        else:
+            attrs["pgleak.holder"] = holder
+        start = t0
+        if since is not None:
+            attrs["pgleak.waited_s"] = t0 - since if t0 > since else 0.0
+            start = since
         # The attributes go in with the start: the SDK takes them in one pass (and hands them
         # to the sampler), where set_attributes() afterwards takes the span's lock and checks
-        # each one again.
+        # each one again. Backdated to the start of the wait; the arguments by position, in
+        # the API's order (name, context, kind, attributes, links, start_time).
+        offset = state.offset = _time_ns() - int(_monotonic() * 1e9)
         span = self.tracer.start_span(
-            SPAN_NAME,
-            context=parent,
-            kind=SpanKind.INTERNAL,
-            attributes=self._attributes(lease, state),
-            start_time=_epoch_ns(start),
+            SPAN_NAME, parent, _INTERNAL, attrs, None, offset + int(start * 1e9)
         )
         state.span = span
         return span
 
-    def _attributes(self, lease: Lease, state: _Trace) -> dict[str, Any]:
+    def _base(self, lease: Lease) -> dict[str, Any]:
+        """A new dict of the span attributes that the pool and the line of ``lease`` decide.
+
+        Kept per pool and line (``_PoolInfo.sites``, keyed by the checkout's innermost
+        recorded frame) once the pool's server is known, and only when that frame is the line
+        itself, since :func:`pgleak._stack.site` may look further out.
+        """
         attrs = dict(self._pool_attributes(lease))
-        site = _stack.site(lease.raw)
+        raw = lease.raw
+        site = _stack.site(raw)
         if site is not None:
             attrs[CODE_FILE_PATH], attrs[CODE_LINE_NUMBER], attrs[CODE_FUNCTION_NAME] = site
-        attrs["pgleak.checkout_id"] = lease.id
-        attrs["pgleak.holder"] = lease.holder()
-        if lease.context:
-            attrs["pgleak.context"] = lease.context
-        if state.since is not None:
-            attrs["pgleak.waited_s"] = max(0.0, lease.t0 - state.since)
-        return attrs
+        info = _pool_info(lease.pool)
+        if info.span is not None and len(info.sites) < _MAX_SITES:
+            if not raw:
+                info.sites[None] = (None, attrs)
+            elif _stack.site(raw[:2]) == site:
+                info.sites[id(raw[0]), raw[1]] = (raw[0], attrs)
+        return dict(attrs)
 
     def _pool_attributes(
         self, lease: Lease | None, pool: PoolHandle | None = None
@@ -467,7 +598,7 @@ class Telemetry:
                 1, {POOL_NAME: _pool_info(lease.pool).metric[POOL_NAME], LEAK_KIND: leak}
             )
         state = lease.otel
-        if not isinstance(state, _Trace) or state.ended:
+        if state is None or state.ended:
             return
         span = state.span if state.span is not None else self._start(lease, state, state.parent)
         if span.is_recording():

@@ -44,11 +44,15 @@ from pgleak._otel_names import (
 class _PoolInfo:
     """What Telemetry derives once per pool (kept in ``PoolHandle.observed``)."""
 
-    __slots__ = ("metric", "span")
+    __slots__ = ("metric", "sites", "span")
 
     def __init__(self, name: str) -> None:
         self.metric = {POOL_NAME: name}
         self.span: dict[str, Any] | None = None
+        #: The span attributes of a checkout at a given line: ``span`` and its ``code.*``,
+        #: by (id of the code, offset) of the line, with the code (``pgleak._otel``'s
+        #: ``Telemetry._base``); ``None``: no stack was recorded.
+        self.sites: dict[tuple[int, int] | None, tuple[Any, dict[str, Any]]] = {}
 
 
 def _pool_info(pool: PoolHandle) -> _PoolInfo:

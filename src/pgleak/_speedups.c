@@ -599,7 +599,7 @@ static PyObject *s_settings, *s_enabled, *s_max_tracked, *s_leak_threshold, *s_c
     *s_stack_depth, *s_leases, *s_by_conn, *s_ids, *s_watchdog, *s_thread, *s_observer,
     *s_waker, *s_collected, *s_get_name, *s_generation, *s_pending,
     *s_after_checkout, *s_forget, *s_on_collected, *s_wake_gate, *s_thread_key, *s_append,
-    *s_get_coro, *s_greenlet, *s_getcurrent, *s_parent, *s_gr_frame;
+    *s_get_coro, *s_greenlet, *s_getcurrent, *s_parent, *s_gr_frame, *s_observe_checkin;
 
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
@@ -1732,8 +1732,9 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
     int observed = observer != Py_None;
     Py_DECREF(observer);
     if (observed) {
-        return PyObject_CallMethod(core, "_observe_checkin", "OOO", lease,
-                                   late ? Py_True : Py_False, Py_False);
+        /* Every traced checkin: the name interned, no format string to parse. */
+        return PyObject_CallMethodObjArgs(core, s_observe_checkin, lease,
+                                          late ? Py_True : Py_False, Py_False, NULL);
     }
     Py_RETURN_NONE;
 }
@@ -3135,6 +3136,7 @@ PyInit__speedups(void)
         {&s_parent, "parent"}, {&s_gr_frame, "gr_frame"},
         {&s_call_site, "call_site"}, {&s_connection_record, "_connection_record"},
         {&s_tokens, "_tokens"},
+        {&s_observe_checkin, "_observe_checkin"},
     };
     for (size_t i = 0; i < sizeof(interned) / sizeof(interned[0]); i++) {
         *interned[i].slot = PyUnicode_InternFromString(interned[i].text);

@@ -240,3 +240,51 @@ def test_a_waiter_span_starts_when_the_wait_does(
         assert otel.value("db.client.connection.pending_requests", name) == 0
     finally:
         kit.close(pool)
+
+
+def test_every_checkout_names_its_own_line(kit: Kit, pool: Any, otel: Otel) -> None:
+    """The pool's and the line's attributes are kept per pool and line after the first
+    checkout there: later checkouts, at that line or another, still name their own."""
+
+    def here(sites: list[str | None]) -> None:
+        with kit.use(pool) as conn:
+            kit.query(conn)
+            sites.append(pgleak.checked_out()[0].site)
+
+    def there(sites: list[str | None]) -> None:
+        with kit.use(pool) as conn:
+            kit.query(conn)
+            sites.append(pgleak.checked_out()[0].site)
+
+    sites: list[str | None] = []
+    for _ in range(2):
+        here(sites)
+        there(sites)
+    spans = sorted(otel.collector.wait_for(count=4), key=lambda s: s.start_time or 0)
+    assert len(spans) == 4
+    for reported, span in zip(sites, spans, strict=True):
+        assert reported is not None
+        assert reported.startswith(site(span) + " in ")
+
+
+def test_another_runtime_context_gets_the_apis_functions(
+    kit: Kit, pool: Any, otel: Otel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the ContextVar shortcut (``OTEL_PYTHON_CONTEXT`` names another runtime
+    context), the block attaches and detaches through the API, with the same result."""
+    from pgleak import _otel
+
+    monkeypatch.setattr(_otel, "_CONTEXT", None)
+    with otel.tracer.start_as_current_span("request") as request:
+        with kit.use(pool) as conn:
+            inside = trace.get_current_span()
+            kit.query(conn)
+        after = trace.get_current_span()
+    [span] = otel.collector.wait_for()
+    assert after is request
+    if scoped(kit):
+        assert inside.get_span_context().span_id == span.context.span_id
+    else:
+        assert inside is request
+    assert span.parent is not None
+    assert span.parent.span_id == request.get_span_context().span_id

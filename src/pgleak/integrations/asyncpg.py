@@ -86,11 +86,9 @@ from pgleak._adapter import (
     c_awaitables,
     driver_state,
     driver_target,
-    enter_scope,
-    exit_scope,
 )
 from pgleak._appname import tags
-from pgleak._core import Lease, PoolKind, PoolStats, core
+from pgleak._core import PoolKind, PoolStats, core
 from pgleak._guard import internal_error
 from pgleak._reclaim import on_loop as _reclaim_on_loop
 from pgleak._redact import redact_dsn
@@ -147,13 +145,6 @@ def _target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
             value = ",".join(map(str, value))
         parts.append(f"{key}={value}")
     return " ".join(parts)
-
-
-def _connection_of(proxy: Any) -> Any:
-    """The ``asyncpg.Connection`` behind a lent proxy; ``None`` once released (or foreign)."""
-    if isinstance(proxy, PoolConnectionProxy):
-        return proxy._con
-    return None
 
 
 _pools = core._pools
@@ -382,9 +373,25 @@ def _wrap_get_new_connection(original: Any) -> Any:
     return _get_new_connection
 
 
-def _lease_of_proxy(proxy: Any) -> Lease | None:
-    con = _connection_of(proxy)
-    return None if con is None else core.lease_of(con)
+def _scope(proxy: Any, entering: bool) -> None:
+    # The lease's lookup (Core.lease_of) and enter_scope() / exit_scope(), inlined: every
+    # block while an observer runs.
+    try:
+        con = proxy._con if isinstance(proxy, PoolConnectionProxy) else None
+        lease = None if con is None else _by_conn.get(id(con))
+        if lease is None or lease.ref is None or lease.ref() is not con:
+            return  # not tracked, or an id reused after its connection died
+        observer = core.observer
+        if observer is not None:
+            if entering:
+                observer.enter(lease)
+            else:
+                observer.exit(lease)
+    except Exception as exc:
+        internal_error("asyncpg.scope", exc)
+
+
+_by_conn = core.by_conn
 
 
 def _wrap_aenter(original: Any) -> Any:
@@ -396,12 +403,7 @@ def _wrap_aenter(original: Any) -> Any:
 
     async def traced(ctx: Any) -> Any:
         proxy = await original(ctx)
-        try:
-            lease = _lease_of_proxy(proxy)
-        except Exception as exc:
-            internal_error("asyncpg.scope", exc)
-        else:
-            enter_scope(lease, _KIND)
+        _scope(proxy, True)
         return proxy
 
     def __aenter__(ctx: Any) -> Any:
@@ -414,15 +416,10 @@ def _wrap_aexit(original: Any) -> Any:
     """``PoolAcquireContext.__aexit__``: detached here, in the caller's task, before
     ``release()`` continues in a shielded task of its own."""
 
-    def __aexit__(ctx: Any, *exc_info: Any) -> Any:
+    def __aexit__(ctx: Any, typ: Any, value: Any, tb: Any) -> Any:
         if core.observer is not None:
-            try:
-                lease = _lease_of_proxy(ctx.connection)
-            except Exception as exc:
-                internal_error("asyncpg.scope", exc)
-            else:
-                exit_scope(lease, _KIND)
-        return original(ctx, *exc_info)
+            _scope(getattr(ctx, "connection", None), False)
+        return original(ctx, typ, value, tb)
 
     return __aexit__
 

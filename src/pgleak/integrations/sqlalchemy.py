@@ -87,9 +87,9 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without SQL
     raise AdapterUnavailable("SQLAlchemy is not installed") from _exc
 
 from pgleak import _adapter, _retry, _stack
-from pgleak._adapter import Adapter, driver_state, driver_target, enter_scope, exit_scope
+from pgleak._adapter import Adapter, driver_state, driver_target
 from pgleak._appname import tags
-from pgleak._core import Lease, PoolHandle, PoolKind, PoolStats, core
+from pgleak._core import PoolHandle, PoolKind, PoolStats, core
 from pgleak._guard import internal_error
 from pgleak._reclaim import on_loop as _reclaim_on_loop
 from pgleak._redact import redact_dsn
@@ -455,23 +455,21 @@ def _record_connect(original: Any) -> Any:
     return __connect
 
 
-def _lease_of(connection: Any) -> Lease | None:
-    """The lease of the pooled connection a ``Connection`` holds (``None`` once closed)."""
-    fairy = getattr(connection, "_dbapi_connection", None)
-    record = getattr(fairy, "_connection_record", None)
-    if record is None:
-        return None
-    lease: Lease | None = getattr(record, _KEY, None)
-    return lease
-
-
 def _scope(connection: Any, entering: bool) -> None:
+    # The lease's lookup and enter_scope() / exit_scope(), inlined: every block while an
+    # observer runs.
     try:
-        lease = _lease_of(connection)
+        fairy = getattr(connection, "_dbapi_connection", None)
+        record = getattr(fairy, "_connection_record", None)
+        lease = None if record is None else getattr(record, _KEY, None)
+        observer = core.observer
+        if lease is not None and observer is not None:
+            if entering:
+                observer.enter(lease)
+            else:
+                observer.exit(lease)
     except Exception as err:
         internal_error("sqlalchemy.scope", err)
-        return
-    (enter_scope if entering else exit_scope)(lease, _KIND)
 
 
 def _make_enter(original: Any) -> Any:
@@ -485,10 +483,10 @@ def _make_enter(original: Any) -> Any:
 
 
 def _make_exit(original: Any) -> Any:
-    def __exit__(self: Any, *exc_info: Any) -> Any:
+    def __exit__(self: Any, typ: Any, value: Any, tb: Any) -> Any:
         if core.observer is not None:
             _scope(self, False)
-        return original(self, *exc_info)
+        return original(self, typ, value, tb)
 
     return __exit__
 
