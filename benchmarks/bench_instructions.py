@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import types
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -97,50 +98,59 @@ def _bare_of(setting: str) -> str:
     return setting if setting in OPTIONAL else "default"
 
 
-def count(path: str, setting: str, installed: bool, n: int, where: dict[str, Any]) -> int:
+def count(
+    path: str,
+    setting: str,
+    installed: bool,
+    n: int,
+    where: dict[str, Any],
+    script: str = __file__,
+    collect: tuple[str, ...] = (),
+) -> int:
+    """Instructions of one child run of ``script`` under callgrind (``collect``: its options
+    saying where to count; by default the whole process)."""
     args = [
         "valgrind",
         "--tool=callgrind",
         "--callgrind-out-file=/dev/null",
+        *collect,
         sys.executable,
-        __file__,
+        script,
         "--child",
         f"{path}:{setting}:{int(installed)}:{n}",
         *(f"--{key}={value}" for key, value in where.items()),
     ]
-    done = subprocess.run(args, capture_output=True, text=True, check=False, timeout=900)
+    done = subprocess.run(args, capture_output=True, text=True, check=False, timeout=1800)
     found = _REFS.findall(done.stderr)
     if done.returncode != 0 or not found:
         raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-2000:]}")
     return int(found[-1].replace(",", ""))
 
 
-def per_cycle(path: str, setting: str, installed: bool, where: dict[str, Any]) -> float:
-    low = count(path, setting, installed, N1, where)
-    high = count(path, setting, installed, N2, where)
-    return (high - low) / (N2 - N1)
+def per_cycle(
+    path: str,
+    setting: str,
+    installed: bool,
+    where: dict[str, Any],
+    runs: tuple[int, int] = (N1, N2),
+    script: str = __file__,
+    collect: tuple[str, ...] = (),
+) -> float:
+    low = count(path, setting, installed, runs[0], where, script, collect)
+    high = count(path, setting, installed, runs[1], where, script, collect)
+    return (high - low) / (runs[1] - runs[0])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--paths", default=",".join(PATHS))
-    parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    for key in ("host", "port", "user", "dbname"):
-        parser.add_argument(f"--{key}", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        path, setting, installed, n = args.child.split(":")
-        where = {"host": args.host, "port": int(args.port), "user": args.user}
-        child(path, setting, installed == "1", int(n), {**where, "dbname": args.dbname})
-        return 0
-    if shutil.which("valgrind") is None:
-        print("bench_instructions.py needs valgrind (apt install valgrind)", file=sys.stderr)
-        return 2
+def table(
+    paths: list[str],
+    settings: list[str],
+    counted_as: Callable[[str, str, bool, dict[str, Any]], float],
+    bare_of: Callable[[str], str] = lambda setting: "default",
+) -> None:
+    """Count every path bare and under every setting, one process each, as many at once as
+    there are CPUs, against one throwaway server; print the markdown rows."""
     from pgleak.embedded import EmbeddedPostgres
 
-    paths = [p for p in args.paths.split(",") if p]
-    settings = [s for s in args.settings.split(",") if s]
     print("| path | setting | bare cycle | pgleak adds | added / bare |")
     print("|---|---|---:|---:|---:|")
     with EmbeddedPostgres(max_connections=20) as server:
@@ -150,22 +160,53 @@ def main(argv: list[str] | None = None) -> int:
             "user": server.user,
             "dbname": server.dbname,
         }
-        # Every count runs in a process of its own: as many at once as there are CPUs.
-        bares = dict.fromkeys(_bare_of(setting) for setting in settings)
+        bares = dict.fromkeys(bare_of(setting) for setting in settings)
         jobs = [(path, bare, False) for path in paths for bare in bares] + [
             (path, setting, True) for path in paths for setting in settings
         ]
 
         def run(job: tuple[str, str, bool]) -> float:
-            return per_cycle(job[0], job[1], job[2], where)
+            return counted_as(job[0], job[1], job[2], where)
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             counted = dict(zip(jobs, pool.map(run, jobs), strict=True))
         for path in paths:
             for setting in settings:
-                bare = counted[(path, _bare_of(setting), False)]
+                bare = counted[(path, bare_of(setting), False)]
                 added = counted[(path, setting, True)] - bare
                 print(f"| {path} | {setting} | {bare:,.0f} | +{added:,.0f} | {added / bare:+.0%} |")
+
+
+def parse(argv: list[str] | None, doc: str, paths: tuple[str, ...]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc.split("\n\n", maxsplit=1)[0])
+    parser.add_argument("--paths", default=",".join(paths))
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    for key in ("host", "port", "user", "dbname"):
+        parser.add_argument(f"--{key}", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def as_child(args: argparse.Namespace, child: Callable[..., None]) -> bool:
+    """Run ``child`` if this process is a counted child run; whether it was."""
+    if not args.child:
+        return False
+    path, setting, installed, n = args.child.split(":")
+    where = {"host": args.host, "port": int(args.port), "user": args.user, "dbname": args.dbname}
+    child(path, setting, installed == "1", int(n), where)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv, __doc__ or "", PATHS)
+    if as_child(args, child):
+        return 0
+    if shutil.which("valgrind") is None:
+        print("bench_instructions.py needs valgrind (apt install valgrind)", file=sys.stderr)
+        return 2
+    paths = [p for p in args.paths.split(",") if p]
+    settings = [s for s in args.settings.split(",") if s]
+    table(paths, settings, per_cycle, _bare_of)
     print(
         f"\nInstructions per checkout + checkin cycle (callgrind; runs of {N1} and {N2} cycles,"
         f" {bench_cost.DEPTH} frames deep), CPython {sys.version.split()[0]}."

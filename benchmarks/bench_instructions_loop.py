@@ -16,26 +16,24 @@ ones' loop is not an event loop to hand over). Needs ``valgrind`` on ``PATH``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
-import re
+import functools
 import shutil
-import subprocess
 import sys
 import types
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_cost
+import bench_instructions
 
 PATHS = ("asyncpg", "psycopg_pool_async", "sqlalchemy_async")
-SETTINGS: dict[str, dict[str, Any]] = {"default": {}, "no_stack": {"capture_stack": False}}
+SETTINGS = bench_instructions.SETTINGS
 N1, N2 = 500, 1500
-_REFS = re.compile(r"(?:I\s+refs|Collected)\s*:\s*([\d,]+)")
+#: callgrind counts only inside ``sys.call_tracing`` (the child's loop).
+_COLLECT = ("--collect-atstart=no", "--toggle-collect=sys_call_tracing")
 
 
 def child(path: str, setting: str, installed: bool, n: int, where: dict[str, Any]) -> None:
@@ -54,75 +52,19 @@ def child(path: str, setting: str, installed: bool, n: int, where: dict[str, Any
     loop.close()
 
 
-def count(path: str, setting: str, installed: bool, n: int, where: dict[str, Any]) -> int:
-    args = [
-        "valgrind",
-        "--tool=callgrind",
-        "--callgrind-out-file=/dev/null",
-        "--collect-atstart=no",
-        "--toggle-collect=sys_call_tracing",
-        sys.executable,
-        __file__,
-        "--child",
-        f"{path}:{setting}:{int(installed)}:{n}",
-        *(f"--{key}={value}" for key, value in where.items()),
-    ]
-    done = subprocess.run(args, capture_output=True, text=True, check=False, timeout=1800)
-    found = _REFS.findall(done.stderr)
-    if done.returncode != 0 or not found:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    return int(found[-1].replace(",", ""))
-
-
-def per_cycle(path: str, setting: str, installed: bool, where: dict[str, Any]) -> float:
-    low = count(path, setting, installed, N1, where)
-    high = count(path, setting, installed, N2, where)
-    return (high - low) / (N2 - N1)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--paths", default=",".join(PATHS))
-    parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    for key in ("host", "port", "user", "dbname"):
-        parser.add_argument(f"--{key}", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        path, setting, installed, n = args.child.split(":")
-        where = {"host": args.host, "port": int(args.port), "user": args.user}
-        child(path, setting, installed == "1", int(n), {**where, "dbname": args.dbname})
+    args = bench_instructions.parse(argv, __doc__ or "", PATHS)
+    if bench_instructions.as_child(args, child):
         return 0
     if shutil.which("valgrind") is None:
         print("bench_instructions_loop.py needs valgrind (apt install valgrind)", file=sys.stderr)
         return 2
-    from pgleak.embedded import EmbeddedPostgres
-
     paths = [p for p in args.paths.split(",") if p]
     settings = [s for s in args.settings.split(",") if s]
-    print("| path | setting | bare cycle | pgleak adds | added / bare |")
-    print("|---|---|---:|---:|---:|")
-    with EmbeddedPostgres(max_connections=20) as server:
-        where = {
-            "host": server.host,
-            "port": server.port,
-            "user": server.user,
-            "dbname": server.dbname,
-        }
-        jobs = [(path, "default", False) for path in paths] + [
-            (path, setting, True) for path in paths for setting in settings
-        ]
-
-        def run(job: tuple[str, str, bool]) -> float:
-            return per_cycle(job[0], job[1], job[2], where)
-
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            counted = dict(zip(jobs, pool.map(run, jobs), strict=True))
-        for path in paths:
-            bare = counted[(path, "default", False)]
-            for setting in settings:
-                added = counted[(path, setting, True)] - bare
-                print(f"| {path} | {setting} | {bare:,.0f} | +{added:,.0f} | {added / bare:+.0%} |")
+    counted_as = functools.partial(
+        bench_instructions.per_cycle, runs=(N1, N2), script=__file__, collect=_COLLECT
+    )
+    bench_instructions.table(paths, settings, counted_as)
     print(
         f"\nInstructions per checkout + checkin cycle inside the loop (callgrind; runs of {N1}"
         f" and {N2} cycles, {bench_cost.DEPTH} frames deep), CPython {sys.version.split()[0]}."
