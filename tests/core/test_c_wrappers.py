@@ -17,7 +17,9 @@ from pgleak._core import Lease, core
 from pgleak.testing import capture_events
 
 pytestmark = pytest.mark.skipif(
-    getattr(_stack._fast, "Tracked", None) is None, reason="the C extension is not loaded"
+    getattr(_stack._fast, "Tracked", None) is None,
+    reason="pgleak._speedups is not built here or PGLEAK_NO_SPEEDUPS=1 turned it off: the "
+    "Python templates run, and the rest of the suite tests those",
 )
 
 
