@@ -187,25 +187,33 @@ def parse(argv: list[str] | None, doc: str, paths: tuple[str, ...]) -> argparse.
     return parser.parse_args(argv)
 
 
-def as_child(args: argparse.Namespace, child: Callable[..., None]) -> bool:
-    """Run ``child`` if this process is a counted child run; whether it was."""
-    if not args.child:
-        return False
-    path, setting, installed, n = args.child.split(":")
-    where = {"host": args.host, "port": int(args.port), "user": args.user, "dbname": args.dbname}
-    child(path, setting, installed == "1", int(n), where)
-    return True
+def start(
+    argv: list[str] | None, doc: str, paths: tuple[str, ...], child: Callable[..., None]
+) -> tuple[list[str], list[str]] | int:
+    """The paths and settings to count; or, for a counted child run (``child`` run) or a
+    machine without valgrind, the exit code."""
+    args = parse(argv, doc, paths)
+    if args.child:
+        path, setting, installed, n = args.child.split(":")
+        where = {
+            "host": args.host,
+            "port": int(args.port),
+            "user": args.user,
+            "dbname": args.dbname,
+        }
+        child(path, setting, installed == "1", int(n), where)
+        return 0
+    if shutil.which("valgrind") is None:
+        print("counting instructions needs valgrind (apt install valgrind)", file=sys.stderr)
+        return 2
+    return [p for p in args.paths.split(",") if p], [s for s in args.settings.split(",") if s]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv, __doc__ or "", PATHS)
-    if as_child(args, child):
-        return 0
-    if shutil.which("valgrind") is None:
-        print("bench_instructions.py needs valgrind (apt install valgrind)", file=sys.stderr)
-        return 2
-    paths = [p for p in args.paths.split(",") if p]
-    settings = [s for s in args.settings.split(",") if s]
+    started = start(argv, __doc__ or "", PATHS, child)
+    if isinstance(started, int):
+        return started
+    paths, settings = started
     table(paths, settings, per_cycle, _bare_of)
     print(
         f"\nInstructions per checkout + checkin cycle (callgrind; runs of {N1} and {N2} cycles,"

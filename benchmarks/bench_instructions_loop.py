@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import shutil
 import sys
 import types
 from pathlib import Path
@@ -53,14 +52,10 @@ def child(path: str, setting: str, installed: bool, n: int, where: dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = bench_instructions.parse(argv, __doc__ or "", PATHS)
-    if bench_instructions.as_child(args, child):
-        return 0
-    if shutil.which("valgrind") is None:
-        print("bench_instructions_loop.py needs valgrind (apt install valgrind)", file=sys.stderr)
-        return 2
-    paths = [p for p in args.paths.split(",") if p]
-    settings = [s for s in args.settings.split(",") if s]
+    started = bench_instructions.start(argv, __doc__ or "", PATHS, child)
+    if isinstance(started, int):
+        return started
+    paths, settings = started
     counted_as = functools.partial(
         bench_instructions.per_cycle, runs=(N1, N2), script=__file__, collect=_COLLECT
     )

@@ -56,9 +56,10 @@ def assert_server(span: ReadableSpan, pg: Server) -> None:
     assert attrs["db.namespace"] == pg.dbname
 
 
-def test_the_span_is_current_inside_the_block(
-    kit: Kit, pool: Any, otel: Otel, pg: Server, otel_events: EventCapture
-) -> None:
+def block_in_a_request(kit: Kit, pool: Any, otel: Otel) -> tuple[ReadableSpan, Any]:
+    """A checkout block inside a request's span: the checkout's span is current in the block
+    (where the library has one), a child of the request's, and the request's is current again
+    after. The checkout's span, and ``pgleak.checked_out()`` from inside the block."""
     with otel.tracer.start_as_current_span("request") as request:
         with kit.use(pool) as conn:
             inside = trace.get_current_span()
@@ -71,9 +72,16 @@ def test_the_span_is_current_inside_the_block(
         assert inside.get_span_context().span_id == span.context.span_id
     else:
         assert inside is request
-    assert span.kind is SpanKind.INTERNAL
     assert span.parent is not None
     assert span.parent.span_id == request.get_span_context().span_id
+    return span, checkout
+
+
+def test_the_span_is_current_inside_the_block(
+    kit: Kit, pool: Any, otel: Otel, pg: Server, otel_events: EventCapture
+) -> None:
+    span, checkout = block_in_a_request(kit, pool, otel)
+    assert span.kind is SpanKind.INTERNAL
     assert span.status.status_code is StatusCode.UNSET
     assert_server(span, pg)
     attrs = span.attributes or {}
@@ -275,16 +283,4 @@ def test_another_runtime_context_gets_the_apis_functions(
     from pgleak import _otel
 
     monkeypatch.setattr(_otel, "_CONTEXT", None)
-    with otel.tracer.start_as_current_span("request") as request:
-        with kit.use(pool) as conn:
-            inside = trace.get_current_span()
-            kit.query(conn)
-        after = trace.get_current_span()
-    [span] = otel.collector.wait_for()
-    assert after is request
-    if scoped(kit):
-        assert inside.get_span_context().span_id == span.context.span_id
-    else:
-        assert inside is request
-    assert span.parent is not None
-    assert span.parent.span_id == request.get_span_context().span_id
+    block_in_a_request(kit, pool, otel)
