@@ -500,7 +500,8 @@ _GENERIC_CONN = "args[0] if args else kwargs.get(conn_param)"
 #: pgleak's. The library's own coroutine is handed to ``acquiring`` (pgleak._speedups), which
 #: drives it and files the checkout the moment it returns, in the awaiting task. An observer
 #: (the wait's start) or a call-site tag (an await after the checkout) takes ``slow``: the
-#: ``async def`` above.
+#: ``async def`` above. Where the C ledger is bound too, the wrapper is this function as a C
+#: object (``aacquire_wrapper``, a ``pgleak._speedups.Tracked``): no frame of pgleak's.
 _AACQUIRE_FAST = """
 def {name}({params}):
     if core.observer is None{untagged}:
@@ -510,7 +511,9 @@ def {name}({params}):
 
 #: The asyncio flavour of ``_RELEASE`` where the C extension is there: the lease is looked up
 #: before the call, as there, and ``releasing`` checks it in when the library's coroutine ends.
-#: A connection pgleak does not track gets the library's coroutine as it is.
+#: A connection pgleak does not track gets the library's coroutine as it is. Where the C ledger
+#: is bound too, the wrapper is this function as a C object (``arelease_wrapper``), which hands
+#: the calls it cannot read (a connection it cannot find among the arguments) to it.
 _ARELEASE_FAST = """
 def {name}({params}):
     conn = {conn}
@@ -540,6 +543,11 @@ def _c_wrappers() -> Any:
     if _core._fast_ledger is None:
         return None
     return fast
+
+
+def c_wrappers() -> Any:
+    """:func:`_c_wrappers`, for the integrations that make their own C wrappers (asyncpg)."""
+    return _c_wrappers()
 
 
 def _position(fn: Any, name: str) -> int:
@@ -870,6 +878,22 @@ class Adapter:
                 awaiting = c_awaitables()
                 if awaiting is None:
                     return python
+                fast = _c_wrappers()
+                if fast is not None and hasattr(fast, "aacquire_wrapper"):
+                    # _AACQUIRE_FAST below, as a C object (pgleak._speedups.Tracked)
+                    return fast.aacquire_wrapper(
+                        original,
+                        python,
+                        core,
+                        pools,
+                        kind,
+                        namer,
+                        f"{kind}.checkout",
+                        gave_up,
+                        internal_error,
+                        None if give_back is None else tags,
+                        None,
+                    )
                 return _forward.compile_wrapper(
                     _AACQUIRE_FAST,
                     attr,
@@ -953,7 +977,7 @@ class Adapter:
                 shape = _forward.GENERIC
             awaiting = c_awaitables() if is_async else None
             if awaiting is not None:
-                return _forward.compile_wrapper(
+                python = _forward.compile_wrapper(
                     _ARELEASE_FAST,
                     attr,
                     shape,
@@ -966,6 +990,21 @@ class Adapter:
                     },
                     "release",
                     conn=_GENERIC_CONN if shape is _forward.GENERIC else conn_param,
+                )
+                fast = _c_wrappers()
+                if fast is None or not hasattr(fast, "arelease_wrapper"):
+                    return python
+                # the function above, as a C object (pgleak._speedups.Tracked)
+                return fast.arelease_wrapper(
+                    original,
+                    python,
+                    core,
+                    by_conn,
+                    refused,
+                    _position(original, conn_param),
+                    conn_param,
+                    f"{kind}.checkin",
+                    internal_error,
                 )
             python = _forward.compile_wrapper(
                 _RELEASE,

@@ -1758,6 +1758,9 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
  * the wrappers call instead whenever one is on. */
 
 enum { AW_ACQUIRE = 0, AW_RELEASE = 1 };
+/* The same ends, for the C wrappers (Tracked, below): ``spec`` is the wrapper itself, ``args``
+ * the call's arguments after the pool (keyword values last), ``kwargs`` their names or NULL. */
+enum { AW_T_ACQUIRE = 2, AW_T_RELEASE = 3 };
 
 /* spec, for AW_ACQUIRE: (core, pools, kind, namer, proxy_type or None, gave_up,
  * internal_error, site); for AW_RELEASE: (core, refused, internal_error, site). */
@@ -2038,6 +2041,8 @@ released(Awaiting *self, int raised)
     return failed;
 }
 
+static int tracked_ended(Awaiting *self, PyObject *result, int raised); /* below */
+
 /* The library's call has ended: returned ``result`` (``raised`` 0) or with the error set. */
 static int
 finished(Awaiting *self, PyObject *result, int raised)
@@ -2047,7 +2052,10 @@ finished(Awaiting *self, PyObject *result, int raised)
         return 0; /* already ended (a re-entrant send that the library's coroutine refused) */
     }
     int failed = 0;
-    if (self->mode == AW_ACQUIRE) {
+    if (self->mode >= AW_T_ACQUIRE) {
+        failed = tracked_ended(self, result, raised);
+    }
+    else if (self->mode == AW_ACQUIRE) {
         if (raised) {
             gave_up(self);
         }
@@ -2267,7 +2275,7 @@ static PyTypeObject Awaiting_Type = {
  * function (Py_TPFLAGS_METHOD_DESCRIPTOR: ``pool.getconn()`` calls it with the pool first,
  * no bound method made), and its ``__dict__`` takes what ``functools.update_wrapper`` sets. */
 
-enum { ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN, RETRY };
+enum { ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN, RETRY, AACQUIRE, ARELEASE, HOLDER_RELEASE };
 
 typedef struct {
     PyObject_HEAD
@@ -2281,6 +2289,7 @@ typedef struct {
     PyObject *budget_dict, *succeeded, *worth, *retried;    /* retry */
     Py_ssize_t conn_index;
     int keyed; /* acquire: a call with any argument after the pool but None is the template's */
+    PyObject *proxy_type; /* AACQUIRE: asyncpg's proxy class (the lease goes by its _con) */
 } Tracked;
 
 /* s_checkout, s_checkin, s_ref and s_pool are the awaitables' (above). */
@@ -2735,6 +2744,14 @@ python:
     return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
 }
 
+/* The asyncio modes' calls (below, after the constructors). */
+static PyObject *aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf,
+                               PyObject *kwnames);
+static PyObject *arelease_call(Tracked *w, PyObject *const *args, size_t nargsf,
+                               PyObject *kwnames);
+static PyObject *holder_release_call(Tracked *w, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames);
+
 static PyObject *
 tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -2748,6 +2765,12 @@ tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObjec
         return sa_return_call(w, args, nargsf, kwnames);
     case RETRY:
         return retry_call(w, args, nargsf, kwnames);
+    case AACQUIRE:
+        return aacquire_call(w, args, nargsf, kwnames);
+    case ARELEASE:
+        return arelease_call(w, args, nargsf, kwnames);
+    case HOLDER_RELEASE:
+        return holder_release_call(w, args, nargsf, kwnames);
     default:
         return acquire_call(w, args, nargsf, kwnames);
     }
@@ -2785,6 +2808,7 @@ tracked_traverse(Tracked *w, visitproc visit, void *arg)
     Py_VISIT(w->succeeded);
     Py_VISIT(w->worth);
     Py_VISIT(w->retried);
+    Py_VISIT(w->proxy_type);
     return 0;
 }
 
@@ -2811,6 +2835,7 @@ tracked_clear(Tracked *w)
     Py_CLEAR(w->succeeded);
     Py_CLEAR(w->worth);
     Py_CLEAR(w->retried);
+    Py_CLEAR(w->proxy_type);
     return 0;
 }
 
@@ -2828,7 +2853,8 @@ tracked_dealloc(Tracked *w)
 static PyObject *
 tracked_repr(Tracked *w)
 {
-    int checkin = w->release == RELEASE || w->release == SA_RETURN;
+    int checkin = w->release == RELEASE || w->release == SA_RETURN || w->release == ARELEASE
+                  || w->release == HOLDER_RELEASE;
     return PyUnicode_FromFormat("<pgleak %s wrapper of %R>", checkin ? "checkin" : "checkout",
                                 w->original);
 }
@@ -2883,6 +2909,7 @@ tracked_new(int release)
     w->budget_dict = w->succeeded = w->worth = w->retried = NULL;
     w->conn_index = -1;
     w->keyed = 0;
+    w->proxy_type = NULL;
     PyObject_GC_Track(w);
     return w;
 }
@@ -3066,6 +3093,458 @@ retry_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return (PyObject *)w;
 }
 
+/* ---- The asyncio checkout and checkin wrappers, in C: Tracked's AACQUIRE, ARELEASE and
+ * HOLDER_RELEASE modes --------------------------------------------------------------------
+ *
+ * The wrappers of an asyncio pool's checkout and checkin (pgleak._adapter's
+ * ``_AACQUIRE_FAST`` / ``_ARELEASE_FAST``, asyncpg's ``_ACQUIRE_FAST`` and ``_RELEASE``) were
+ * Python functions that hand the library's coroutine to an ``Awaiting`` (above): a frame of
+ * pgleak's on every checkout and checkin. As Tracked objects they bind and read as the
+ * function they wrap, as the sync ones do, and do the same steps: AACQUIRE calls the library's
+ * method with the arguments as they came and returns its coroutine inside an Awaiting whose
+ * ``spec`` is this wrapper (the checkout, when the coroutine returns, files with the C ledger
+ * directly, the pool's handle read from its ``ref`` slot); an observer or call-site tags take
+ * ``python``, the ``async def`` template. ARELEASE looks the lease up before the call, as the
+ * template does, and returns the library's coroutine inside an Awaiting that checks it in
+ * (untracked: the library's coroutine as it is). HOLDER_RELEASE is asyncpg's sync
+ * ``PoolConnectionHolder._release``: the lease of the holder's lent connection, looked up
+ * before the call, checked in after it returns. */
+
+static PyObject *s_in_use;
+/* PoolHandle (pgleak._core), once seen, and the offset of its ``ref`` slot. */
+static PyObject *handle_type;
+static Py_ssize_t handle_ref_off;
+
+/* The pool's handle, a new reference: ``pools.get(id(pool))`` while its ``ref()`` is still
+ * the pool, else ``core.pool(pool, kind, namer)`` (the templates' inlined core.pool()). */
+static PyObject *
+handle_of(Tracked *w, PyObject *pool)
+{
+    PyObject *key = PyLong_FromVoidPtr(pool);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *handle = PyDict_GetItemWithError(w->pools, key);
+    Py_DECREF(key);
+    if (handle == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (handle != NULL) {
+        Py_INCREF(handle);
+        if ((PyObject *)Py_TYPE(handle) != handle_type) {
+            Py_ssize_t off;
+            if (member_offset((PyObject *)Py_TYPE(handle), "ref", &off) == 0) {
+                Py_XSETREF(handle_type, Py_NewRef((PyObject *)Py_TYPE(handle)));
+                handle_ref_off = off;
+            }
+            PyErr_Clear();
+        }
+        PyObject *ref = NULL, *obj;
+        if ((PyObject *)Py_TYPE(handle) == handle_type) {
+            ref = Py_XNewRef(SLOT(handle, handle_ref_off));
+        }
+        if (ref == NULL) {
+            ref = PyObject_GetAttr(handle, s_ref);
+            if (ref == NULL) {
+                Py_DECREF(handle);
+                return NULL;
+            }
+        }
+        if (PyWeakref_CheckRefExact(ref)) {
+            obj = ref_target(ref);
+            obj = obj == NULL ? Py_NewRef(Py_None) : obj;
+        }
+        else {
+            obj = PyObject_CallNoArgs(ref); /* asyncpg's: itertools.repeat(pool).__next__ */
+        }
+        Py_DECREF(ref);
+        if (obj == NULL) {
+            Py_DECREF(handle);
+            return NULL;
+        }
+        Py_DECREF(obj);
+        if (obj == pool) {
+            return handle;
+        }
+        Py_DECREF(handle);
+    }
+    return PyObject_CallMethodObjArgs(w->core, s_pool, pool, w->kind, w->namer, NULL);
+}
+
+/* The end of the ``async def`` template after the call returned ``result``: the checkout.
+ * 0, or -1 with an error set (a BaseException of pgleak's own, as the template's
+ * ``except Exception`` would let through). */
+static int
+tracked_aacquired(Tracked *w, PyObject *pool, PyObject *result)
+{
+    PyObject *conn, *handle = NULL, *lease = NULL, *other = NULL;
+    if (w->proxy_type != NULL) {
+        /* asyncpg: the proxy is filed under its Connection (the proxy has no weak refs) */
+        if (!PyObject_TypeCheck(result, (PyTypeObject *)w->proxy_type)) {
+            return 0;
+        }
+        conn = PyObject_GetAttr(result, s_con);
+        if (conn == NULL) {
+            goto fault;
+        }
+        if (conn == Py_None) {
+            Py_DECREF(conn);
+            return 0;
+        }
+    }
+    else {
+        conn = Py_NewRef(result);
+    }
+    handle = handle_of(w, pool);
+    if (handle == NULL || ledger_now(w, s_checkout, &other) < 0) {
+        goto fault;
+    }
+    if (other == NULL) {
+        PyObject *cargs[4] = {w->core, handle, conn, Py_True};
+        lease = ledger_checkout(NULL, cargs, 4, NULL);
+    }
+    else {
+        PyObject *cargs[4] = {handle, conn, Py_True, Py_None};
+        lease = PyObject_Vectorcall(other, cargs, 4, NULL);
+        Py_DECREF(other);
+    }
+    if (lease == NULL) {
+        goto fault;
+    }
+    Py_DECREF(lease);
+    Py_DECREF(handle);
+    Py_DECREF(conn);
+    return 0;
+fault:
+    Py_XDECREF(handle);
+    Py_XDECREF(conn);
+    return swallow(w->internal_error, w->site);
+}
+
+/* The wait failed, the error set: ``gave_up(pool, err, args, kwargs)``, the error kept. */
+static void
+tracked_gave_up(Awaiting *self, Tracked *w)
+{
+    saved_error e;
+    error_save(&e);
+    PyObject *all = self->args, *names = self->kwargs;
+    Py_ssize_t nkw = names == NULL ? 0 : PyTuple_GET_SIZE(names);
+    Py_ssize_t npos = PyTuple_GET_SIZE(all) - nkw;
+    PyObject *rest = PyTuple_GetSlice(all, 0, npos), *kwargs = PyDict_New();
+    int ok = rest != NULL && kwargs != NULL;
+    for (Py_ssize_t i = 0; ok && i < nkw; i++) {
+        ok = PyDict_SetItem(kwargs, PyTuple_GET_ITEM(names, i),
+                            PyTuple_GET_ITEM(all, npos + i)) == 0;
+    }
+    if (ok) {
+        PyObject *done = PyObject_CallFunctionObjArgs(
+            w->gave_up, self->target, e.value ? e.value : Py_None, rest, kwargs, NULL);
+        Py_XDECREF(done);
+    }
+    Py_XDECREF(rest);
+    Py_XDECREF(kwargs);
+    PyErr_Clear(); /* gave_up guards itself; nothing of pgleak's reaches the caller */
+    error_restore(&e);
+}
+
+/* The end of the ``async def`` checkin: the lease (``self->target``) is checked in, whatever
+ * ended the call (error set or not) but the pool's refusal. As ``released`` above. */
+static int
+tracked_areleased(Awaiting *self, Tracked *w, int raised)
+{
+    saved_error e = {NULL, NULL, NULL};
+    if (raised) {
+        if (PyErr_ExceptionMatches(w->refused)) {
+            return 0;
+        }
+        error_save(&e);
+    }
+    PyObject *other = NULL, *done = NULL;
+    if (ledger_now(w, s_checkin, &other) == 0) {
+        if (other == NULL) {
+            PyObject *cargs[2] = {w->core, self->target};
+            done = ledger_checkin(NULL, cargs, 2, NULL);
+        }
+        else {
+            done = PyObject_CallOneArg(other, self->target);
+            Py_DECREF(other);
+        }
+    }
+    int failed = 0;
+    if (done == NULL) {
+        failed = swallow(w->internal_error, w->site);
+    }
+    Py_XDECREF(done);
+    if (raised) {
+        if (failed) {
+            PyErr_Clear(); /* a BaseException of pgleak's own over the call's: the call's goes on */
+        }
+        error_restore(&e);
+        return 0;
+    }
+    return failed;
+}
+
+static int
+tracked_ended(Awaiting *self, PyObject *result, int raised)
+{
+    Tracked *w = (Tracked *)self->spec;
+    if (self->mode == AW_T_ACQUIRE) {
+        if (raised) {
+            tracked_gave_up(self, w);
+            return 0;
+        }
+        return tracked_aacquired(w, self->target, result);
+    }
+    return tracked_areleased(self, w, raised);
+}
+
+/* An Awaiting of ``awaitable`` whose end is this wrapper's (see tracked_ended). */
+static PyObject *
+tracked_awaiting(int mode, Tracked *w, PyObject *awaitable, PyObject *target, PyObject *args,
+                 PyObject *kwnames)
+{
+    PyObject *it = awaitable_iter(awaitable);
+    if (it == NULL) {
+        return NULL;
+    }
+    Awaiting *self = PyObject_GC_New(Awaiting, &Awaiting_Type);
+    if (self == NULL) {
+        Py_DECREF(it);
+        return NULL;
+    }
+    self->it = it;
+    self->spec = Py_NewRef((PyObject *)w);
+    self->target = Py_NewRef(target);
+    self->args = Py_XNewRef(args);
+    self->kwargs = Py_XNewRef(kwnames);
+    self->mode = mode;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static PyObject *
+aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1) {
+        goto python;
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer != Py_None) { /* an observer (or no such attribute): the template's */
+        PyErr_Clear();
+        goto python;
+    }
+    if (w->tags_dict != NULL) {
+        PyObject *call_site = PyDict_GetItemWithError(w->tags_dict, s_call_site);
+        if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
+            PyErr_Clear();
+            goto python;
+        }
+    }
+    PyObject *coro = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    if (coro == NULL) {
+        return NULL;
+    }
+    Py_ssize_t total = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
+    PyObject *rest = PyTuple_New(total - 1);
+    if (rest == NULL) {
+        Py_DECREF(coro);
+        return NULL;
+    }
+    for (Py_ssize_t i = 1; i < total; i++) {
+        PyTuple_SET_ITEM(rest, i - 1, Py_NewRef(args[i]));
+    }
+    PyObject *made = tracked_awaiting(AW_T_ACQUIRE, w, coro, args[0], rest, kwnames);
+    Py_DECREF(rest);
+    Py_DECREF(coro);
+    return made;
+python:
+    return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+}
+
+static PyObject *
+arelease_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *conn = NULL;
+    if (w->conn_index >= 0 && w->conn_index < nargs) {
+        conn = args[w->conn_index];
+    }
+    else if (kwnames != NULL) {
+        Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nkw && conn == NULL; i++) {
+            PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+            int same = name == w->conn_name ? 1 : PyUnicode_Compare(name, w->conn_name) == 0;
+            if (same) {
+                conn = args[nargs + i];
+            }
+        }
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            conn = NULL;
+        }
+    }
+    if (conn == NULL) {
+        goto python;
+    }
+    PyObject *key = PyLong_FromVoidPtr(conn);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *lease = PyDict_GetItemWithError(w->by_conn, key);
+    Py_DECREF(key);
+    if (lease == NULL && PyErr_Occurred()) {
+        PyErr_Clear();
+        goto python;
+    }
+    if (lease != NULL) {
+        if (!Py_IS_TYPE(lease, lease_type)) {
+            goto python;
+        }
+        PyObject *ref = SLOT(lease, lease_off[L_REF]);
+        PyObject *target = (ref != NULL && PyWeakref_Check(ref)) ? ref_target(ref) : NULL;
+        Py_XDECREF(target);
+        if (target != conn) {
+            lease = NULL; /* an id reused after its connection died */
+        }
+    }
+    if (lease == NULL) { /* untracked: the library's coroutine as it is */
+        return PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    }
+    Py_INCREF(lease);
+    PyObject *coro = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    PyObject *made = NULL;
+    if (coro != NULL) {
+        made = tracked_awaiting(AW_T_RELEASE, w, coro, lease, NULL, NULL);
+        Py_DECREF(coro);
+    }
+    Py_DECREF(lease);
+    return made;
+python:
+    return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+}
+
+static PyObject *
+holder_release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) < 1) {
+        return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+    }
+    PyObject *holder = args[0], *in_use = NULL, *con = NULL, *lease = NULL;
+    /* the template's ``getattr(holder, "_in_use", None)``, ``getattr(holder, "_con", None)`` */
+    if (PyObject_GetOptionalAttr(holder, s_in_use, &in_use) < 0) {
+        report_fault(w);
+    }
+    else if (in_use != NULL && in_use != Py_None) {
+        if (PyObject_GetOptionalAttr(holder, s_con, &con) < 0) {
+            report_fault(w);
+        }
+        else if (con != NULL && con != Py_None) {
+            PyObject *key = PyLong_FromVoidPtr(con);
+            lease = key == NULL ? NULL : PyDict_GetItemWithError(w->by_conn, key);
+            Py_XDECREF(key);
+            if (lease == NULL && PyErr_Occurred()) {
+                report_fault(w);
+            }
+            if (lease != NULL) {
+                if (!Py_IS_TYPE(lease, lease_type)) {
+                    Py_XDECREF(in_use);
+                    Py_XDECREF(con);
+                    return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+                }
+                PyObject *ref = SLOT(lease, lease_off[L_REF]);
+                PyObject *target = (ref != NULL && PyWeakref_Check(ref)) ? ref_target(ref) : NULL;
+                Py_XDECREF(target);
+                lease = target == con ? Py_NewRef(lease) : NULL; /* else an id reused */
+            }
+        }
+    }
+    Py_XDECREF(in_use);
+    Py_XDECREF(con);
+    PyObject *result = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    if (result != NULL && lease != NULL) {
+        tracked_released(w, lease);
+    }
+    Py_XDECREF(lease);
+    return result;
+}
+
+PyDoc_STRVAR(aacquire_wrapper_doc,
+"aacquire_wrapper(original, python, core, pools, kind, namer, site, gave_up, internal_error,\n"
+"                 tags, proxy_type) -> Tracked\n\n"
+"The asyncio checkout wrapper of ``original`` (a coroutine function): its coroutine in an\n"
+"awaitable that files the checkout when it returns; ``python`` (the ``async def`` template)\n"
+"for an observer or call-site tags (``tags``, None: the method does not tag); ``proxy_type``:\n"
+"asyncpg's proxy class, whose ``_con`` is filed (None: the result itself).");
+
+static PyObject *
+aacquire_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11 || (args[10] != Py_None && !PyType_Check(args[10]))) {
+        PyErr_SetString(PyExc_TypeError, "aacquire_wrapper(): bad arguments");
+        return NULL;
+    }
+    PyObject *given[11];
+    for (Py_ssize_t i = 0; i < 10; i++) {
+        given[i] = args[i];
+    }
+    given[10] = Py_False; /* not keyed */
+    Tracked *w = (Tracked *)acquire_wrapper(module, given, 11);
+    if (w != NULL) {
+        w->release = AACQUIRE;
+        w->proxy_type = args[10] == Py_None ? NULL : Py_NewRef(args[10]);
+    }
+    return (PyObject *)w;
+}
+
+PyDoc_STRVAR(arelease_wrapper_doc,
+"arelease_wrapper(original, python, core, by_conn, refused, conn_index, conn_name, site,\n"
+"                 internal_error) -> Tracked\n\n"
+"The asyncio checkin wrapper of ``original`` (a coroutine function), arguments as\n"
+"release_wrapper's; ``python``: the wrapper it stands in for (_ARELEASE_FAST).");
+
+static PyObject *
+arelease_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Tracked *w = (Tracked *)release_wrapper(module, args, nargs);
+    if (w != NULL) {
+        w->release = ARELEASE;
+    }
+    return (PyObject *)w;
+}
+
+PyDoc_STRVAR(holder_release_wrapper_doc,
+"holder_release_wrapper(original, python, core, by_conn, site, internal_error) -> Tracked\n\n"
+"asyncpg's ``PoolConnectionHolder._release`` wrapper (pgleak.integrations.asyncpg._RELEASE,\n"
+"the template ``python``).");
+
+static PyObject *
+holder_release_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyDict_Check(args[3]) || !bound) {
+        PyErr_SetString(PyExc_TypeError, "holder_release_wrapper(): bad arguments, or not bound");
+        return NULL;
+    }
+    if (s_in_use == NULL && (s_in_use = PyUnicode_InternFromString("_in_use")) == NULL) {
+        return NULL;
+    }
+    Tracked *w = tracked_new(HOLDER_RELEASE);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->original = Py_NewRef(args[0]);
+    w->python = Py_NewRef(args[1]);
+    w->by_conn = Py_NewRef(args[3]);
+    w->site = Py_NewRef(args[4]);
+    w->internal_error = Py_NewRef(args[5]);
+    if (tracked_core(w, args[2], s_checkin) < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
+    return (PyObject *)w;
+}
+
 static PyMethodDef methods[] = {
     {"capture", (PyCFunction)(void (*)(void))capture, METH_FASTCALL, capture_doc},
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL, walk_doc},
@@ -3090,6 +3569,12 @@ static PyMethodDef methods[] = {
      sqlalchemy_wrapper_doc},
     {"retry_wrapper", (PyCFunction)(void (*)(void))retry_wrapper, METH_FASTCALL,
      retry_wrapper_doc},
+    {"aacquire_wrapper", (PyCFunction)(void (*)(void))aacquire_wrapper, METH_FASTCALL,
+     aacquire_wrapper_doc},
+    {"arelease_wrapper", (PyCFunction)(void (*)(void))arelease_wrapper, METH_FASTCALL,
+     arelease_wrapper_doc},
+    {"holder_release_wrapper", (PyCFunction)(void (*)(void))holder_release_wrapper,
+     METH_FASTCALL, holder_release_wrapper_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,11 +81,23 @@ class _Adapter(_adapter.Adapter):
         self.track_release(Pool, "putconn", refused=(Refused,), is_async=True)
 
 
-@pytest.fixture(params=["c", "python"])
-def adapter(request: Any, installed: pgleak.Settings, monkeypatch: Any) -> Iterator[str]:
-    """The fake pool wrapped with the C awaitables, or with the ``async def`` templates."""
-    if request.param == "python":
+#: The three ways the fake pool is wrapped: C wrappers (``pgleak._speedups.Tracked``) that
+#: return the C awaitables, Python functions that do (``_AACQUIRE_FAST``/``_ARELEASE_FAST``),
+#: the ``async def`` templates.
+_WAYS = ["c", "c_awaitables", "python"]
+
+
+def _wrapped_so(which: str, monkeypatch: Any) -> None:
+    if which == "python":
         monkeypatch.setattr(_adapter, "c_awaitables", lambda: None)
+    elif which == "c_awaitables":
+        monkeypatch.setattr(_adapter, "use_c_wrappers", False)
+
+
+@pytest.fixture(params=_WAYS)
+def adapter(request: Any, installed: pgleak.Settings, monkeypatch: Any) -> Iterator[str]:
+    """The fake pool wrapped one of the three ways (``_WAYS``)."""
+    _wrapped_so(request.param, monkeypatch)
     fake = _Adapter()
     fake.install()
     try:
@@ -105,9 +118,14 @@ def test_the_wrappers_are_what_the_fixture_says(adapter: str) -> None:
     pool = Pool()
     made = pool.getconn()
     is_c = type(made).__name__ == "Awaiting"
-    assert is_c == (adapter == "c")
+    assert is_c == (adapter != "python")
     assert isinstance(made, collections.abc.Coroutine)
     made.close()
+    tracked = getattr(pgleak._stack._fast, "Tracked", None)
+    for attr in ("getconn", "putconn"):
+        wrapper = Pool.__dict__[attr]
+        assert (type(wrapper) is tracked) == (adapter == "c"), attr
+        assert (type(wrapper) is types.FunctionType) == (adapter != "c"), attr
 
 
 def test_checkout_and_checkin_name_the_task_and_the_await_line(adapter: str) -> None:
@@ -143,17 +161,16 @@ async def _checked_out_frames(pool: Pool) -> tuple[Any, ...]:
 def test_same_stack_either_way(installed: pgleak.Settings, monkeypatch: Any) -> None:
     """The C awaitable's checkout starts at the frame that awaits, as the coroutine's did."""
     seen: dict[str, tuple[Any, ...]] = {}
-    for which in ("c", "python"):
+    for which in _WAYS:
         with monkeypatch.context() as patched:
-            if which == "python":
-                patched.setattr(_adapter, "c_awaitables", lambda: None)
+            _wrapped_so(which, patched)
             fake = _Adapter()
             fake.install()
             try:
                 seen[which] = asyncio.run(_checked_out_frames(Pool()))
             finally:
                 fake.uninstall()
-    assert seen["c"] == seen["python"]
+    assert seen["c"] == seen["c_awaitables"] == seen["python"]
     assert seen["c"][0] is _checked_out_frames.__code__
 
 

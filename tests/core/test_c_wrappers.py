@@ -6,6 +6,7 @@ fault inside pgleak."""
 
 from __future__ import annotations
 
+import asyncio
 import types
 from typing import Any
 
@@ -228,4 +229,190 @@ def test_the_c_and_python_wrappers_leave_the_same_ledger_and_reports(run: Any) -
         0,
         0,
         0,
+    ]
+
+
+# -- the asyncio wrappers: Tracked objects that return the C awaitables -----------------------
+
+
+class AsyncToyPool:
+    """``ToyPool`` with coroutine methods (psycopg_pool's ``AsyncConnectionPool`` shape)."""
+
+    def __init__(self, size: int) -> None:
+        self.sync = ToyPool(size)
+        self.timeout = 3.0
+
+    async def getconn(self, timeout: float | None = None) -> Conn:
+        await asyncio.sleep(0)
+        return self.sync.getconn(timeout)
+
+    async def putconn(self, conn: Conn) -> None:
+        await asyncio.sleep(0)
+        self.sync.putconn(conn)
+
+
+class AsyncToy(_adapter.Adapter):
+    name = "async_toy"
+    distribution = "no-such-distribution-pgleak-toy"
+
+    def _install(self) -> None:
+        self.track_acquire(
+            AsyncToyPool,
+            "getconn",
+            namer=lambda pool: "async toy pool",
+            is_timeout=lambda err: isinstance(err, Timeout),
+            give_back="putconn",
+            is_async=True,
+        )
+        self.track_release(AsyncToyPool, "putconn", refused=(Refused,), is_async=True)
+
+
+def _async_ledger(pool: AsyncToyPool) -> list[Any]:
+    """``_ledger``, with the holding task by its name (its weak reference differs per run)."""
+    lent = pool.sync.lent
+    out = []
+    for lease in sorted(core.leases.values(), key=lambda lease: lease.id):
+        conn = lease.ref() if lease.ref is not None else None
+        out.append(
+            (
+                lent.index(conn) if conn in lent else None,
+                core.by_conn.get(id(conn)) is lease,
+                lease.pool.name,
+                lease.task and lease.task[1],
+                lease.raw[0::2],
+                lease.self_returning,
+                lease.t_in,
+                round(lease.threshold, 6),
+            )
+        )
+    return out + [(c.pool, c.holder, c.stack, c.state) for c in pgleak.checked_out()]
+
+
+async def _async_scenario(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    transcript: list[Any] = []
+    pool = AsyncToyPool(2)
+
+    async def step(name: str, call: Any) -> Any:
+        try:
+            result: Any = await call()
+            outcome = "ok"
+        except Exception as err:
+            result, outcome = None, f"{type(err).__name__}: {err}"
+        transcript.append((name, outcome, _async_ledger(pool)))
+        return result
+
+    with capture_events() as events:
+        first = await step("positional", lambda: pool.getconn(1.5))
+        inner = await step("in a task", lambda: asyncio.create_task(pool.getconn(), name="inner"))
+        await step("timeout, positional", lambda: pool.getconn(0.25))
+        await step("timeout, keyword", lambda: pool.getconn(timeout=0.5))
+        await step("timeout, pool's", pool.getconn)
+        await step("unbound", lambda: AsyncToyPool.getconn(pool))
+        await step("wait_for", lambda: asyncio.wait_for(pool.putconn(inner), 5.0))
+        second = await step("keyword", lambda: pool.getconn(timeout=2.5))
+        await step("refused", lambda: pool.putconn(Conn()))
+        first.fail = True
+        await step("failed checkin", lambda: pool.putconn(first))
+        pool.sync.free.append(Conn())  # the pool opens another in its place
+        seen: list[Any] = []
+        monkeypatch.setattr(core, "observer", Recorder(seen))
+        third = await step("observed checkout", pool.getconn)
+        await step("observed checkin", lambda: AsyncToyPool.putconn(pool, third))
+        transcript.append(("observer saw", seen))
+        monkeypatch.setattr(core, "observer", None)
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("pgleak's own fault")
+
+        monkeypatch.setattr(core, "checkout", broken)
+        fourth = await step("faulty checkout", pool.getconn)
+        monkeypatch.undo()
+
+        def broken_checkin(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("pgleak's own checkin fault")
+
+        monkeypatch.setattr(core, "checkin", broken_checkin)
+        await step("faulty checkin", lambda: pool.putconn(second))
+        monkeypatch.undo()
+        await step("untracked, keyword checkin", lambda: pool.putconn(conn=fourth))
+    transcript.append(("faults", [(site, repr(exc)) for site, exc in _guard.swallowed]))
+    transcript.append(
+        (
+            "events",
+            [
+                (
+                    e.event,
+                    e.pool,
+                    e.detail,
+                    [(h.holder, h.stack) for h in e.holders],
+                    e.waiter and (e.waiter.holder, e.waiter.stack),
+                    e.as_dict().get("waited_s"),
+                )
+                for e in events.events
+            ],
+        )
+    )
+    return transcript
+
+
+@pytest.fixture
+def run_async(installed: pgleak.Settings, monkeypatch: pytest.MonkeyPatch) -> Any:
+    def run(way: str) -> list[Any]:
+        with monkeypatch.context() as patched:
+            if way == "python":
+                patched.setattr(_adapter, "c_awaitables", lambda: None)
+            elif way == "c_awaitables":
+                patched.setattr(_adapter, "use_c_wrappers", False)
+            toy = AsyncToy()
+            toy.install()
+        try:
+            wrapper = AsyncToyPool.__dict__["getconn"]
+            wanted = _stack._fast.Tracked if way == "c" else types.FunctionType
+            assert type(wrapper) is wanted
+            assert type(AsyncToyPool.__dict__["putconn"]) is wanted
+            with monkeypatch.context() as inner:
+
+                async def main() -> list[Any]:
+                    return await asyncio.create_task(_async_scenario(inner), name="the-task")
+
+                return asyncio.run(main())
+        finally:
+            toy.uninstall()
+            _guard.reset()
+            core.leases.clear()
+            core.by_conn.clear()
+
+    return run
+
+
+@pytest.mark.internal_errors
+def test_the_asyncio_c_wrappers_leave_what_the_templates_leave(run_async: Any) -> None:
+    python, c, functions = run_async("python"), run_async("c"), run_async("c_awaitables")
+    assert c == python
+    assert functions == python
+    steps = {entry[0]: entry[1] for entry in python if len(entry) == 3}
+    assert steps["timeout, keyword"] == "Timeout: no connection in 0.5"
+    assert steps["refused"] == "Refused: not mine"
+    assert steps["failed checkin"] == "RuntimeError: reset failed"
+    for name in ("in a task", "wait_for", "faulty checkout", "faulty checkin"):
+        assert steps[name] == "ok", name
+    assert steps["unbound"] == "Timeout: no connection in None"
+    assert steps["untracked, keyword checkin"] == "ok"
+    holders = {
+        entry[0]: [lease[3] for lease in entry[2] if len(lease) == 8]
+        for entry in python
+        if len(entry) == 3
+    }
+    assert holders["positional"] == ["the-task"]
+    assert holders["in a task"] == ["the-task", "inner"]
+    assert holders["wait_for"] == ["the-task"]
+    transcript = dict(entry for entry in python if len(entry) == 2)
+    assert sorted(transcript["faults"]) == [
+        ("async_toy.checkin", 'RuntimeError("pgleak\'s own checkin fault")'),
+        ("async_toy.checkout", 'RuntimeError("pgleak\'s own fault")'),
+    ]
+    assert [e[-1] for e in transcript["events"]] == [0.25, 0.5, 3.0, 3.0]
+    assert transcript["observer saw"] == [
+        ("checked_out", "async toy pool", True),
+        ("checked_in", "async toy pool", False, False),
     ]

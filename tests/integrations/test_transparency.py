@@ -192,3 +192,42 @@ def test_a_c_wrapper_binds_and_reads_as_the_function_it_wraps(installed: None) -
     assert inspect.ismethod(bound)
     assert inspect.isroutine(wrapper)
     assert not inspect.iscoroutinefunction(wrapper)
+
+
+def test_the_asyncio_c_wrappers_bind_and_read_as_the_functions_they_wrap(installed: None) -> None:
+    """The asyncio checkout and checkin wrappers (psycopg_pool's ``AsyncConnectionPool``,
+    asyncpg's ``Pool._acquire`` and ``PoolConnectionHolder._release``) are C objects too: they
+    bind like a function, ``inspect`` sees the method they wrap, and a coroutine method's
+    wrapper still says it is a coroutine function."""
+    if _TRACKED is None:
+        pytest.skip(
+            "pgleak._speedups is not built here or PGLEAK_NO_SPEEDUPS=1 turned it off: the "
+            "wrappers are Python functions, which the first test checks"
+        )
+    from asyncpg.pool import Pool, PoolConnectionHolder
+    from psycopg_pool import AsyncConnectionPool
+
+    for owner, attr in (
+        (AsyncConnectionPool, "getconn"),
+        (AsyncConnectionPool, "putconn"),
+        (Pool, "_acquire"),
+        (PoolConnectionHolder, "_release"),
+    ):
+        where = f"{owner.__qualname__}.{attr}"
+        wrapper = owner.__dict__[attr]
+        assert type(wrapper) is _TRACKED, where
+        original = wrapper.__wrapped__
+        assert type(original) is types.FunctionType, where
+        assert getattr(owner, attr) is wrapper, where
+        instance = object.__new__(owner)
+        bound = getattr(instance, attr)
+        assert isinstance(bound, types.MethodType), where
+        assert bound.__func__ is wrapper, where
+        assert bound.__self__ is instance, where
+        assert inspect.signature(bound) == inspect.signature(original.__get__(instance)), where
+        assert inspect.signature(wrapper) == inspect.signature(original), where
+        for name in ("__name__", "__qualname__", "__doc__", "__module__"):
+            assert getattr(wrapper, name) == getattr(original, name), (where, name)
+        assert _is_async(wrapper) == _is_async(original), where
+        assert _is_async(bound) == _is_async(original.__get__(instance)), where
+        assert inspect.isroutine(wrapper), where

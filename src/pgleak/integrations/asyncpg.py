@@ -84,6 +84,7 @@ from pgleak._adapter import (
     Adapter,
     atag,
     c_awaitables,
+    c_wrappers,
     driver_state,
     driver_target,
 )
@@ -235,7 +236,9 @@ async def {name}({params}):
 #: ``_ACQUIRE`` where the C extension is there: no coroutine of pgleak's (see
 #: ``pgleak._adapter._AACQUIRE_FAST``). ``acquiring`` drives ``Pool._acquire``'s coroutine and
 #: files the checkout under the proxy's connection when it returns, in the awaiting task; an
-#: observer or a call-site tag takes ``slow``, the ``async def`` above.
+#: observer or a call-site tag takes ``slow``, the ``async def`` above. Where the C ledger is
+#: bound too, this function is a C object instead (``aacquire_wrapper``), as is ``_RELEASE``
+#: (``holder_release_wrapper``): no frame of pgleak's on a checkout or a checkin.
 _ACQUIRE_FAST = """
 def {name}({params}):
     if core.observer is None and not tags.call_site:
@@ -294,6 +297,22 @@ def _wrap_acquire(original: Any) -> Any:
     fast = c_awaitables()
     if fast is None:
         return wrapper
+    tracked = c_wrappers()
+    if tracked is not None and hasattr(tracked, "aacquire_wrapper"):
+        # _ACQUIRE_FAST, as a C object (pgleak._speedups.Tracked): no frame of pgleak's
+        return tracked.aacquire_wrapper(
+            original,
+            wrapper,
+            core,
+            _pools,
+            _KIND,
+            _pool_name,
+            "asyncpg.checkout",
+            _gave_up,
+            internal_error,
+            tags,
+            PoolConnectionProxy,
+        )
     spec = (core, _pools, _KIND, _pool_name, PoolConnectionProxy, _gave_up, internal_error)
     return _forward.compile_wrapper(
         _ACQUIRE_FAST,
@@ -313,7 +332,7 @@ def _wrap_acquire(original: Any) -> Any:
 
 def _wrap_release(original: Any) -> Any:
     """``PoolConnectionHolder._release()``: the slot is back in the pool's queue."""
-    return _forward.compile_wrapper(
+    python = _forward.compile_wrapper(
         _RELEASE,
         "_release",
         _forward.shape_of(original, _RESERVED),
@@ -324,6 +343,13 @@ def _wrap_release(original: Any) -> Any:
             "internal_error": internal_error,
         },
         "release",
+    )
+    fast = c_wrappers() if c_awaitables() is not None else None
+    if fast is None or not hasattr(fast, "holder_release_wrapper"):
+        return python
+    # _RELEASE, as a C object (pgleak._speedups.Tracked)
+    return fast.holder_release_wrapper(
+        original, python, core, core.by_conn, "asyncpg.checkin", internal_error
     )
 
 
