@@ -109,9 +109,17 @@ frame_lasti(PyFrameObject *frame)
 /* The cached verdict for ``code``: by its file, or for code of a pseudo-file ("<string>",
  * a library's generated wrappers) by what Python learnt of it from its frame's module
  * (``pseudo``: id(code) -> (code, verdict)). UNKNOWN when neither cache knows. */
+static long file_verdict(PyObject *cache, PyObject *file);
+
 static long
 verdict_of(PyObject *cache, PyObject *pseudo, PyCodeObject *code)
 {
+#if PY_VERSION_HEX < 0x030E0000
+    long known = file_verdict(cache, code->co_filename); /* the table below */
+    if (known >= 0) {
+        return known;
+    }
+#endif
     PyObject *hit = PyDict_GetItemWithError(cache, code->co_filename); /* borrowed */
     if (hit == NULL || !PyLong_CheckExact(hit)) {
         return UNKNOWN;
@@ -138,6 +146,82 @@ verdict_of(PyObject *cache, PyObject *pseudo, PyCodeObject *code)
     return (verdict == -1 && PyErr_Occurred()) ? UNKNOWN : verdict;
 }
 
+/* ---- The files' verdicts, remembered by file name object, while the cache is unchanged ----
+ *
+ * Each frame of a walk looks its file's verdict up in pgleak._stack._skip_cache (verdict_near
+ * saves the lookup only for a run of frames of one file): SQLAlchemy's asyncio checkout walks
+ * through seven files, ~140 instructions each. A small table keyed by the file name object
+ * answers the same for a few: it holds what the dict said, and is emptied whenever the dict
+ * has changed at all (its version tag, which CPython changes on every insertion, deletion
+ * and clear, and gives no other dict: what Python's register_library() or a test does to the
+ * cache shows at once). Only a file's own verdict (not a pseudo-file's) is kept. The version
+ * tag is deprecated from 3.12 and gone in 3.14: there, the dict is asked every time. */
+#if PY_VERSION_HEX < 0x030E0000
+#  define PGLEAK_VERDICT_TABLE 1
+#  define VERDICT_SLOTS 256
+static struct {
+    PyObject *file; /* a strong reference, or NULL */
+    long verdict;
+} verdict_table[VERDICT_SLOTS];
+static PyObject *verdict_dict = NULL; /* the dict the table is of: a strong reference */
+static uint64_t verdict_version = 0;
+
+static inline uint64_t
+dict_version(PyObject *dict)
+{
+#  if defined(__GNUC__) || defined(__clang__)
+#    pragma GCC diagnostic push
+#    pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+#  endif
+    return ((PyDictObject *)dict)->ma_version_tag;
+#  if defined(__GNUC__) || defined(__clang__)
+#    pragma GCC diagnostic pop
+#  endif
+}
+
+/* The verdict of ``file`` (>= 0) as the dict ``cache`` has it, or -1: not a file's own
+ * verdict there (absent, a pseudo-file's, not an int; nor is an error left set). */
+static long
+file_verdict(PyObject *cache, PyObject *file)
+{
+    if (!PyDict_CheckExact(cache)) {
+        return -1;
+    }
+    uint64_t version = dict_version(cache);
+    if (cache != verdict_dict || version != verdict_version) {
+        for (int i = 0; i < VERDICT_SLOTS; i++) {
+            Py_CLEAR(verdict_table[i].file);
+        }
+        Py_INCREF(cache);
+        Py_XSETREF(verdict_dict, cache);
+        verdict_version = version;
+    }
+    Py_hash_t hash = PyObject_Hash(file); /* a str's: kept in it, well spread */
+    if (hash == -1) {
+        PyErr_Clear();
+        return -1;
+    }
+    size_t slot = (size_t)hash % VERDICT_SLOTS;
+    if (verdict_table[slot].file == file) {
+        return verdict_table[slot].verdict;
+    }
+    PyObject *hit = PyDict_GetItemWithError(cache, file); /* borrowed */
+    if (hit == NULL || !PyLong_CheckExact(hit)) {
+        PyErr_Clear();
+        return -1;
+    }
+    long verdict = PyLong_AsLong(hit);
+    if (verdict < 0) {
+        PyErr_Clear();
+        return -1;
+    }
+    Py_INCREF(file);
+    Py_XSETREF(verdict_table[slot].file, file);
+    verdict_table[slot].verdict = verdict;
+    return verdict;
+}
+#endif
+
 /* verdict_of(), remembering the last file's verdict for the next frame (neighbouring frames
  * are often of one file; the file name is the cache's key, so the same object gives the same
  * answer). Only a file's own verdict is remembered: a pseudo-file's ("<string>", shared by
@@ -149,6 +233,14 @@ verdict_near(PyObject *cache, PyObject *pseudo, PyCodeObject *code, PyObject **l
     if (code->co_filename == *last_file) {
         return *last_verdict;
     }
+#ifdef PGLEAK_VERDICT_TABLE
+    long known = file_verdict(cache, code->co_filename);
+    if (known >= 0) {
+        *last_file = code->co_filename;
+        *last_verdict = known;
+        return known;
+    }
+#endif
     PyObject *hit = PyDict_GetItemWithError(cache, code->co_filename); /* borrowed */
     if (hit != NULL && PyLong_CheckExact(hit)) {
         long verdict = PyLong_AsLong(hit);
@@ -983,6 +1075,118 @@ forget_thread(PyObject *module, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* ---- An asyncio checkout's task, cheaper (SQLAlchemy's asyncio engine, asyncpg, psycopg_pool)
+ *
+ * Per asyncio checkout the ledger asks for the running task (``_current_task(loop)``), its
+ * identity for the report (``(weakref.ref(task), task.get_name())``) and the stack from the
+ * caller's frame. Counted on SQLAlchemy's asyncio cycle: the call to ``dict.get`` ~200
+ * instructions, ``get_name()`` by name ~210, a new weak reference and pair each time, freed at
+ * checkin, ~800, and the frame object PyEval_GetFrame() makes for the caller's frame (which the
+ * walk below reads as an interpreter frame anyway) ~400 with its deallocation. The same values,
+ * without those: */
+
+/* ``_current_task(loop)``: where that is ``_current_tasks.get`` (before 3.12), the dict is
+ * read directly, with the same lookup ``get`` makes. A new reference (None: no task). */
+static PyObject *
+current_task_of(PyObject *loop)
+{
+    static PyCFunction dict_get = NULL;
+    if (dict_get == NULL) {
+        PyObject *probe = PyDict_New();
+        PyObject *get = probe == NULL ? NULL : PyObject_GetAttrString(probe, "get");
+        if (get != NULL && PyCFunction_Check(get)) {
+            dict_get = PyCFunction_GET_FUNCTION(get);
+        }
+        Py_XDECREF(get);
+        Py_XDECREF(probe);
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    PyObject *f = b_current_task;
+    if (dict_get != NULL && PyCFunction_Check(f) && PyCFunction_GET_FUNCTION(f) == dict_get) {
+        PyObject *tasks = PyCFunction_GET_SELF(f);
+        if (tasks != NULL && PyDict_CheckExact(tasks)) {
+            PyObject *task = PyDict_GetItemWithError(tasks, loop); /* borrowed */
+            if (task != NULL) {
+                return Py_NewRef(task);
+            }
+            return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+        }
+    }
+    return PyObject_CallOneArg(f, loop);
+}
+
+/* ``(weakref.ref(task), task.get_name())`` for the lease. The pair is immutable and a task's
+ * weak reference without a callback is one object while it lives (CPython hands out the same
+ * one), so the last pair made is given again while it is still of this task and this name
+ * object (``set_name()`` makes another): a loop of checkouts in one task makes none. Holds no
+ * strong reference to the task. ``get_name`` of a type that cannot change (asyncio's C Task)
+ * is called through its method descriptor, without a bound method. A new reference. */
+static PyObject *last_task_pair = NULL;
+
+static PyObject *
+task_identity(PyObject *task)
+{
+    static PyTypeObject *named_type = NULL; /* a strong reference, with named_by */
+    static PyObject *named_by = NULL;       /* its get_name's method descriptor, or NULL */
+    PyTypeObject *type = Py_TYPE(task);
+    if (type != named_type && PyType_HasFeature(type, Py_TPFLAGS_IMMUTABLETYPE)) {
+        PyObject *descr = _PyType_Lookup(type, s_get_name); /* borrowed */
+        Py_XSETREF(named_by,
+                   descr != NULL && Py_IS_TYPE(descr, &PyMethodDescr_Type) ? Py_NewRef(descr)
+                                                                           : NULL);
+        Py_INCREF(type);
+        Py_XSETREF(named_type, type);
+    }
+    PyObject *name = type == named_type && named_by != NULL
+                         ? PyObject_Vectorcall(named_by, &task, 1, NULL)
+                         : PyObject_CallMethodNoArgs(task, s_get_name);
+    if (name == NULL) {
+        return NULL;
+    }
+    PyObject *pair = last_task_pair;
+    if (pair != NULL && PyTuple_GET_ITEM(pair, 1) == name) {
+        PyObject *target = ref_target(PyTuple_GET_ITEM(pair, 0));
+        Py_XDECREF(target); /* only compared */
+        if (target == task) {
+            Py_DECREF(name);
+            return Py_NewRef(pair);
+        }
+    }
+    PyObject *ref = PyWeakref_NewRef(task, NULL);
+    if (ref == NULL) {
+        Py_DECREF(name);
+        return NULL;
+    }
+    pair = PyTuple_Pack(2, ref, name);
+    Py_DECREF(ref);
+    Py_DECREF(name);
+    if (pair != NULL) {
+        Py_XSETREF(last_task_pair, Py_NewRef(pair));
+    }
+    return pair;
+}
+
+#ifdef PGLEAK_IFRAMES
+/* PyEval_GetFrame()'s frame, as the interpreter frame (the first complete one), without
+ * making its frame object; NULL when there is none. */
+static iframe *
+current_iframe(void)
+{
+    PyThreadState *tstate = PyThreadState_GET();
+#  if PY_VERSION_HEX >= 0x030D0000
+    iframe *f = tstate->current_frame;
+#  else
+    iframe *f = tstate->cframe->current_frame;
+#  endif
+    while (f != NULL && _PyFrame_IsIncomplete(f)) {
+        f = f->previous;
+    }
+    return f;
+}
+#endif
+
 /* pgleak._stack._parent_greenlet_frame(), with ``*current`` for its list: the suspended
  * frame of the greenlet that switched into ``*current`` (the running greenlet when NULL),
  * which becomes ``*current``; None when there is none. A new reference, NULL on error. */
@@ -1027,8 +1231,9 @@ parent_greenlet_frame(PyObject **current)
 }
 
 /* walk()'s walk, into ``items`` (room for 2 * ``limit``; ``*n`` in use, new references),
- * for task_capture(): 0 full, 1 the chain ended, 2 the event loop's frame, 3 a frame with no
- * cached verdict (task_capture() then hands the whole capture to Python), -1 an error. */
+ * for task_capture() (``start`` NULL: from current_iframe(), 3.11 to 3.13 only): 0 full,
+ * 1 the chain ended, 2 the event loop's frame, 3 a frame with no cached verdict
+ * (task_capture() then hands the whole capture to Python), -1 an error. */
 static int
 walk_into(PyObject *start, Py_ssize_t limit, PyObject *cache, PyObject *pseudo,
           PyObject **items, Py_ssize_t *n)
@@ -1036,8 +1241,9 @@ walk_into(PyObject *start, Py_ssize_t limit, PyObject *cache, PyObject *pseudo,
     PyObject *last_file = NULL;
     long last_verdict = UNKNOWN;
 #ifdef PGLEAK_IFRAMES
-    if (((PyFrameObject *)start)->f_back == NULL) {
-        for (iframe *f = ((PyFrameObject *)start)->f_frame; f != NULL; f = iframe_back(f)) {
+    if (start == NULL || ((PyFrameObject *)start)->f_back == NULL) {
+        iframe *f = start == NULL ? current_iframe() : ((PyFrameObject *)start)->f_frame;
+        for (; f != NULL; f = iframe_back(f)) {
             if (*n >= 2 * limit) {
                 return 0;
             }
@@ -1114,14 +1320,16 @@ task_capture(PyObject *start, PyObject *depth, PyObject *task)
     }
     Py_ssize_t n = 0;
     PyObject *greenlets = NULL, *result = NULL;
-    PyObject *frame = Py_NewRef(start);
+    PyObject *frame = Py_XNewRef(start);
     Py_ssize_t loop_at = -1;
     int hops = 0, status = 1;
-    while (frame != NULL && frame != Py_None) {
-        if (!PyFrame_Check(frame)) { /* a greenlet's gr_frame that is not one: Python's turn */
+    int here = start == NULL; /* from the current frame, with no frame object (walk_into) */
+    while (here || (frame != NULL && frame != Py_None)) {
+        if (!here && !PyFrame_Check(frame)) { /* a greenlet's gr_frame that is not one */
             goto python;
         }
         status = walk_into(frame, limit, b_skip_cache, b_pseudo, items, &n);
+        here = 0;
         Py_CLEAR(frame);
         if (status < 0) {
             goto done;
@@ -1231,11 +1439,30 @@ static PyObject *
 checkout_stack(PyObject *task)
 {
     PyObject *depth = set_stack_depth;
+    PyObject *raw;
+#ifdef PGLEAK_IFRAMES
+    /* the task's walk from the interpreter frame: no frame object unless Python is asked */
+    if (task != Py_None) {
+        if (current_iframe() == NULL) {
+            return PyTuple_New(0);
+        }
+        raw = task_capture(NULL, depth, task);
+        if (raw != Py_None) {
+            return raw; /* or NULL */
+        }
+        Py_DECREF(raw);
+        PyFrameObject *at = PyEval_GetFrame(); /* borrowed */
+        if (at == NULL) {
+            return PyTuple_New(0);
+        }
+        return PyObject_CallFunctionObjArgs(b_capture_in_task, (PyObject *)at, depth, task,
+                                            Py_False, NULL);
+    }
+#endif
     PyFrameObject *frame = PyEval_GetFrame(); /* borrowed: the wrapper's frame */
     if (frame == NULL) {
         return PyTuple_New(0);
     }
-    PyObject *raw;
     if (task != Py_None) {
         raw = task_capture((PyObject *)frame, depth, task);
         if (raw == Py_None) {
@@ -1401,7 +1628,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
         goto done;
     }
     if (loop != Py_None) {
-        Py_SETREF(task, PyObject_CallOneArg(b_current_task, loop));
+        Py_SETREF(task, current_task_of(loop));
         if (task == NULL) {
             goto done;
         }
@@ -1473,18 +1700,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
         slot_set(lease, lease_off[L_RAW], raw);
     }
     if (task != Py_None) {
-        PyObject *name = PyObject_CallMethodNoArgs(task, s_get_name);
-        if (name == NULL) {
-            goto done;
-        }
-        PyObject *ref = PyWeakref_NewRef(task, NULL);
-        if (ref == NULL) {
-            Py_DECREF(name);
-            goto done;
-        }
-        PyObject *pair = PyTuple_Pack(2, ref, name);
-        Py_DECREF(ref);
-        Py_DECREF(name);
+        PyObject *pair = task_identity(task);
         if (pair == NULL) {
             goto done;
         }
