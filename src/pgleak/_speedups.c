@@ -1434,6 +1434,73 @@ capture_task(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return task_capture(args[0], args[1], args[2]);
 }
 
+#ifdef PGLEAK_IFRAMES
+/* capture()'s walk for a thread's checkout, over the interpreter frames from
+ * current_iframe(): the same verdicts, the same pairs, but no frame object for any frame
+ * (PyFrame_GetBack() made one for each frame stepped to: ~1,100 instructions of a 20-frame
+ * checkout). None when a frame to judge has no cached verdict: the caller then hands the
+ * frame objects to capture() and Python, as before. */
+static PyObject *
+capture_iframes(iframe *f, PyObject *depth, PyObject *cache, PyObject *pseudo)
+{
+    Py_ssize_t limit = PyLong_AsSsize_t(depth);
+    if (limit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (limit < 0) {
+        limit = 0;
+    }
+    PyObject *last_file = NULL; /* see verdict_near() */
+    long last_verdict = UNKNOWN;
+    while (f != NULL) {
+        long verdict = verdict_near(cache, pseudo, iframe_code(f), &last_file, &last_verdict);
+        if (verdict == UNKNOWN) {
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+        if (verdict == KEEP) {
+            break;
+        }
+        f = iframe_back(f);
+    }
+    PyObject *small[64];
+    PyObject **items = small;
+    if (2 * limit > 64) {
+        items = PyMem_Malloc(2 * (size_t)limit * sizeof(PyObject *));
+        if (items == NULL) {
+            return PyErr_NoMemory();
+        }
+    }
+    Py_ssize_t n = 0;
+    int failed = 0;
+    while (f != NULL && n < 2 * limit) {
+        PyObject *lasti = lasti_int(iframe_lasti(f));
+        if (lasti == NULL) {
+            failed = 1;
+            break;
+        }
+        items[n++] = Py_NewRef((PyObject *)iframe_code(f));
+        items[n++] = lasti;
+        f = iframe_back(f);
+    }
+    PyObject *result = failed ? NULL : PyTuple_New(n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (result != NULL) {
+            PyTuple_SET_ITEM(result, i, items[i]); /* steals */
+        }
+        else {
+            Py_DECREF(items[i]);
+        }
+    }
+    if (items != small) {
+        PyMem_Free(items);
+    }
+    return result;
+}
+#endif
+
 /* The raw stack for a checkout made by the caller's caller (the adapter's wrapper). */
 static PyObject *
 checkout_stack(PyObject *task)
@@ -1458,6 +1525,15 @@ checkout_stack(PyObject *task)
         return PyObject_CallFunctionObjArgs(b_capture_in_task, (PyObject *)at, depth, task,
                                             Py_False, NULL);
     }
+    iframe *current = current_iframe();
+    if (current == NULL) {
+        return PyTuple_New(0);
+    }
+    raw = capture_iframes(current, depth, b_skip_cache, b_pseudo);
+    if (raw != Py_None) {
+        return raw; /* or NULL */
+    }
+    Py_DECREF(raw);
 #endif
     PyFrameObject *frame = PyEval_GetFrame(); /* borrowed: the wrapper's frame */
     if (frame == NULL) {

@@ -95,6 +95,37 @@ def test_same_lease_either_way(installed: pgleak.Settings, which: str) -> None:
     assert not ledger.leases
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["verdicts cached", "caches empty"])
+def test_thread_stack_either_way(installed: pgleak.Settings, cached: bool) -> None:
+    """The C ledger walks a thread's interpreter frames without frame objects (3.11-3.13);
+    with a frame it has no verdict for it hands the walk to Python. Either way the pairs are
+    the Python ledger's, line for line."""
+    from pgleak import _stack
+
+    handle = core.pool(Pool(), "test")
+    conn_c, conn_py = Conn(), Conn()
+
+    def nested(depth: int) -> tuple[Any, Any]:
+        if depth:
+            return nested(depth - 1)
+        if not cached:
+            _stack._skip_cache.clear()
+        made_c = core.checkout(handle, conn_c, True, None)
+        made_py = Core.checkout(core, handle, conn_py, True, None)
+        return made_c, made_py
+
+    made_c, made_py = nested(5)
+    try:
+        assert made_c.raw[0] is nested.__code__
+        assert made_c.raw[0::2] == made_py.raw[0::2]
+        # the first line differs (two calls); every caller's line is the same
+        assert made_c.raw[3::2] == made_py.raw[3::2]
+        assert len(made_c.raw) == 2 * installed.stack_depth
+    finally:
+        core.checkin(made_c)
+        core.checkin(made_py)
+
+
 def test_off_suppressed_and_allowances(installed: pgleak.Settings) -> None:
     handle = core.pool(Pool(), "test")
     conn = Conn()
