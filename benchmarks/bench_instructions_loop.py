@@ -10,8 +10,9 @@ slower valgrind runs (a loaded machine: the same commit moved by thousands of in
 This runs the same cycles (same paths, pools and depth, from ``bench_cost.py``) inside
 ``sys.call_tracing``, and has callgrind collect only there (``--collect-atstart=no
 --toggle-collect=sys_call_tracing``): no start-up, no other thread. Runs of ``N1`` and ``N2``
-cycles in processes of their own; their difference per cycle. asyncio paths only (the sync
-ones' loop is not an event loop to hand over). Needs ``valgrind`` on ``PATH``.
+cycles in processes of their own; their difference per cycle. By default the asyncio paths;
+the sync ones (``--paths psycopg2``) run their loop the same way, inside ``sys.call_tracing``.
+Needs ``valgrind`` on ``PATH``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import bench_cost
 import bench_instructions
 
 PATHS = ("asyncpg", "psycopg_pool_async", "sqlalchemy_async")
+SYNC_PATHS = ("sqlalchemy", "psycopg_pool", "psycopg2")
 SETTINGS = bench_instructions.SETTINGS
 N1, N2 = 500, 1500
 #: callgrind counts only inside ``sys.call_tracing`` (the child's loop).
@@ -39,6 +41,14 @@ def child(path: str, setting: str, installed: bool, n: int, where: dict[str, Any
     import pgleak
 
     server: Any = types.SimpleNamespace(**where)
+    if path in SYNC_PATHS:
+        _, run, _, done = bench_cost.sync_paths(server)[path]
+        if installed:
+            pgleak.install(**SETTINGS[setting])
+        run(50)
+        sys.call_tracing(bench_cost._deep, (bench_cost.DEPTH, lambda: run(n)))  # counted
+        done()
+        return
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     _, bare, _, close = loop.run_until_complete(bench_cost.async_paths(server))[path]
@@ -52,7 +62,7 @@ def child(path: str, setting: str, installed: bool, n: int, where: dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    started = bench_instructions.start(argv, __doc__ or "", PATHS, child)
+    started = bench_instructions.start(argv, __doc__ or "", PATHS + SYNC_PATHS, child)
     if isinstance(started, int):
         return started
     paths, settings = started

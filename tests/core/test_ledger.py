@@ -238,3 +238,150 @@ def test_its_clock_is_time_monotonic(installed: pgleak.Settings) -> None:
         after = time.monotonic()
         assert type(lease.t0) is float
         assert before <= lease.t0 <= between <= lease.t_in <= after  # type: ignore[operator]
+
+
+class _Seen:
+    """An observer that notes what it is told (checkouts and checkins)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def checked_out(self, lease: Lease, since: float | None) -> None:
+        self.seen.append(("out", lease.id))
+
+    def checked_in(self, lease: Lease, late: bool, discarded: bool) -> None:
+        self.seen.append(("in", lease.id))
+
+
+def _set_observer(ledger: Core, observer: Any) -> None:
+    # One attribute store, run often enough below to be specialised by the interpreter.
+    ledger.observer = observer
+
+
+def _cycle(handle: Any, conn: Any) -> Lease:
+    lease = _out(handle, conn)
+    core.checkin(lease)
+    return lease
+
+
+def test_kept_answers_follow_every_change(
+    installed: pgleak.Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C ledger keeps its answers to "anything rare?" (settings, generation, watchdog,
+    observer, waker) between checkouts; any change to any of them must be seen at the next."""
+    import types
+
+    handle = core.pool(Pool(), "test")
+    conn = Conn()
+    for _ in range(300):  # quiet checkouts, with the observer's store specialised
+        _set_observer(core, None)
+        _cycle(handle, conn)
+    # an observer set by a plain attribute store
+    seen = _Seen()
+    _set_observer(core, seen)
+    lease = _cycle(handle, conn)
+    assert seen.seen == [("out", lease.id), ("in", lease.id)]
+    _set_observer(core, None)
+    _cycle(handle, conn)
+    assert len(seen.seen) == 2
+    # ... and by monkeypatch, with a checkout in between that kept the quiet answers again
+    monkeypatch.setattr(core, "observer", seen)
+    lease = _cycle(handle, conn)
+    assert seen.seen[2:] == [("out", lease.id), ("in", lease.id)]
+    monkeypatch.setattr(core, "observer", None)
+    _cycle(handle, conn)
+    # new settings
+    core.configure(dataclasses.replace(installed, leak_threshold=123.0))
+    lease = _cycle(handle, conn)
+    assert lease.deadline - lease.t0 == pytest.approx(123.0)
+    core.configure(dataclasses.replace(installed, enabled=False))
+    assert core.checkout(handle, conn, True, None) is None
+    core.configure(installed)
+    lease = _cycle(handle, conn)
+    assert lease.deadline - lease.t0 == pytest.approx(installed.leak_threshold)
+    # the settings another core saw last are not this one's
+    other = Core()
+    other.configure(dataclasses.replace(installed, leak_threshold=77.0))
+    other_lease = other.checkout(handle, Conn(), True, None)
+    assert other_lease is not None
+    other.checkin(other_lease)
+    other.watchdog.stop()
+    lease = _cycle(handle, conn)
+    assert lease.deadline - lease.t0 == pytest.approx(installed.leak_threshold)
+    # the watchdog stopped: the next checkout starts it again
+    core.watchdog.stop()
+    assert core.watchdog.thread is None
+    _cycle(handle, conn)
+    assert core.watchdog.thread is not None
+    # a new generation (a fork's): a lease from before it is not this process's
+    before = _out(handle, conn)
+    monkeypatch.setattr(_core, "_generation", _core._generation + 1)
+    conn_after = Conn()
+    after = _out(handle, conn_after)
+    assert after.generation == _core._generation != before.generation
+    core.checkin(before)
+    assert before.t_in is None
+    assert before.id in core.leases
+    core.checkin(after)
+    assert after.t_in is not None
+    monkeypatch.undo()
+    core.leases.pop(before.id)
+    core.by_conn.pop(id(conn), None)
+    # a waiting observer whose gate's globals are None is not asked; once one is set, it is
+    tracer, meter = types.ModuleType("tracer"), types.ModuleType("meter")
+    tracer.provider = meter.provider = None
+    asked: list[int] = []
+
+    def waker() -> Any:
+        asked.append(1)
+        return None
+
+    core.wake_gate = (tracer, "provider", meter, "provider")
+    core.waker = waker
+    for _ in range(3):
+        _cycle(handle, conn)
+    assert asked == []
+    meter.provider = object()
+    _cycle(handle, conn)
+    assert asked == [1]
+    meter.provider = None
+    _cycle(handle, conn)
+    _cycle(handle, conn)
+    assert asked == [1]
+    core.waker = core.wake_gate = None
+    assert not core.leases
+
+
+def test_freed_leases_let_go_of_what_they_held(installed: pgleak.Settings) -> None:
+    """Leases and their weak references are freed by the C ledger's own deallocs: everything
+    their slots held must be released, a subclass's own slots too."""
+    import gc
+
+    handle = core.pool(Pool(), "test")
+    conn = Conn()
+    lease = _out(handle, conn)
+    held, in_ref = Conn(), Conn()
+    lease.probe = held  # type: ignore[assignment]
+    ref: Any = lease.ref
+    ref.key = in_ref
+    watched = [weakref.ref(held), weakref.ref(in_ref)]
+    core.checkin(lease)
+    del lease, ref, held, in_ref
+    assert [w() for w in watched] == [None, None]
+
+    class MoreLease(Lease):
+        __slots__ = ("extra",)
+
+    class MoreRef(_core._ConnRef):
+        __slots__ = ("extra",)
+
+    gc.collect()
+    objects = [Conn() for _ in range(4)]
+    watched = [weakref.ref(obj) for obj in objects]
+    more = MoreLease(1, objects[0], 0.0, 1.0, _core._thread_identity(), (), None)  # type: ignore[arg-type]
+    more.extra = objects[1]  # type: ignore[attr-defined]
+    more_ref = MoreRef(conn)
+    more_ref.key, more_ref.extra = objects[2], objects[3]  # type: ignore[assignment,attr-defined]
+    more.ref = more_ref
+    del more, more_ref, objects
+    assert [w() for w in watched] == [None] * 4
