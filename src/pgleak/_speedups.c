@@ -1,6 +1,7 @@
-/* pgleak._speedups: the checkout hot path, in C - the stack walk, the ledger, the sync
- * wrappers that call the ledger (``Tracked``), and the awaitables that let an asyncio pool's
- * wrappers do without a coroutine of their own.
+/* pgleak._speedups: the checkout hot path, in C - the stack walk, the ledger, the checkout
+ * and checkin wrappers that call the ledger (``Tracked``: sync, and asyncio ones that return
+ * an awaitable), and the awaitables that let an asyncio pool's wrappers do without a
+ * coroutine of their own.
  *
  * Every checkout records up to ``stack_depth`` (code, f_lasti) pairs. In Python each frame costs
  * three attribute reads, two appends and the loop's own bytecode, about 100 ns: 1.6 us of a
@@ -4125,8 +4126,9 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef speedups = {
     PyModuleDef_HEAD_INIT,
     .m_name = "pgleak._speedups",
-    .m_doc = "The checkout stack walk, ledger and sync wrappers, in C (see pgleak/_stack.py,\n"
-             "pgleak/_core.py, pgleak/_adapter.py).",
+    .m_doc = "The checkout stack walk, the ledger, the checkout and checkin wrappers and\n"
+             "the asyncio awaitables, in C (see pgleak/_stack.py, pgleak/_core.py,\n"
+             "pgleak/_adapter.py).",
     .m_size = -1,
     .m_methods = methods,
 };
