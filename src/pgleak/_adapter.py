@@ -36,7 +36,7 @@ import time
 import types
 from collections.abc import Awaitable, Callable
 from importlib import metadata
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from pgleak import _core, _forward, _stack
 from pgleak._appname import tags
@@ -334,6 +334,34 @@ class _Scope:
 
 
 _by_conn = core.by_conn
+
+
+def _c_scope() -> Any:
+    """``_Scope`` with its sync half (``__enter__``, ``__exit__``) in C, the same steps with
+    no Python frame (``pgleak._speedups.Scope``); ``None`` without the extension. What
+    :meth:`Adapter.track_scope` uses where the C wrappers run; ``_Scope`` stays the
+    definition."""
+    fast = _stack._fast
+    if fast is None or not hasattr(fast, "Scope"):
+        return None
+    fast.scope_bind(core, _by_conn, internal_error)
+    return type(
+        "_Scope",
+        (fast.Scope,),
+        {
+            "__slots__": (),
+            "__module__": __name__,
+            "__doc__": _Scope.__doc__,
+            "_kind": _Scope._kind,
+            "_lease_of": None,
+            "_entered": _Scope._entered,
+            "__aenter__": _Scope.__aenter__,
+            "__aexit__": _Scope.__aexit__,
+        },
+    )
+
+
+_CScope: Final = _c_scope()
 
 #: ``Adapter.track_scope``'s wrapper, compiled with the method's own parameters (see
 #: pgleak._forward): a ``(pool, *args, **kwargs)`` layer costs more than the rest of it. The
@@ -1092,9 +1120,10 @@ class Adapter:
 
         Without an observer the library's own context manager is returned, as it is.
         """
+        base = _CScope if _CScope is not None and _c_wrappers() is not None else _Scope
         scope_type = type(
             "_Scope",
-            (_Scope,),
+            (base,),
             {
                 "__slots__": (),
                 "__module__": __name__,
@@ -1111,7 +1140,7 @@ class Adapter:
                 {
                     "original": original,
                     "core": core,
-                    "new": object.__new__,
+                    "new": object.__new__ if base is _Scope else base.__new__,
                     "scope_type": scope_type,
                 },
                 "scope",

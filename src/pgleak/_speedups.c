@@ -2811,8 +2811,9 @@ static PyTypeObject Awaiting_Type = {
  * in it): as much as the whole C ledger. ``Tracked`` is that wrapper as a callable object:
  * called by vectorcall, it calls the library's method by vectorcall with the same arguments
  * and the C ledger directly. Everything rare goes to the Python template it was made with
- * (``python``), whose body stays the definition: an observer running, call-site tags on, a
- * call it cannot read (no pool argument, no connection argument). A failed call hands the
+ * (``python``), whose body stays the definition: call-site tags on, a call it cannot read
+ * (no pool argument, no connection argument); an observer's steps are its own (see
+ * observed_acquire, below). A failed call hands the
  * error to the template's own helpers (``gave_up``, ``checked_in``) before it propagates, a
  * fault of pgleak's goes to ``internal_error``, as in the template. ``core.checkout`` and
  * ``core.checkin`` are called directly only while they are the C ledger's bound methods this
@@ -2993,6 +2994,240 @@ fault:
     return NULL;
 }
 
+/* ---- an observer's checkout, without the template's frame (issue 12) ---------------------
+ *
+ * While an observer runs, the templates take the wait's start before the library's call
+ * (``waiting`` / ``_wait_started``: the pool's handle, an entry on its ``pending`` deque, the
+ * clock), end the wait however the call ended (``core.wait_end``: the entry popped), and hand
+ * the start to ``core.checkout(handle, conn, index, since)``, which gives it to the observer.
+ * Taking the template for that cost a Python frame (~2,500 instructions) on every traced
+ * checkout; these are the same steps, in the templates' order (psycopg's ends the wait before
+ * the checkout, SQLAlchemy's after it), faults reported at the template's site. */
+
+static PyObject *s_pending_deque, *s_pop; /* "pending", "pop" */
+
+/* The pool's handle, as the templates find it (``pools.get(id(pool))``, checked against its
+ * weak reference, else ``core.pool(pool, kind, namer)``): a new reference, or NULL with an
+ * error set. */
+static PyObject *
+observed_handle(Tracked *w, PyObject *pool)
+{
+    PyObject *key = PyLong_FromVoidPtr(pool);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *handle = PyDict_GetItemWithError(w->pools, key);
+    Py_DECREF(key);
+    if (handle == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (handle != NULL) {
+        Py_INCREF(handle);
+        PyObject *ref = PyObject_GetAttr(handle, s_ref);
+        PyObject *obj = ref == NULL ? NULL : PyObject_CallNoArgs(ref);
+        Py_XDECREF(ref);
+        if (obj == NULL) {
+            Py_DECREF(handle);
+            return NULL;
+        }
+        Py_DECREF(obj);
+        if (obj != pool) {
+            Py_CLEAR(handle);
+        }
+    }
+    if (handle == NULL) {
+        handle = PyObject_CallMethodObjArgs(w->core, s_pool, pool, w->kind, w->namer, NULL);
+    }
+    return handle;
+}
+
+/* ``waiting(pool)`` (``sa`` false) or ``_wait_started(pool)`` (true): ``*handle`` and
+ * ``*since`` set to new references or left NULL (the templates' ``None``); never raises. */
+static void
+observed_wait(Tracked *w, PyObject *pool, int sa, PyObject **handle, PyObject **since)
+{
+    *handle = *since = NULL;
+    *handle = observed_handle(w, pool);
+    if (*handle == NULL) {
+        goto fault;
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer == NULL && PyErr_Occurred()) {
+        goto fault;
+    }
+    if (observer == NULL || observer == Py_None) { /* it stopped meanwhile */
+        if (sa) {
+            Py_CLEAR(*handle);
+        }
+        return;
+    }
+    PyObject *pending = PyObject_GetAttr(*handle, s_pending_deque);
+    PyObject *done = pending == NULL ? NULL : PyObject_CallMethodOneArg(pending, s_append, Py_None);
+    Py_XDECREF(pending);
+    if (done == NULL) {
+        goto fault;
+    }
+    Py_DECREF(done);
+    *since = clock_now();
+    if (*since == NULL) {
+        goto fault;
+    }
+    return;
+fault:
+    Py_CLEAR(*handle);
+    Py_CLEAR(*since);
+    report_fault(w);
+}
+
+/* ``core.wait_end(handle)``: one entry off ``handle.pending`` (none left: nothing); a fault
+ * reported, never raised; the exception being handled, if any, kept as it was. */
+static void
+observed_wait_end(Tracked *w, PyObject *handle)
+{
+    saved_error e;
+    error_save(&e);
+    PyObject *pending = PyObject_GetAttr(handle, s_pending_deque);
+    PyObject *done = pending == NULL ? NULL : PyObject_CallMethodNoArgs(pending, s_pop);
+    Py_XDECREF(pending);
+    if (done != NULL) {
+        Py_DECREF(done);
+    }
+    else if (PyErr_ExceptionMatches(PyExc_IndexError)) {
+        PyErr_Clear(); /* a pop without its append: never negative */
+    }
+    else {
+        report_fault(w);
+    }
+    error_restore(&e);
+}
+
+/* ``core.checkout(handle, conn, index, since)`` (the C ledger, or whatever is there now): the
+ * lease (a new reference, maybe None), or NULL after a fault, reported. */
+static PyObject *
+observed_file(Tracked *w, PyObject *handle, PyObject *conn, PyObject *index, PyObject *since)
+{
+    PyObject *other = NULL, *lease = NULL;
+    if (ledger_now(w, s_checkout, &other) < 0) {
+        report_fault(w);
+        return NULL;
+    }
+    if (other == NULL) {
+        PyObject *cargs[5] = {w->core, handle, conn, index, since};
+        lease = ledger_checkout(NULL, cargs, 5, NULL);
+    }
+    else {
+        PyObject *cargs[4] = {handle, conn, index, since};
+        lease = PyObject_Vectorcall(other, cargs, 4, NULL);
+        Py_DECREF(other);
+    }
+    if (lease == NULL) {
+        report_fault(w);
+    }
+    return lease;
+}
+
+/* ``_ACQUIRE`` while an observer runs, untagged (``acquire_call`` has checked). */
+static PyObject *
+observed_acquire(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *pool = Py_NewRef(args[0]); /* the caller's; it must outlive the call */
+    PyObject *handle, *since;
+    observed_wait(w, pool, 0, &handle, &since);
+    PyObject *conn = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    if (conn == NULL) {
+        saved_error e;
+        PyObject *rest, *kwargs;
+        if (handle != NULL) {
+            observed_wait_end(w, handle);
+        }
+        error_save(&e);
+        if (e.value != NULL && split_args(args, nargs, kwnames, &rest, &kwargs) == 0) {
+            PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, rest,
+                                                          kwargs, NULL);
+            Py_XDECREF(done);
+            Py_DECREF(rest);
+            Py_DECREF(kwargs);
+        }
+        PyErr_Clear();
+        error_restore(&e);
+        Py_XDECREF(handle);
+        Py_XDECREF(since);
+        Py_DECREF(pool);
+        return NULL;
+    }
+    if (handle != NULL) {
+        observed_wait_end(w, handle);
+    }
+    else {
+        handle = observed_handle(w, pool);
+        if (handle == NULL) {
+            report_fault(w);
+        }
+    }
+    if (handle != NULL) {
+        Py_XDECREF(observed_file(w, handle, conn, Py_True, since == NULL ? Py_None : since));
+    }
+    Py_XDECREF(handle);
+    Py_XDECREF(since);
+    Py_DECREF(pool);
+    return conn;
+}
+
+/* SQLAlchemy's ``_checkout`` template while an observer runs, untagged, no nested fairy
+ * (``sa_checkout_call`` has checked). */
+static PyObject *
+observed_sa_checkout(Tracked *w, PyObject *const *args, size_t nargsf)
+{
+    PyObject *pool = Py_NewRef(args[1]);
+    PyObject *waited, *since;
+    observed_wait(w, pool, 1, &waited, &since);
+    PyObject *fairy = PyObject_Vectorcall(w->original, args, nargsf, NULL);
+    if (fairy == NULL) {
+        if (PyErr_ExceptionMatches(w->refused)) {
+            saved_error e;
+            error_save(&e);
+            PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, NULL);
+            Py_XDECREF(done);
+            PyErr_Clear();
+            error_restore(&e);
+        }
+        if (waited != NULL) {
+            observed_wait_end(w, waited);
+        }
+        Py_XDECREF(waited);
+        Py_XDECREF(since);
+        Py_DECREF(pool);
+        return NULL;
+    }
+    PyObject *handle = waited != NULL ? Py_NewRef(waited) : observed_handle(w, pool);
+    PyObject *lease = NULL;
+    if (handle == NULL) {
+        report_fault(w);
+    }
+    else {
+        lease = observed_file(w, handle, fairy, Py_False, since == NULL ? Py_None : since);
+        Py_DECREF(handle);
+    }
+    if (lease != NULL && lease != Py_None) {
+        PyObject *record = PyObject_GetAttr(fairy, s_connection_record);
+        PyObject *dict = record == NULL ? NULL : PyObject_GenericGetDict(record, NULL);
+        if (dict == NULL || PyDict_SetItem(dict, w->conn_name, lease) < 0) {
+            report_fault(w);
+        }
+        Py_XDECREF(dict);
+        Py_XDECREF(record);
+    }
+    Py_XDECREF(lease);
+    if (waited != NULL) {
+        observed_wait_end(w, waited);
+    }
+    Py_XDECREF(waited);
+    Py_XDECREF(since);
+    Py_DECREF(pool);
+    return fairy;
+}
+
 static PyObject *
 acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -3001,7 +3236,7 @@ acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
         goto python;
     }
     PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
-    if (observer != Py_None) { /* an observer (or no such attribute): the template's */
+    if (observer == NULL) { /* no such attribute: the template's */
         PyErr_Clear();
         goto python;
     }
@@ -3019,6 +3254,9 @@ acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
                 goto python;
             }
         }
+    }
+    if (observer != Py_None) {
+        return observed_acquire(w, args, nargsf, kwnames);
     }
     PyObject *pool = args[0];
     Py_INCREF(pool); /* the arguments are the caller's; the pool must outlive the call */
@@ -3151,7 +3389,7 @@ sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
         goto python;
     }
     PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
-    if (observer != Py_None) {
+    if (observer == NULL) {
         PyErr_Clear();
         goto python;
     }
@@ -3159,6 +3397,9 @@ sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
     if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
         PyErr_Clear();
         goto python;
+    }
+    if (observer != Py_None) {
+        return observed_sa_checkout(w, args, nargsf);
     }
     PyObject *pool = args[1];
     Py_INCREF(pool);
@@ -4090,6 +4331,257 @@ holder_release_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     return (PyObject *)w;
 }
 
+/* ---- a checkout's ``with`` block, its sync half in C (issue 12) ------------------------
+ *
+ * ``Adapter.track_scope`` (psycopg_pool's ``connection()``) hands the user a ``_Scope`` around
+ * the library's context manager, so that the checkout's span is current inside the block. Its
+ * ``__enter__`` and ``__exit__`` were two Python frames of pgleak's on every traced block
+ * (with the lease's lookup and the observer's call, ~3,000 instructions a cycle); ``Scope``
+ * is the base class of its C flavour (pgleak._adapter._CScope), whose Python subclass adds the
+ * class attributes (``_kind``, ``_lease_of``) and the asyncio methods. The same steps as
+ * ``_Scope.__enter__`` / ``__exit__``, in the same order; a fault (an ``Exception``) goes to
+ * ``internal_error("<kind>.scope", exc)``, anything else propagates, as there. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *cm;    /* _cm: the library's context manager */
+    PyObject *lease; /* _lease: the checkout's lease, once entered (NULL: None) */
+} Scope;
+
+/* scope_bind()'s: pgleak._core.core, its by_conn dict, pgleak._guard.internal_error */
+static PyObject *sc_core, *sc_by_conn, *sc_internal_error;
+static PyObject *s_sc_enter, *s_sc_exit, *s_sc_lease_of, *s_sc_kind, *s_sc_oenter, *s_sc_oexit;
+
+/* The current exception, if an Exception: handed to internal_error("<kind>.scope", exc), 0;
+ * anything else: left set, -1. */
+static int
+scope_fault(PyObject *self)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+        return -1;
+    }
+    saved_error e;
+    error_save(&e);
+    PyObject *kind = PyObject_GetAttr(self, s_sc_kind);
+    PyObject *site = kind == NULL ? NULL : PyUnicode_FromFormat("%S.scope", kind);
+    Py_XDECREF(kind);
+    if (site != NULL && e.value != NULL) {
+        PyObject *done = PyObject_CallFunctionObjArgs(sc_internal_error, site, e.value, NULL);
+        Py_XDECREF(done);
+    }
+    Py_XDECREF(site);
+    PyErr_Clear(); /* internal_error never raises; if it did, the block must still go on */
+    error_drop(&e);
+    return 0;
+}
+
+/* ``_Scope._entered(conn)``: the lease found, kept, and the observer told. 0, or -1 with an
+ * error set (not an Exception: those are reported). */
+static int
+scope_entered(Scope *self, PyObject *conn)
+{
+    PyObject *lease = NULL, *observer = NULL;
+    PyObject *lease_of = PyObject_GetAttr((PyObject *)self, s_sc_lease_of);
+    if (lease_of == NULL) {
+        goto fault;
+    }
+    if (lease_of == Py_None) { /* core.lease_of(), inlined */
+        Py_DECREF(lease_of);
+        PyObject *key = PyLong_FromVoidPtr(conn);
+        if (key == NULL) {
+            goto fault;
+        }
+        lease = PyDict_GetItemWithError(sc_by_conn, key);
+        Py_DECREF(key);
+        if (lease == NULL && PyErr_Occurred()) {
+            goto fault;
+        }
+        lease = Py_NewRef(lease == NULL ? Py_None : lease);
+        if (lease != Py_None) {
+            PyObject *ref = PyObject_GetAttr(lease, s_ref);
+            if (ref == NULL) {
+                goto fault;
+            }
+            int same = 0;
+            if (ref != Py_None) {
+                PyObject *target = PyObject_CallNoArgs(ref);
+                if (target == NULL) {
+                    Py_DECREF(ref);
+                    goto fault;
+                }
+                same = target == conn;
+                Py_DECREF(target);
+            }
+            Py_DECREF(ref);
+            if (!same) {
+                Py_SETREF(lease, Py_NewRef(Py_None));
+            }
+        }
+    }
+    else {
+        lease = PyObject_CallOneArg(lease_of, conn);
+        Py_DECREF(lease_of);
+        if (lease == NULL) {
+            goto fault;
+        }
+    }
+    Py_XSETREF(self->lease, lease); /* self._lease = lease */
+    lease = NULL;
+    observer = PyObject_GetAttr(sc_core, s_observer);
+    if (observer == NULL) {
+        goto fault;
+    }
+    if (observer != Py_None && self->lease != NULL && self->lease != Py_None) {
+        PyObject *done = PyObject_CallMethodOneArg(observer, s_sc_oenter, self->lease);
+        if (done == NULL) {
+            goto fault;
+        }
+        Py_DECREF(done);
+    }
+    Py_DECREF(observer);
+    return 0;
+fault:
+    Py_XDECREF(lease);
+    Py_XDECREF(observer);
+    return scope_fault((PyObject *)self);
+}
+
+static PyObject *
+scope_enter(Scope *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->cm == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_cm");
+        return NULL;
+    }
+    PyObject *conn = PyObject_CallMethodNoArgs(self->cm, s_sc_enter);
+    if (conn == NULL) {
+        return NULL;
+    }
+    if (scope_entered(self, conn) < 0) {
+        Py_DECREF(conn);
+        return NULL;
+    }
+    return conn;
+}
+
+static PyObject *
+scope_exit(Scope *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "__exit__(typ, value, tb)");
+        return NULL;
+    }
+    if (self->cm == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_cm");
+        return NULL;
+    }
+    PyObject *lease = self->lease;
+    if (lease != NULL && lease != Py_None) { /* exit_scope(), inlined */
+        PyObject *observer = PyObject_GetAttr(sc_core, s_observer);
+        PyObject *done = NULL;
+        if (observer != NULL && observer != Py_None) {
+            Py_INCREF(lease);
+            done = PyObject_CallMethodOneArg(observer, s_sc_oexit, lease);
+            Py_DECREF(lease);
+        }
+        else if (observer != NULL) {
+            done = Py_NewRef(Py_None);
+        }
+        Py_XDECREF(observer);
+        if (done == NULL && scope_fault((PyObject *)self) < 0) {
+            return NULL;
+        }
+        Py_XDECREF(done);
+    }
+    return PyObject_CallMethodObjArgs(self->cm, s_sc_exit, args[0], args[1], args[2], NULL);
+}
+
+/* Only ever a static base of heap subclasses: their subtype_traverse / subtype_dealloc visit
+ * and release the subclass itself. */
+static int
+scope_traverse(Scope *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->cm);
+    Py_VISIT(self->lease);
+    return 0;
+}
+
+static int
+scope_clear(Scope *self)
+{
+    Py_CLEAR(self->cm);
+    Py_CLEAR(self->lease);
+    return 0;
+}
+
+static void
+scope_dealloc(Scope *self)
+{
+    PyObject_GC_UnTrack(self);
+    scope_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef scope_methods[] = {
+    {"__enter__", (PyCFunction)scope_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))scope_exit, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef scope_members[] = {
+    {"_cm", T_OBJECT, offsetof(Scope, cm), 0, NULL},
+    {"_lease", T_OBJECT, offsetof(Scope, lease), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject ScopeType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pgleak._speedups.Scope",
+    .tp_basicsize = sizeof(Scope),
+    .tp_dealloc = (destructor)scope_dealloc,
+    .tp_free = PyObject_GC_Del,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The sync half of pgleak._adapter._Scope, as a base class (see scope_bind).",
+    .tp_traverse = (traverseproc)scope_traverse,
+    .tp_clear = (inquiry)scope_clear,
+    .tp_methods = scope_methods,
+    .tp_members = scope_members,
+    .tp_new = PyType_GenericNew,
+};
+
+PyDoc_STRVAR(scope_bind_doc,
+"scope_bind(core, by_conn, internal_error)\n\n"
+"What ``Scope`` works on: pgleak._core.core, its ``by_conn`` dict, pgleak._guard's\n"
+"``internal_error``.");
+
+static PyObject *
+scope_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "scope_bind(core, by_conn: dict, internal_error)");
+        return NULL;
+    }
+    struct {
+        PyObject **slot;
+        const char *text;
+    } names[] = {
+        {&s_sc_enter, "__enter__"}, {&s_sc_exit, "__exit__"}, {&s_sc_lease_of, "_lease_of"},
+        {&s_sc_kind, "_kind"}, {&s_sc_oenter, "enter"}, {&s_sc_oexit, "exit"},
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (*names[i].slot == NULL) {
+            *names[i].slot = PyUnicode_InternFromString(names[i].text);
+            if (*names[i].slot == NULL) {
+                return NULL;
+            }
+        }
+    }
+    Py_XSETREF(sc_core, Py_NewRef(args[0]));
+    Py_XSETREF(sc_by_conn, Py_NewRef(args[1]));
+    Py_XSETREF(sc_internal_error, Py_NewRef(args[2]));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"capture", (PyCFunction)(void (*)(void))capture, METH_FASTCALL, capture_doc},
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL, walk_doc},
@@ -4120,6 +4612,7 @@ static PyMethodDef methods[] = {
      arelease_wrapper_doc},
     {"holder_release_wrapper", (PyCFunction)(void (*)(void))holder_release_wrapper,
      METH_FASTCALL, holder_release_wrapper_doc},
+    {"scope_bind", (PyCFunction)(void (*)(void))scope_bind, METH_FASTCALL, scope_bind_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -4168,6 +4661,7 @@ PyInit__speedups(void)
         {&s_call_site, "call_site"}, {&s_connection_record, "_connection_record"},
         {&s_tokens, "_tokens"},
         {&s_observe_checkin, "_observe_checkin"},
+        {&s_pending_deque, "pending"}, {&s_pop, "pop"},
     };
     for (size_t i = 0; i < sizeof(interned) / sizeof(interned[0]); i++) {
         *interned[i].slot = PyUnicode_InternFromString(interned[i].text);
@@ -4175,11 +4669,15 @@ PyInit__speedups(void)
             return NULL;
         }
     }
-    if (PyType_Ready(&Awaiting_Type) < 0 || PyType_Ready(&TrackedType) < 0) {
+    if (PyType_Ready(&Awaiting_Type) < 0 || PyType_Ready(&TrackedType) < 0
+        || PyType_Ready(&ScopeType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&speedups);
     if (module != NULL && PyModule_AddObjectRef(module, "Tracked", (PyObject *)&TrackedType) < 0) {
+        Py_CLEAR(module);
+    }
+    if (module != NULL && PyModule_AddObjectRef(module, "Scope", (PyObject *)&ScopeType) < 0) {
         Py_CLEAR(module);
     }
     return module;

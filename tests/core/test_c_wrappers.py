@@ -7,7 +7,9 @@ fault inside pgleak."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -142,8 +144,12 @@ def _scenario(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         seen: list[Any] = []
         monkeypatch.setattr(core, "observer", Recorder(seen))
         third = step("observed checkout", pool.getconn)
+        step("observed timeout", lambda: pool.getconn(timeout=0.75))
         step("observed checkin", lambda: ToyPool.putconn(pool, third))
         transcript.append(("observer saw", seen))
+        # every wait the observer saw begin has ended, however it ended
+        handles = [h for h in core._pools.values() if h.ref() is pool]
+        transcript.append(("pending", [len(h.pending) for h in handles]))
         monkeypatch.setattr(core, "observer", None)
 
         def broken(*args: Any, **kwargs: Any) -> None:
@@ -210,11 +216,13 @@ def test_the_c_and_python_wrappers_leave_the_same_ledger_and_reports(run: Any) -
     assert steps["failed checkin"] == "RuntimeError: reset failed"
     transcript = dict(entry for entry in python if len(entry) == 2)
     assert transcript["faults"] == [("toy.checkout", 'RuntimeError("pgleak\'s own fault")')]
-    assert [e[-1] for e in transcript["events"]] == [0.25, 0.5, 3.0, 3.0]
+    assert [e[-1] for e in transcript["events"]] == [0.25, 0.5, 3.0, 3.0, 0.75]
     assert transcript["observer saw"] == [
         ("checked_out", "toy pool", True),
+        ("exhausted",),
         ("checked_in", "toy pool", False, False),
     ]
+    assert transcript["pending"] == [0]
     assert [len(entry[2]) for entry in python if len(entry) == 3] == [
         2,
         4,
@@ -225,6 +233,7 @@ def test_the_c_and_python_wrappers_leave_the_same_ledger_and_reports(run: Any) -
         4,
         2,
         0,
+        2,
         2,
         0,
         0,
@@ -415,4 +424,106 @@ def test_the_asyncio_c_wrappers_leave_what_the_templates_leave(run_async: Any) -
     assert transcript["observer saw"] == [
         ("checked_out", "async toy pool", True),
         ("checked_in", "async toy pool", False, False),
+    ]
+
+
+class BlockPool(ToyPool):
+    """A pool with psycopg_pool's ``connection()``: a block that checks out and back in."""
+
+    @contextlib.contextmanager
+    def connection(self, swallow: bool = False) -> Iterator[Conn]:
+        conn = self.getconn()
+        try:
+            yield conn
+        except ValueError:
+            if not swallow:
+                raise
+        finally:
+            self.putconn(conn)
+
+
+class Blocks(_adapter.Adapter):
+    name = "blocks"
+    distribution = "no-such-distribution-pgleak-blocks"
+
+    def _install(self) -> None:
+        self.track_acquire(
+            BlockPool,
+            "getconn",
+            namer=lambda pool: "block pool",
+            is_timeout=lambda err: isinstance(err, Timeout),
+        )
+        self.track_release(BlockPool, "putconn")
+        self.track_scope(BlockPool, "connection")
+
+
+def _block_scenario(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    seen: list[Any] = []
+    pool = BlockPool(1)
+    recorder = Recorder(seen)
+    monkeypatch.setattr(core, "observer", recorder)
+    monkeypatch.setattr(
+        recorder, "enter", lambda lease: seen.append(("enter", lease.pool.name)), raising=False
+    )
+    monkeypatch.setattr(
+        recorder, "exit", lambda lease: seen.append(("exit", lease.pool.name)), raising=False
+    )
+    with pool.connection() as conn:
+        seen.append(("inside", conn in pool.lent, len(core.leases)))
+    try:
+        with pool.connection():
+            raise KeyError("the user's")
+    except KeyError as err:
+        seen.append(("raised", repr(err)))
+    with pool.connection(swallow=True):
+        raise ValueError("swallowed by the library's block")
+    seen.append(("suppressed", len(pool.free)))
+
+    def broken(lease: Lease) -> None:
+        raise RuntimeError("pgleak's own fault")
+
+    monkeypatch.setattr(recorder, "enter", broken)
+    monkeypatch.setattr(recorder, "exit", broken)
+    with pool.connection() as conn:
+        seen.append(("inside, faulty observer", conn in pool.lent))
+    seen.append(("faults", [(site, repr(exc)) for site, exc in _guard.swallowed]))
+    seen.append(("after", len(pool.free), len(core.leases)))
+    return seen
+
+
+@pytest.mark.internal_errors
+def test_the_c_and_python_blocks_do_the_same(
+    installed: pgleak.Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``track_scope``'s block (psycopg_pool's ``connection()``): its C flavour tells the
+    observer, passes the user's exception and the library's suppression on, and reports a
+    fault of the observer's, as the Python class does."""
+
+    def run(c: bool) -> list[Any]:
+        monkeypatch.setattr(_adapter, "use_c_wrappers", c)
+        with monkeypatch.context() as inner:
+            inner.setattr(core, "observer", Recorder([]))  # the block is put in for one
+            blocks = Blocks()
+            blocks.install()
+            try:
+                assert isinstance(BlockPool(1).connection(), _stack._fast.Scope) is c
+                return _block_scenario(inner)
+            finally:
+                blocks.uninstall()
+                _guard.reset()
+                core.leases.clear()
+                core.by_conn.clear()
+
+    python, c = run(False), run(True)
+    assert c == python
+    out, back = ("checked_out", "block pool", True), ("checked_in", "block pool", False, False)
+    enter, exit_ = ("enter", "block pool"), ("exit", "block pool")
+    fault = ("blocks.scope", 'RuntimeError("pgleak\'s own fault")')
+    assert python == [
+        *(out, enter, ("inside", True, 1), exit_, back),
+        *(out, enter, exit_, back, ("raised", 'KeyError("the user\'s")')),
+        *(out, enter, exit_, back, ("suppressed", 1)),
+        *(out, ("inside, faulty observer", True), back),
+        ("faults", [fault, fault]),  # the block's enter and exit
+        ("after", 1, 0),
     ]
