@@ -306,10 +306,13 @@ def _awaited(coro: Any, thorough: bool) -> Any:
     shows: the running coroutine among them is the next link. Wrappers without a frame of their
     own (``__await__`` objects) are looked through the same way.
     """
-    nxt = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    if nxt is not None or not thorough:
-        return nxt
     if not (getattr(coro, "cr_running", False) or getattr(coro, "gi_running", False)):
+        return getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    # Running: ``cr_await`` is not asked. Up to 3.11 CPython's getter reads the instruction
+    # after the running one, which after a call is the call's inline cache; when its bytes
+    # read as a RESUME it takes the top of the running value stack for the awaited object and
+    # can crash the process (a sync checkout straight from a task's coroutine body).
+    if not thorough:
         return None
     for _ in range(3):  # a coroutine, or up to two frameless wrappers around one
         found = None

@@ -291,3 +291,55 @@ def test_c_task_capture_matches_python_across_greenlets_and_c_level_sends(walk: 
     assert_site(_stack.format_raw(direct["greenlet"])[:-1], "CROSSED")
     assert _stack.format_raw(direct["send"])[-1].endswith("in inner")
     assert_site(_stack.format_raw(direct["send"])[:-1], "SENT")
+
+
+_SYNC_CHECKOUT_IN_A_TASK = """
+import asyncio, sys
+import pgleak
+from pgleak._core import core
+
+pgleak.install(leak_threshold=60)
+
+class Pool: pass
+class Conn: pass
+
+handle = core.pool(Pool(), "toy")
+
+async def body():
+    conns = [Conn() for _ in range(2000)]
+    names = set()
+    for conn in conns:
+        lease = core.checkout(handle, conn, True, None)
+        names.add(lease.task[1])
+        core.checkin(lease)
+    return names
+
+print(sorted(asyncio.run(body())))
+"""
+
+
+def test_a_checkout_straight_from_a_task_body_does_not_ask_a_running_coroutine(
+    walk: str,
+) -> None:
+    """A sync checkout made from a task's coroutine body (a blocking pool used in async code):
+    the chain walk must not ask the running coroutine for ``cr_await``. Up to 3.11 CPython's
+    getter then reads the call's inline cache as the next instruction and, when its bytes
+    read as a RESUME, takes the top of the value stack for the awaited object: the process
+    died within 200 checkouts (the C walk's bytes hit it; the Python walk's did not, by
+    luck). In a child process, so that a crash fails this test rather than the run."""
+    import os
+    import subprocess
+
+    env = dict(os.environ)
+    if walk == "python":
+        env["PGLEAK_NO_SPEEDUPS"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", _SYNC_CHECKOUT_IN_A_TASK],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "['Task-1']"
