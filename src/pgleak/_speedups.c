@@ -584,6 +584,48 @@ chain_link(PyObject *obj, PyObject *first, PyObject *second, int frame, PyObject
 }
 
 static PyObject *s_cr_frame, *s_gi_frame, *s_cr_await, *s_gi_yieldfrom;
+static PyObject *s_cr_running, *s_gi_running;
+static link_getter coro_running, gen_running;
+
+/* Whether ``obj`` (a coroutine, a generator, or an object that says so) is running: 1, 0,
+ * -1 on error. A running coroutine awaits nothing that ``cr_await`` could give (at a
+ * checkout every coroutine of the current task's chain runs, and answers None), and asking
+ * is not safe: up to 3.11 CPython's getter reads the instruction after the running one, which
+ * after a call is the call's inline cache, and when its bytes happen to read as a RESUME
+ * takes whatever is at the top of the running frame's value stack for the awaited object (a
+ * crash: a sync checkout made straight from a task's coroutine body hit it). */
+static int
+is_running(PyObject *obj)
+{
+    link_getter *fast = NULL;
+    if (PyCoro_CheckExact(obj)) {
+        fast = &coro_running;
+    }
+    else if (PyGen_CheckExact(obj)) {
+        fast = &gen_running;
+    }
+    PyObject *value = NULL;
+    if (fast != NULL && fast->get != NULL) {
+        value = fast->get(obj, fast->closure);
+        if (value == NULL) {
+            return -1;
+        }
+    }
+    else {
+        if (PyObject_GetOptionalAttr(obj, s_cr_running, &value) < 0) {
+            return -1;
+        }
+        if (value == NULL && PyObject_GetOptionalAttr(obj, s_gi_running, &value) < 0) {
+            return -1;
+        }
+        if (value == NULL) {
+            return 0;
+        }
+    }
+    int running = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return running;
+}
 
 /* chain_complete() over the pairs ``items[0:n]``: 1 complete, 0 not, -1 error. */
 static int
@@ -624,6 +666,14 @@ chain_in(PyObject *const *items, Py_ssize_t n, PyObject *start, PyObject *cache,
         }
         Py_DECREF(code);
         Py_DECREF(frame);
+        int running = is_running(coro);
+        if (running < 0) {
+            Py_DECREF(coro);
+            return -1;
+        }
+        if (running) {
+            break; /* it awaits nothing yet: the chain ends here (see is_running) */
+        }
         if (chain_link(coro, s_cr_await, s_gi_yieldfrom, 0, &next) < 0) {
             Py_DECREF(coro);
             return -1;
@@ -1133,9 +1183,12 @@ thread_identity(void)
 PyDoc_STRVAR(forget_thread_doc,
 "forget_thread() -> None\n\nDrop this thread's cached identity (in a forked child).");
 
+static void forget_pid(void); /* below */
+
 static PyObject *
 forget_thread(PyObject *module, PyObject *unused)
 {
+    forget_pid();
     PyObject *dict = PyThreadState_GetDict();
     if (dict != NULL && PyDict_DelItem(dict, s_thread_key) < 0) {
         if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
@@ -1145,6 +1198,115 @@ forget_thread(PyObject *module, PyObject *unused)
     }
     Py_RETURN_NONE;
 }
+
+/* ---- asyncio's running loop, without a system call (3.10 and 3.11) ------------------------
+ *
+ * Every checkout asks asyncio for the running loop (to name the task that holds the
+ * connection). Up to 3.11 asyncio's C ``_get_running_loop`` checks the loop holder's pid
+ * against ``getpid()``, a system call on every checkout of an asyncio path (~0.2 us here,
+ * counted by strace: one more ``getpid`` per cycle with pgleak installed). The same check is
+ * made here against the pid pgleak last read: at the first checkout, and again in a forked
+ * child (forget_thread(), from pgleak's at-fork handler), so a child forked while a loop ran
+ * sees no running loop, as asyncio's check makes it. The holder is asyncio's private
+ * ``_RunningLoopHolder`` (Modules/_asynciomodule.c, 3.7 to 3.11: the loop, then the pid),
+ * kept in the thread state's dict: it is read only once its type has been seen to be that
+ * one, of that size, and the reading agreed with asyncio's own answer; anything else (the
+ * pure-Python asyncio, another version, a holder not yet checked) asks asyncio. From 3.12
+ * asyncio keeps the loop in the thread state and makes no system call: asyncio is asked. */
+#if PY_VERSION_HEX < 0x030C0000 && !defined(MS_WINDOWS)
+#  include <unistd.h>
+#  define PGLEAK_LOOP_HOLDER 1
+typedef struct {
+    PyObject_HEAD
+    PyObject *rl_loop;
+    pid_t rl_pid;
+} loop_holder;
+
+static PyTypeObject *holder_type = NULL; /* checked: a strong reference */
+static int holder_refused = 0;           /* the holder is not what this code reads */
+static pid_t own_pid = 0;                /* getpid() as last read; 0: not yet */
+static PyObject *s_holder_key = NULL;    /* "__asyncio_running_event_loop__" */
+static PyObject *c_get_running_loop = NULL; /* _asyncio._get_running_loop, when asyncio's is it */
+
+static PyObject *
+running_loop(void)
+{
+    if (holder_refused) {
+        return PyObject_CallNoArgs(b_get_running_loop);
+    }
+    if (s_holder_key == NULL) {
+        s_holder_key = PyUnicode_InternFromString("__asyncio_running_event_loop__");
+        PyObject *module = s_holder_key == NULL ? NULL : PyImport_ImportModule("_asyncio");
+        if (module == NULL) {
+            PyErr_Clear();
+            holder_refused = 1;
+            return PyObject_CallNoArgs(b_get_running_loop);
+        }
+        c_get_running_loop = PyObject_GetAttrString(module, "_get_running_loop");
+        Py_DECREF(module);
+        if (c_get_running_loop == NULL || c_get_running_loop != b_get_running_loop) {
+            PyErr_Clear();
+            holder_refused = 1; /* the pure-Python asyncio keeps its loop elsewhere */
+            return PyObject_CallNoArgs(b_get_running_loop);
+        }
+    }
+    PyObject *dict = PyThreadState_GetDict(); /* borrowed */
+    PyObject *holder = dict == NULL ? NULL : PyDict_GetItemWithError(dict, s_holder_key);
+    if (holder == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        return PyObject_CallNoArgs(b_get_running_loop); /* no loop ever ran in this thread */
+    }
+    if (Py_TYPE(holder) != holder_type) {
+        /* the first holder seen: read it only if it is the type this code knows and the
+         * reading agrees with asyncio's own answer */
+        PyObject *loop = PyObject_CallNoArgs(b_get_running_loop);
+        if (loop == NULL) {
+            return NULL;
+        }
+        PyTypeObject *type = Py_TYPE(holder);
+        const char *dot = strrchr(type->tp_name, '.');
+        const char *name = dot == NULL ? type->tp_name : dot + 1;
+        if (holder_type == NULL && strcmp(name, "_RunningLoopHolder") == 0
+            && type->tp_basicsize == (Py_ssize_t)sizeof(loop_holder) && loop != Py_None
+            && ((loop_holder *)holder)->rl_loop == loop
+            && ((loop_holder *)holder)->rl_pid == getpid()) {
+            holder_type = (PyTypeObject *)Py_NewRef((PyObject *)type);
+            own_pid = getpid();
+        }
+        else if (holder_type != NULL || loop != Py_None) {
+            holder_refused = 1; /* a second type, or a holder that reads otherwise */
+        }
+        return loop;
+    }
+    PyObject *loop = ((loop_holder *)holder)->rl_loop;
+    if (loop == Py_None || ((loop_holder *)holder)->rl_pid != own_pid) {
+        Py_RETURN_NONE;
+    }
+    return Py_NewRef(loop);
+}
+
+/* A forked child: its pid is read again at its next checkout's check. */
+static void
+forget_pid(void)
+{
+    if (own_pid != 0) {
+        own_pid = getpid();
+    }
+}
+#else
+static PyObject *
+running_loop(void)
+{
+    return PyObject_CallNoArgs(b_get_running_loop);
+}
+
+static void
+forget_pid(void)
+{
+}
+#endif
 
 /* ---- An asyncio checkout's task, cheaper (SQLAlchemy's asyncio engine, asyncpg, psycopg_pool)
  *
@@ -1935,7 +2097,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
     if (extra > threshold) {
         threshold = extra;
     }
-    loop = PyObject_CallNoArgs(b_get_running_loop);
+    loop = running_loop();
     if (loop == NULL) {
         goto done;
     }
@@ -4633,9 +4795,14 @@ PyInit__speedups(void)
     s_gi_frame = PyUnicode_InternFromString("gi_frame");
     s_cr_await = PyUnicode_InternFromString("cr_await");
     s_gi_yieldfrom = PyUnicode_InternFromString("gi_yieldfrom");
-    if (!s_cr_frame || !s_gi_frame || !s_cr_await || !s_gi_yieldfrom) {
+    s_cr_running = PyUnicode_InternFromString("cr_running");
+    s_gi_running = PyUnicode_InternFromString("gi_running");
+    if (!s_cr_frame || !s_gi_frame || !s_cr_await || !s_gi_yieldfrom || !s_cr_running
+        || !s_gi_running) {
         return NULL;
     }
+    find_getter(&PyCoro_Type, "cr_running", &coro_running);
+    find_getter(&PyGen_Type, "gi_running", &gen_running);
     find_getter(&PyCoro_Type, "cr_frame", &coro_frame);
     find_getter(&PyCoro_Type, "cr_await", &coro_await);
     find_getter(&PyGen_Type, "gi_frame", &gen_frame);

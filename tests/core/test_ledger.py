@@ -385,3 +385,57 @@ def test_freed_leases_let_go_of_what_they_held(installed: pgleak.Settings) -> No
     more.ref = more_ref
     del more, more_ref, objects
     assert [w() for w in watched] == [None] * 4
+
+
+def test_asyncio_holder_either_way_and_in_a_forked_child(installed: pgleak.Settings) -> None:
+    """The C ledger reads asyncio's running loop from its holder (3.10 and 3.11: no
+    ``getpid()`` system call per checkout), checking the holder's pid against the one it last
+    read. A task's checkout names the task, a later loop's names its own, none outside a loop;
+    and a child forked while the loop runs sees no running loop, as asyncio's own check says."""
+    import os
+
+    handle = core.pool(Pool(), "test")
+
+    async def holders() -> list[Any]:
+        seen = []
+        for _ in range(2):  # the first adopts the holder, the second reads it
+            conn_c, conn_py = Conn(), Conn()
+            made_c = _out(handle, conn_c)
+            made_py = Core.checkout(core, handle, conn_py, True, None)
+            assert made_py is not None
+            seen.append((made_c.task, made_py.task, asyncio.current_task()))
+            core.checkin(made_c)
+            core.checkin(made_py)
+        return seen
+
+    for _ in range(2):  # two loops, two tasks, one thread
+        for c, py, task in asyncio.run(holders()):
+            assert c[0]() is py[0]() is task
+            assert c[1] == py[1] == task.get_name()
+    conn = Conn()
+    outside = _out(handle, conn)
+    assert outside.task is None
+    core.checkin(outside)
+
+    if not hasattr(os, "fork"):
+        return
+
+    async def fork_inside() -> tuple[int, bytes]:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: no running loop here, as asyncio says
+            try:
+                conn = Conn()
+                lease = _out(handle, conn)
+                said = asyncio.events._get_running_loop()
+                os.write(write, b"%d %d" % (lease.task is None, said is None))
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as out:
+            answer = out.read()
+        return os.waitpid(pid, 0)[1], answer
+
+    status, answer = asyncio.run(fork_inside())
+    assert status == 0
+    assert answer == b"1 1"
