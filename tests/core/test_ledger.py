@@ -387,6 +387,8 @@ def test_freed_leases_let_go_of_what_they_held(installed: pgleak.Settings) -> No
     assert [w() for w in watched] == [None] * 4
 
 
+# Forking while pgleak's watchdog thread runs is part of the case (3.12+ warns about it).
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_asyncio_holder_either_way_and_in_a_forked_child(installed: pgleak.Settings) -> None:
     """The C ledger reads asyncio's running loop from its holder (3.10 and 3.11: no
     ``getpid()`` system call per checkout), checking the holder's pid against the one it last
