@@ -588,12 +588,15 @@ static PyObject *s_cr_running, *s_gi_running;
 static link_getter coro_running, gen_running;
 
 /* Whether ``obj`` (a coroutine, a generator, or an object that says so) is running: 1, 0,
- * -1 on error. A running coroutine awaits nothing that ``cr_await`` could give (at a
- * checkout every coroutine of the current task's chain runs, and answers None), and asking
- * is not safe: up to 3.11 CPython's getter reads the instruction after the running one, which
- * after a call is the call's inline cache, and when its bytes happen to read as a RESUME
- * takes whatever is at the top of the running frame's value stack for the awaited object (a
- * crash: a sync checkout made straight from a task's coroutine body hit it). */
+ * -1 on error. On 3.11 a running coroutine is not asked for ``cr_await`` (chain_in): CPython's
+ * getter reads the instruction after the running one, which after a call is the call's inline
+ * cache, and when its bytes happen to read as a RESUME takes whatever is at the top of the
+ * running frame's value stack for the awaited object (a crash: a sync checkout made straight
+ * from a task's coroutine body hit it). At an ``await``, the one place a running 3.11
+ * coroutine has something to answer, the next instruction is a YIELD_VALUE and it answers
+ * None anyway. 3.10 reads real instructions (no inline caches) and answers for a coroutine
+ * running an ``await``; 3.12 on read only a suspended frame. (pgleak._stack, the same.) */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000
 static int
 is_running(PyObject *obj)
 {
@@ -626,6 +629,7 @@ is_running(PyObject *obj)
     Py_DECREF(value);
     return running;
 }
+#endif
 
 /* chain_complete() over the pairs ``items[0:n]``: 1 complete, 0 not, -1 error. */
 static int
@@ -666,14 +670,16 @@ chain_in(PyObject *const *items, Py_ssize_t n, PyObject *start, PyObject *cache,
         }
         Py_DECREF(code);
         Py_DECREF(frame);
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000
         int running = is_running(coro);
         if (running < 0) {
             Py_DECREF(coro);
             return -1;
         }
         if (running) {
-            break; /* it awaits nothing yet: the chain ends here (see is_running) */
+            break; /* 3.11: not asked, and it would answer None (see is_running) */
         }
+#endif
         if (chain_link(coro, s_cr_await, s_gi_yieldfrom, 0, &next) < 0) {
             Py_DECREF(coro);
             return -1;

@@ -297,6 +297,18 @@ def _capture_in_task(frame: FrameType | None, limit: int, task: Any, thorough: b
     return tuple(out)
 
 
+#: On 3.11 a running coroutine's ``cr_await`` is not asked. CPython's getter reads the
+#: instruction after the running one, which after a call is the call's inline cache (3.11 is
+#: the one version with inline caches that reads it while the frame runs); when its bytes read
+#: as a RESUME it takes the top of the running value stack for the awaited object and can
+#: crash the process (a sync checkout straight from a task's coroutine body did). At an
+#: ``await`` (the only place a running 3.11 coroutine has something to answer) the next
+#: instruction is a YIELD_VALUE and the answer is None anyway. 3.10 reads real instructions
+#: (and answers for a coroutine running an ``await``, which the walk needs); 3.12 on read
+#: only a suspended frame.
+_RUNNING_AWAIT_UNSAFE = sys.version_info[:2] == (3, 11)
+
+
 def _awaited(coro: Any, thorough: bool) -> Any:
     """What ``coro`` is awaiting, or ``None``.
 
@@ -306,13 +318,14 @@ def _awaited(coro: Any, thorough: bool) -> Any:
     shows: the running coroutine among them is the next link. Wrappers without a frame of their
     own (``__await__`` objects) are looked through the same way.
     """
-    if not (getattr(coro, "cr_running", False) or getattr(coro, "gi_running", False)):
-        return getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    # Running: ``cr_await`` is not asked. Up to 3.11 CPython's getter reads the instruction
-    # after the running one, which after a call is the call's inline cache; when its bytes
-    # read as a RESUME it takes the top of the running value stack for the awaited object and
-    # can crash the process (a sync checkout straight from a task's coroutine body).
-    if not thorough:
+    running = getattr(coro, "cr_running", False) or getattr(coro, "gi_running", False)
+    if running and _RUNNING_AWAIT_UNSAFE:
+        nxt = None  # not asked: see _RUNNING_AWAIT_UNSAFE
+    else:
+        nxt = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    if nxt is not None or not thorough:
+        return nxt
+    if not running:
         return None
     for _ in range(3):  # a coroutine, or up to two frameless wrappers around one
         found = None
