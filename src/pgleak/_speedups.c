@@ -3477,10 +3477,11 @@ tracked_released(Tracked *w, PyObject *lease)
     Py_DECREF(done);
 }
 
+/* The connection a checkin was called with (borrowed): the argument at ``conn_index``, or
+ * the keyword of its name; NULL when neither (the compiled template then reads the call). */
 static PyObject *
-release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+conn_argument(Tracked *w, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *conn = NULL;
     if (w->conn_index >= 0 && w->conn_index < nargs) {
         conn = args[w->conn_index];
@@ -3499,6 +3500,14 @@ release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
             conn = NULL;
         }
     }
+    return conn;
+}
+
+static PyObject *
+release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *conn = conn_argument(w, args, nargs, kwnames);
     if (conn == NULL || !bound) {
         return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
     }
@@ -4321,24 +4330,7 @@ static PyObject *
 arelease_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    PyObject *conn = NULL;
-    if (w->conn_index >= 0 && w->conn_index < nargs) {
-        conn = args[w->conn_index];
-    }
-    else if (kwnames != NULL) {
-        Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
-        for (Py_ssize_t i = 0; i < nkw && conn == NULL; i++) {
-            PyObject *name = PyTuple_GET_ITEM(kwnames, i);
-            int same = name == w->conn_name ? 1 : PyUnicode_Compare(name, w->conn_name) == 0;
-            if (same) {
-                conn = args[nargs + i];
-            }
-        }
-        if (PyErr_Occurred()) {
-            PyErr_Clear();
-            conn = NULL;
-        }
-    }
+    PyObject *conn = conn_argument(w, args, nargs, kwnames);
     if (conn == NULL) {
         goto python;
     }
