@@ -300,6 +300,27 @@ back(PyFrameObject *frame)
     return older;
 }
 
+/* The ``n`` gathered references of ``items`` (new ones) as one tuple, or, when ``failed`` or
+ * the tuple cannot be made, released (NULL). ``items`` is freed unless it is ``small``, the
+ * caller's buffer on its stack. */
+static PyObject *
+pairs_tuple(PyObject **items, Py_ssize_t n, int failed, PyObject **small)
+{
+    PyObject *result = failed ? NULL : PyTuple_New(n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (result != NULL) {
+            PyTuple_SET_ITEM(result, i, items[i]); /* steals */
+        }
+        else {
+            Py_DECREF(items[i]);
+        }
+    }
+    if (items != small) {
+        PyMem_Free(items);
+    }
+    return result;
+}
+
 PyDoc_STRVAR(capture_doc,
 "capture(frame, limit, cache, pseudo) -> tuple | None\n\n"
 "pgleak._stack.capture() for a thread: the frames from ``frame`` outwards whose cached\n"
@@ -364,19 +385,7 @@ capture(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         frame = back(frame);
     }
     Py_XDECREF(frame);
-    PyObject *result = failed ? NULL : PyTuple_New(n);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (result != NULL) {
-            PyTuple_SET_ITEM(result, i, items[i]); /* steals */
-        }
-        else {
-            Py_DECREF(items[i]);
-        }
-    }
-    if (items != small) {
-        PyMem_Free(items);
-    }
-    return result;
+    return pairs_tuple(items, n, failed, small);
 }
 
 PyDoc_STRVAR(walk_doc,
@@ -1724,19 +1733,7 @@ capture_iframes(iframe *f, PyObject *depth, PyObject *cache, PyObject *pseudo)
         items[n++] = lasti;
         f = iframe_back(f);
     }
-    PyObject *result = failed ? NULL : PyTuple_New(n);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (result != NULL) {
-            PyTuple_SET_ITEM(result, i, items[i]); /* steals */
-        }
-        else {
-            Py_DECREF(items[i]);
-        }
-    }
-    if (items != small) {
-        PyMem_Free(items);
-    }
-    return result;
+    return pairs_tuple(items, n, failed, small);
 }
 #endif
 
