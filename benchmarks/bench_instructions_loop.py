@@ -12,7 +12,10 @@ This runs the same cycles (same paths, pools and depth, from ``bench_cost.py``) 
 --toggle-collect=sys_call_tracing``): no start-up, no other thread. Runs of ``N1`` and ``N2``
 cycles in processes of their own; their difference per cycle. By default the asyncio paths;
 the sync ones (``--paths psycopg2``) run their loop the same way, inside ``sys.call_tracing``.
-Needs ``valgrind`` on ``PATH``.
+``--settings otel_sdk`` counts pgleak's own share as ``bench_instructions.py`` does, against the
+same span made by hand in each cycle (the bare run of that row is the hand-spanned cycle); the
+batch processor's export thread is not counted on either side, the span's own work in the
+loop's thread is. Needs ``valgrind`` on ``PATH``.
 """
 
 from __future__ import annotations
@@ -41,10 +44,16 @@ def child(path: str, setting: str, installed: bool, n: int, where: dict[str, Any
     import pgleak
 
     server: Any = types.SimpleNamespace(**where)
+    kwargs = bench_instructions._settings(setting)
+    spanned = "tracer_provider" in kwargs
     if path in SYNC_PATHS:
         _, run, _, done = bench_cost.sync_paths(server)[path]
+        if spanned:
+            run = bench_cost._one_by_one(run)
+            if not installed:
+                run = bench_cost._hand_spanned(run, kwargs, path)
         if installed:
-            pgleak.install(**SETTINGS[setting])
+            pgleak.install(**kwargs)
         run(50)
         sys.call_tracing(bench_cost._deep, (bench_cost.DEPTH, lambda: run(n)))  # counted
         done()
@@ -52,8 +61,10 @@ def child(path: str, setting: str, installed: bool, n: int, where: dict[str, Any
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     _, bare, _, close = loop.run_until_complete(bench_cost.async_paths(server))[path]
+    if spanned:
+        bare = bench_cost._ahand_spanned(bare, None if installed else kwargs, path)
     if installed:
-        pgleak.install(**SETTINGS[setting])
+        pgleak.install(**kwargs)
     loop.run_until_complete(bare(50))
     cycles = bench_cost._adeep(bench_cost.DEPTH, lambda: bare(n))
     sys.call_tracing(loop.run_until_complete, (cycles,))  # the only stretch counted
@@ -69,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     counted_as = functools.partial(
         bench_instructions.per_cycle, runs=(N1, N2), script=__file__, collect=_COLLECT
     )
-    bench_instructions.table(paths, settings, counted_as)
+    bench_instructions.table(paths, settings, counted_as, bench_instructions._bare_of)
     print(
         f"\nInstructions per checkout + checkin cycle inside the loop (callgrind; runs of {N1}"
         f" and {N2} cycles, {bench_cost.DEPTH} frames deep), CPython {sys.version.split()[0]}."
