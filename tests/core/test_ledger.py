@@ -12,7 +12,7 @@ import dataclasses
 import math
 import sys
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -381,10 +381,15 @@ def test_the_observer_is_told_alike_either_way(installed: pgleak.Settings, pytho
     handle = core.pool(Pool(), "test")
     conn = Conn()
     told = _Told()
-    checkout = (lambda *a: Core.checkout(core, *a)) if python else core.checkout
+
+    def checkout(*args: Any) -> Lease:
+        lease = Core.checkout(core, *args) if python else core.checkout(*args)
+        assert lease is not None
+        return lease
+
     checkin = (lambda lease: Core.checkin(core, lease)) if python else core.checkin
     _cycle(handle, conn)  # the watchdog started: the observer's common case from here on
-    core.observer = told
+    core.observer = cast("Any", told)
     try:
         lease = checkout(handle, conn, True, 12.5)
         checkin(lease)
@@ -414,11 +419,11 @@ def test_the_observer_is_told_alike_either_way(installed: pgleak.Settings, pytho
         told.fail = KeyboardInterrupt()
         with pytest.raises(KeyboardInterrupt):
             checkout(handle, conn, True, None)
-        lease = core.lease_of(conn)
-        assert lease is not None
+        held = core.lease_of(conn)
+        assert held is not None
         with pytest.raises(KeyboardInterrupt):
-            checkin(lease)
-        assert lease.id not in core.leases
+            checkin(held)
+        assert held.id not in core.leases
     finally:
         core.observer = None
     assert not core.leases
