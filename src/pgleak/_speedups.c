@@ -2063,8 +2063,9 @@ observe_names(void)
     return s_site_in == NULL ? -1 : 0;
 }
 
-/* ``observer.<name>(*args)`` (``args[0]`` is the observer; observe_names() done), as ``try: ... except Exception as
- * exc: internal_error(site, exc)``: 0, or -1 with an error set (not an Exception). */
+/* ``observer.<name>(*args)`` (``args[0]`` is the observer; observe_names() done), as
+ * ``try: ... except Exception as exc: internal_error(site, exc)``: 0, or -1 with an error set
+ * (not an Exception). */
 static int
 observe(PyObject *name, PyObject *site, PyObject *const *args, size_t nargs)
 {
