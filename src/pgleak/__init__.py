@@ -180,6 +180,9 @@ def _observer(new: Settings, tracer_provider: Any, meter_provider: Any) -> _otel
                 "otel=True, but opentelemetry-api is not installed (pip install 'pgleak[otel]')"
             ) from exc
         return None
+    from pgleak import _otel_fast
+
+    _otel_fast.bind()
     return _otel.Telemetry(__version__, tracer_provider, meter_provider)
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import sys
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -349,6 +349,83 @@ def test_kept_answers_follow_every_change(
     _cycle(handle, conn)
     assert asked == [1]
     core.waker = core.wake_gate = None
+    assert not core.leases
+
+
+class _Told:
+    """An observer that notes every argument it is given, and raises when asked to."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[Any, ...]] = []
+        self.fail: BaseException | None = None
+
+    def checked_out(self, lease: Lease, since: float | None) -> None:
+        self.told.append(("out", lease.id, since))
+        if self.fail is not None:
+            raise self.fail
+
+    def checked_in(self, lease: Lease, late: bool, discarded: bool) -> None:
+        self.told.append(("in", lease.id, late, discarded))
+        if self.fail is not None:
+            raise self.fail
+
+
+@pytest.mark.internal_errors
+@pytest.mark.parametrize("python", [False, True], ids=["C ledger", "Python ledger"])
+def test_the_observer_is_told_alike_either_way(installed: pgleak.Settings, python: bool) -> None:
+    """The C ledger calls the observer's ``checked_out`` / ``checked_in`` itself (not through
+    ``Core._after_checkout`` / ``_observe_checkin``): the same arguments, a late checkin's flag,
+    a fault reported at the same site and swallowed, anything else propagated."""
+    from pgleak import _guard
+
+    handle = core.pool(Pool(), "test")
+    conn = Conn()
+    told = _Told()
+
+    def checkout(*args: Any) -> Lease:
+        lease = Core.checkout(core, *args) if python else core.checkout(*args)
+        assert lease is not None
+        return lease
+
+    checkin = (lambda lease: Core.checkin(core, lease)) if python else core.checkin
+    _cycle(handle, conn)  # the watchdog started: the observer's common case from here on
+    core.observer = cast("Any", told)
+    try:
+        lease = checkout(handle, conn, True, 12.5)
+        checkin(lease)
+        late = checkout(handle, conn, True, None)
+        late.flagged = True
+        checkin(late)
+        assert core._pending.pop()[1] is late
+        assert told.told == [
+            ("out", lease.id, 12.5),
+            ("in", lease.id, False, False),
+            ("out", late.id, None),
+            ("in", late.id, True, False),
+        ]
+        # a fault of the observer's: reported once per site, the cycle carries on
+        told.fail = RuntimeError("observer broke")
+        _guard.reset()
+        lease = checkout(handle, conn, True, None)
+        assert core.leases[lease.id] is lease
+        checkin(lease)
+        assert lease.id not in core.leases
+        assert [(site, repr(exc)) for site, exc in _guard.swallowed] == [
+            ("observer.checkout", "RuntimeError('observer broke')"),
+            ("observer.checkin", "RuntimeError('observer broke')"),
+        ]
+        assert _guard.swallowed[0][1].__traceback__ is not None
+        # anything that is not an Exception is the application's: it propagates
+        told.fail = KeyboardInterrupt()
+        with pytest.raises(KeyboardInterrupt):
+            checkout(handle, conn, True, None)
+        held = core.lease_of(conn)
+        assert held is not None
+        with pytest.raises(KeyboardInterrupt):
+            checkin(held)
+        assert held.id not in core.leases
+    finally:
+        core.observer = None
     assert not core.leases
 
 

@@ -337,6 +337,36 @@ def test_a_broken_tracer_does_not_break_the_application(pg: Server, uninstalled:
     assert all(isinstance(exc, RuntimeError) for _, exc in _guard.swallowed)
 
 
+@pytest.mark.internal_errors
+def test_a_broken_observer_does_not_break_a_sqlalchemy_block(
+    pg: Server, uninstalled: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Connection.__enter__`` / ``__exit__`` tell the observer themselves: a fault there is
+    swallowed at ``sqlalchemy.scope``, and the block, its query and the checkin go on."""
+    import sqlalchemy as sa
+
+    from pgleak import _guard
+
+    def broken(self: Any, lease: Any) -> None:
+        raise RuntimeError("observer on fire")
+
+    monkeypatch.setattr(_otel.Telemetry, "enter", broken)
+    monkeypatch.setattr(_otel.Telemetry, "exit", broken)
+    pgleak.install(tracer_provider=TracerProvider())
+    engine = sa.create_engine(pg.url("psycopg"), pool_size=1)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("select 1")).scalar() == 1
+            assert len(pgleak.checked_out()) == 1
+        assert pgleak.checked_out() == []
+    finally:
+        engine.dispose()
+    assert [(site, str(exc)) for site, exc in _guard.swallowed] == [
+        ("sqlalchemy.scope", "observer on fire"),
+        ("sqlalchemy.scope", "observer on fire"),
+    ]
+
+
 def test_a_connection_still_out_at_exit_ends_its_span_before_the_sdk_shuts_down(
     pg: Server,
 ) -> None:

@@ -1,0 +1,48 @@
+"""The C half of ``Telemetry.checked_out`` (``trace_checkout`` in ``pgleak/_speedups.c``).
+
+A traced checkout's observer call was a Python frame (~3,500 instructions) that, in its common
+case, only makes the checkout's :class:`pgleak._otel._Trace`. The C ledger makes it itself once
+:func:`bind` has handed it the classes it fills and the API's context variable; every other
+case (a provider still to look for, metrics, a pool not described yet, ``checked_out`` replaced
+or overridden) still calls the method, which stays the one definition of what a checkout
+records. Kept out of ``_otel`` so that module holds the spans, and this the wiring.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from opentelemetry import trace
+from opentelemetry.metrics import _internal as _metrics_internal
+
+from pgleak import _core, _otel, _stack
+from pgleak._guard import say
+from pgleak._otel_metrics import _PoolInfo
+
+_log = logging.getLogger("pgleak")
+
+
+def bind() -> bool:
+    """Hand the C ledger what it needs to make ``_Trace`` itself; ``False`` where it cannot
+    (no extension, ``PGLEAK_NO_SPEEDUPS=1``, the Python ledger running, another runtime
+    context than the API's context variable): then the Python method runs, to the same end."""
+    fast = _stack._fast
+    var = _otel._CONTEXT
+    if fast is None or not hasattr(fast, "trace_bind") or var is None:
+        return False
+    if _core._fast_ledger is None:
+        return False
+    try:
+        fast.trace_bind(
+            _otel.Telemetry,
+            _otel._Trace,
+            _PoolInfo,
+            _core.PoolHandle,
+            var,
+            trace,
+            _metrics_internal,
+        )
+    except Exception as exc:
+        say(_log, logging.DEBUG, "pgleak: checked_out stays in Python (%s)", exc)
+        return False
+    return True
