@@ -2471,6 +2471,10 @@ enum { AW_ACQUIRE = 0, AW_RELEASE = 1 };
 /* The same ends, for the C wrappers (Tracked, below): ``spec`` is the wrapper itself, ``args``
  * the call's arguments after the pool (keyword values last), ``kwargs`` their names or NULL. */
 enum { AW_T_ACQUIRE = 2, AW_T_RELEASE = 3 };
+/* AW_T_ACQUIRE while an observer runs, not yet started: the first ``send`` takes the wait's
+ * start (``handle``, ``since``: the template's ``waiting(pool)`` at the top of its body) and
+ * goes on as AW_T_ACQUIRE (see tracked_wait_start). */
+enum { AW_T_OBSERVED = 4 };
 
 /* spec, for AW_ACQUIRE: (core, pools, kind, namer, proxy_type or None, gave_up,
  * internal_error, site); for AW_RELEASE: (core, refused, internal_error, site). */
@@ -2483,6 +2487,7 @@ typedef struct {
     PyObject *spec;
     PyObject *target; /* the pool (acquire) or the lease (release) */
     PyObject *args, *kwargs; /* the call's other arguments, for gave_up (acquire) */
+    PyObject *handle, *since; /* AW_T_ACQUIRE after AW_T_OBSERVED: the wait's start, if taken */
     int mode;
 } Awaiting;
 
@@ -2497,6 +2502,8 @@ awaiting_traverse(Awaiting *self, visitproc visit, void *arg)
     Py_VISIT(self->target);
     Py_VISIT(self->args);
     Py_VISIT(self->kwargs);
+    Py_VISIT(self->handle);
+    Py_VISIT(self->since);
     return 0;
 }
 
@@ -2508,12 +2515,29 @@ awaiting_clear(Awaiting *self)
     Py_CLEAR(self->target);
     Py_CLEAR(self->args);
     Py_CLEAR(self->kwargs);
+    Py_CLEAR(self->handle);
+    Py_CLEAR(self->since);
     return 0;
+}
+
+static void tracked_wait_abandoned(Awaiting *self); /* below */
+
+/* Dropped (or collected) in the middle of an observed wait: the ``async def`` template, closed
+ * at its await, ended the wait in its ``except BaseException`` (the pool's pending count). */
+static void
+awaiting_finalize(Awaiting *self)
+{
+    if (self->handle != NULL) {
+        tracked_wait_abandoned(self);
+    }
 }
 
 static void
 awaiting_dealloc(Awaiting *self)
 {
+    if (self->handle != NULL && PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+        return; /* resurrected */
+    }
     PyObject_GC_UnTrack(self);
     awaiting_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -2564,6 +2588,7 @@ make_awaiting(int mode, PyObject *spec, PyObject *awaitable, PyObject *target, P
     self->target = Py_NewRef(target);
     self->args = Py_XNewRef(args);
     self->kwargs = Py_XNewRef(kwargs);
+    self->handle = self->since = NULL;
     self->mode = mode;
     PyObject_GC_Track(self);
     return (PyObject *)self;
@@ -2752,6 +2777,7 @@ released(Awaiting *self, int raised)
 }
 
 static int tracked_ended(Awaiting *self, PyObject *result, int raised); /* below */
+static void tracked_wait_start(Awaiting *self);                         /* below */
 
 /* The library's call has ended: returned ``result`` (``raised`` 0) or with the error set. */
 static int
@@ -2779,6 +2805,8 @@ finished(Awaiting *self, PyObject *result, int raised)
     Py_CLEAR(self->target);
     Py_CLEAR(self->args);
     Py_CLEAR(self->kwargs);
+    Py_CLEAR(self->handle);
+    Py_CLEAR(self->since);
     return failed;
 }
 
@@ -2790,6 +2818,9 @@ awaiting_am_send(Awaiting *self, PyObject *arg, PyObject **presult)
         PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
         *presult = NULL;
         return PYGEN_ERROR;
+    }
+    if (self->mode == AW_T_OBSERVED) {
+        tracked_wait_start(self);
     }
     Py_INCREF(it);
     PyObject *result = NULL;
@@ -2914,7 +2945,11 @@ awaiting_close(Awaiting *self, PyObject *unused)
     Py_DECREF(it);
     PyObject *result = close == NULL ? Py_NewRef(Py_None) : PyObject_CallNoArgs(close);
     Py_XDECREF(close);
-    /* closed before it ended: as an ``async def`` closed at its await, nothing recorded */
+    /* closed before it ended: as an ``async def`` closed at its await, nothing recorded (but
+     * the end of an observed wait) */
+    if (self->handle != NULL) {
+        tracked_wait_abandoned(self);
+    }
     Py_CLEAR(self->it);
     Py_CLEAR(self->target);
     Py_CLEAR(self->args);
@@ -2957,6 +2992,7 @@ static PyTypeObject Awaiting_Type = {
     .tp_name = "pgleak._speedups.Awaiting",
     .tp_basicsize = sizeof(Awaiting),
     .tp_dealloc = (destructor)awaiting_dealloc,
+    .tp_finalize = (destructor)awaiting_finalize,
     .tp_as_async = &awaiting_as_async,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "A pool's awaitable, with pgleak's checkout or checkin at its end.",
@@ -4131,11 +4167,13 @@ handle_of(Tracked *w, PyObject *pool)
     return PyObject_CallMethodObjArgs(w->core, s_pool, pool, w->kind, w->namer, NULL);
 }
 
-/* The end of the ``async def`` template after the call returned ``result``: the checkout.
+/* The end of the ``async def`` template after the call returned ``result``: the checkout,
+ * with the wait's start (``since``, NULL: None) and the handle taken for it (NULL: looked up).
  * 0, or -1 with an error set (a BaseException of pgleak's own, as the template's
  * ``except Exception`` would let through). */
 static int
-tracked_aacquired(Tracked *w, PyObject *pool, PyObject *result)
+tracked_aacquired(Tracked *w, PyObject *pool, PyObject *result, PyObject *waited,
+                  PyObject *since)
 {
     PyObject *conn, *handle = NULL, *lease = NULL, *other = NULL;
     if (w->proxy_type != NULL) {
@@ -4155,16 +4193,16 @@ tracked_aacquired(Tracked *w, PyObject *pool, PyObject *result)
     else {
         conn = Py_NewRef(result);
     }
-    handle = handle_of(w, pool);
+    handle = waited != NULL ? Py_NewRef(waited) : handle_of(w, pool);
     if (handle == NULL || ledger_now(w, s_checkout, &other) < 0) {
         goto fault;
     }
     if (other == NULL) {
-        PyObject *cargs[4] = {w->core, handle, conn, Py_True};
-        lease = ledger_checkout(NULL, cargs, 4, NULL);
+        PyObject *cargs[5] = {w->core, handle, conn, Py_True, since};
+        lease = ledger_checkout(NULL, cargs, since == NULL ? 4 : 5, NULL);
     }
     else {
-        PyObject *cargs[4] = {handle, conn, Py_True, Py_None};
+        PyObject *cargs[4] = {handle, conn, Py_True, since == NULL ? Py_None : since};
         lease = PyObject_Vectorcall(other, cargs, 4, NULL);
         Py_DECREF(other);
     }
@@ -4249,14 +4287,55 @@ static int
 tracked_ended(Awaiting *self, PyObject *result, int raised)
 {
     Tracked *w = (Tracked *)self->spec;
-    if (self->mode == AW_T_ACQUIRE) {
+    if (self->mode == AW_T_ACQUIRE || self->mode == AW_T_OBSERVED) {
+        /* an observed wait ends first, however the call ended (the template's order) */
+        if (self->handle != NULL) {
+            observed_wait_end(w, self->handle);
+        }
         if (raised) {
             tracked_gave_up(self, w);
             return 0;
         }
-        return tracked_aacquired(w, self->target, result);
+        return tracked_aacquired(w, self->target, result, self->handle, self->since);
     }
     return tracked_areleased(self, w, raised);
+}
+
+/* An observed checkout's first ``send``: the top of the template's body, ``if core.observer is
+ * not None: handle, since = waiting(pool)`` (asyncpg's ``_waiting`` is the same steps through
+ * ``core.pool`` and ``core.wait_start``). Never raises. */
+static void
+tracked_wait_start(Awaiting *self)
+{
+    Tracked *w = (Tracked *)self->spec;
+    self->mode = AW_T_ACQUIRE;
+    if (self->target == NULL) {
+        return;
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer == NULL) {
+        if (PyErr_Occurred()) {
+            report_fault(w);
+        }
+        return;
+    }
+    if (observer != Py_None) {
+        observed_wait(w, self->target, 0, &self->handle, &self->since);
+    }
+}
+
+/* The observed wait ended with no end to the call (closed at its await, or dropped): the
+ * pending entry is taken off, as the template's ``except BaseException`` did. */
+static void
+tracked_wait_abandoned(Awaiting *self)
+{
+    PyObject *handle = self->handle;
+    self->handle = NULL;
+    Py_CLEAR(self->since);
+    if (self->spec != NULL && Py_IS_TYPE(self->spec, &TrackedType)) {
+        observed_wait_end((Tracked *)self->spec, handle);
+    }
+    Py_DECREF(handle);
 }
 
 /* An Awaiting of ``awaitable`` whose end is this wrapper's (see tracked_ended). */
@@ -4278,6 +4357,7 @@ tracked_awaiting(int mode, Tracked *w, PyObject *awaitable, PyObject *target, Py
     self->target = Py_NewRef(target);
     self->args = Py_XNewRef(args);
     self->kwargs = Py_XNewRef(kwnames);
+    self->handle = self->since = NULL;
     self->mode = mode;
     PyObject_GC_Track(self);
     return (PyObject *)self;
@@ -4291,7 +4371,7 @@ aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwname
         goto python;
     }
     PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
-    if (observer != Py_None) { /* an observer (or no such attribute): the template's */
+    if (observer == NULL) { /* no such attribute: the template's */
         PyErr_Clear();
         goto python;
     }
@@ -4302,6 +4382,8 @@ aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwname
             goto python;
         }
     }
+    /* an observer's wait starts at the first send, where the template's body begins */
+    int mode = observer == Py_None ? AW_T_ACQUIRE : AW_T_OBSERVED;
     PyObject *coro = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
     if (coro == NULL) {
         return NULL;
@@ -4315,7 +4397,7 @@ aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwname
     for (Py_ssize_t i = 1; i < total; i++) {
         PyTuple_SET_ITEM(rest, i - 1, Py_NewRef(args[i]));
     }
-    PyObject *made = tracked_awaiting(AW_T_ACQUIRE, w, coro, args[0], rest, kwnames);
+    PyObject *made = tracked_awaiting(mode, w, coro, args[0], rest, kwnames);
     Py_DECREF(rest);
     Py_DECREF(coro);
     return made;

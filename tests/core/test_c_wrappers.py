@@ -310,6 +310,9 @@ async def _async_scenario(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         transcript.append((name, outcome, _async_ledger(pool)))
         return result
 
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("pgleak's own fault")
+
     with capture_events() as events:
         first = await step("positional", lambda: pool.getconn(1.5))
         inner = await step("in a task", lambda: asyncio.create_task(pool.getconn(), name="inner"))
@@ -323,15 +326,45 @@ async def _async_scenario(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         first.fail = True
         await step("failed checkin", lambda: pool.putconn(first))
         pool.sync.free.append(Conn())  # the pool opens another in its place
+        pool.sync.free.append(Conn())  # and grows by one
         seen: list[Any] = []
         monkeypatch.setattr(core, "observer", Recorder(seen))
         third = await step("observed checkout", pool.getconn)
+        fifth = await step(
+            "observed, in a task", lambda: asyncio.create_task(pool.getconn(), name="observed")
+        )
+        await step("observed timeout", lambda: pool.getconn(timeout=0.75))
+        await step("observed, unbound", lambda: AsyncToyPool.getconn(pool))
         await step("observed checkin", lambda: AsyncToyPool.putconn(pool, third))
-        transcript.append(("observer saw", seen))
+        await step("observed, wait_for", lambda: asyncio.wait_for(pool.putconn(fifth), 5.0))
+        with monkeypatch.context() as faulty:
+            faulty.setattr(core, "checkout", broken)
+            sixth = await step("observed, faulty checkout", pool.getconn)
+        await step("its untracked checkin", lambda: pool.putconn(sixth))
+        # a wait closed, dropped or cancelled at its await ends all the same (the pool's
+        # pending count), with no checkout and no report
+        closed = pool.getconn()
+        closed.send(None)
+        closed.close()
+        dropped = pool.getconn()
+        dropped.send(None)
+        del dropped
+        cancelled = asyncio.create_task(pool.getconn(timeout=1.0))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cancelled
+        transcript.append(("after the abandoned waits", _async_ledger(pool)))
+        # the observer stopped between the call and its first step: no wait is taken
+        late = pool.getconn()
         monkeypatch.setattr(core, "observer", None)
-
-        def broken(*args: Any, **kwargs: Any) -> None:
-            raise RuntimeError("pgleak's own fault")
+        seventh = await step("observer gone before the first step", lambda: late)
+        monkeypatch.setattr(core, "observer", Recorder(seen))
+        await step("its checkin", lambda: pool.putconn(seventh))
+        transcript.append(("observer saw", seen))
+        handles = [h for h in core._pools.values() if h.ref() is pool]
+        transcript.append(("pending", [len(h.pending) for h in handles]))
+        monkeypatch.setattr(core, "observer", None)
 
         monkeypatch.setattr(core, "checkout", broken)
         fourth = await step("faulty checkout", pool.getconn)
@@ -405,6 +438,9 @@ def test_the_asyncio_c_wrappers_leave_what_the_templates_leave(run_async: Any) -
     assert steps["failed checkin"] == "RuntimeError: reset failed"
     for name in ("in a task", "wait_for", "faulty checkout", "faulty checkin"):
         assert steps[name] == "ok", name
+    for name in ("observed, in a task", "observed, wait_for", "observed, faulty checkout"):
+        assert steps[name] == "ok", name
+    assert steps["observed timeout"] == "Timeout: no connection in 0.75"
     assert steps["unbound"] == "Timeout: no connection in None"
     assert steps["untracked, keyword checkin"] == "ok"
     holders = {
@@ -415,16 +451,24 @@ def test_the_asyncio_c_wrappers_leave_what_the_templates_leave(run_async: Any) -
     assert holders["positional"] == ["the-task"]
     assert holders["in a task"] == ["the-task", "inner"]
     assert holders["wait_for"] == ["the-task"]
+    assert holders["observed, in a task"] == ["the-task", "the-task", "observed"]
+    assert holders["observed, faulty checkout"] == ["the-task"]  # not filed
+    assert holders["observer gone before the first step"] == ["the-task", "the-task"]
     transcript = dict(entry for entry in python if len(entry) == 2)
     assert sorted(transcript["faults"]) == [
         ("async_toy.checkin", 'RuntimeError("pgleak\'s own checkin fault")'),
         ("async_toy.checkout", 'RuntimeError("pgleak\'s own fault")'),
+        ("async_toy.checkout", 'RuntimeError("pgleak\'s own fault")'),
     ]
-    assert [e[-1] for e in transcript["events"]] == [0.25, 0.5, 3.0, 3.0]
+    assert [e[-1] for e in transcript["events"]] == [0.25, 0.5, 3.0, 3.0, 0.75, 3.0]
+    checked_out = ("checked_out", "async toy pool", True)
+    checked_in = ("checked_in", "async toy pool", False, False)
     assert transcript["observer saw"] == [
-        ("checked_out", "async toy pool", True),
-        ("checked_in", "async toy pool", False, False),
+        *(checked_out, checked_out, ("exhausted",), ("exhausted",), checked_in, checked_in),
+        checked_in,  # the observer was gone at the checkout, back for the checkin
     ]
+    assert len(transcript["after the abandoned waits"]) == 2  # nothing filed by them
+    assert transcript["pending"] == [0]
 
 
 class BlockPool(ToyPool):
