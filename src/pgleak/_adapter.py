@@ -337,8 +337,9 @@ _by_conn = core.by_conn
 
 
 def _c_scope() -> Any:
-    """``_Scope`` with its sync half (``__enter__``, ``__exit__``) in C, the same steps with
-    no Python frame (``pgleak._speedups.Scope``); ``None`` without the extension. What
+    """``_Scope`` with its methods in C (``__enter__``, ``__exit__``, ``__aenter__``,
+    ``__aexit__``), the same steps with no Python frame and no coroutine of pgleak's
+    (``pgleak._speedups.Scope``); ``None`` without the extension. What
     :meth:`Adapter.track_scope` uses where the C wrappers run; ``_Scope`` stays the
     definition."""
     fast = _stack._fast
@@ -354,9 +355,6 @@ def _c_scope() -> Any:
             "__doc__": _Scope.__doc__,
             "_kind": _Scope._kind,
             "_lease_of": None,
-            "_entered": _Scope._entered,
-            "__aenter__": _Scope.__aenter__,
-            "__aexit__": _Scope.__aexit__,
         },
     )
 

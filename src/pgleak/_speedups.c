@@ -2475,6 +2475,9 @@ enum { AW_T_ACQUIRE = 2, AW_T_RELEASE = 3 };
  * start (``handle``, ``since``: the template's ``waiting(pool)`` at the top of its body) and
  * goes on as AW_T_ACQUIRE (see tracked_wait_start). */
 enum { AW_T_OBSERVED = 4 };
+/* ``Scope.__aenter__``'s (below): ``target`` the scope, entered when the library's
+ * ``__aenter__`` returns (scope_awaited). */
+enum { AW_SCOPE = 5 };
 
 /* spec, for AW_ACQUIRE: (core, pools, kind, namer, proxy_type or None, gave_up,
  * internal_error, site); for AW_RELEASE: (core, refused, internal_error, site). */
@@ -2777,6 +2780,7 @@ released(Awaiting *self, int raised)
 }
 
 static int tracked_ended(Awaiting *self, PyObject *result, int raised); /* below */
+static int scope_awaited(PyObject *scope, PyObject *conn);              /* below */
 static void tracked_wait_start(Awaiting *self);                         /* below */
 
 /* The library's call has ended: returned ``result`` (``raised`` 0) or with the error set. */
@@ -2788,7 +2792,10 @@ finished(Awaiting *self, PyObject *result, int raised)
         return 0; /* already ended (a re-entrant send that the library's coroutine refused) */
     }
     int failed = 0;
-    if (self->mode >= AW_T_ACQUIRE) {
+    if (self->mode == AW_SCOPE) {
+        failed = raised ? 0 : scope_awaited(self->target, result);
+    }
+    else if (self->mode >= AW_T_ACQUIRE) {
         failed = tracked_ended(self, result, raised);
     }
     else if (self->mode == AW_ACQUIRE) {
@@ -4590,6 +4597,7 @@ typedef struct {
 /* scope_bind()'s: pgleak._core.core, its by_conn dict, pgleak._guard.internal_error */
 static PyObject *sc_core, *sc_by_conn, *sc_internal_error;
 static PyObject *s_sc_enter, *s_sc_exit, *s_sc_lease_of, *s_sc_kind, *s_sc_oenter, *s_sc_oexit;
+static PyObject *s_sc_aenter, *s_sc_aexit;
 
 /* The current exception, if an Exception: handed to internal_error("<kind>.scope", exc), 0;
  * anything else: left set, -1. */
@@ -4703,17 +4711,11 @@ scope_enter(Scope *self, PyObject *Py_UNUSED(ignored))
     return conn;
 }
 
-static PyObject *
-scope_exit(Scope *self, PyObject *const *args, Py_ssize_t nargs)
+/* ``exit_scope(self._lease, self._kind)``, inlined: 0, or -1 with an error set (not an
+ * Exception: those are reported). */
+static int
+scope_exited(Scope *self)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "__exit__(typ, value, tb)");
-        return NULL;
-    }
-    if (self->cm == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "_cm");
-        return NULL;
-    }
     PyObject *lease = self->lease;
     if (lease != NULL && lease != Py_None) { /* exit_scope(), inlined */
         PyObject *observer = PyObject_GetAttr(sc_core, s_observer);
@@ -4728,11 +4730,86 @@ scope_exit(Scope *self, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_XDECREF(observer);
         if (done == NULL && scope_fault((PyObject *)self) < 0) {
-            return NULL;
+            return -1;
         }
         Py_XDECREF(done);
     }
+    return 0;
+}
+
+static PyObject *
+scope_exit(Scope *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "__exit__(typ, value, tb)");
+        return NULL;
+    }
+    if (self->cm == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_cm");
+        return NULL;
+    }
+    if (scope_exited(self) < 0) {
+        return NULL;
+    }
     return PyObject_CallMethodObjArgs(self->cm, s_sc_exit, args[0], args[1], args[2], NULL);
+}
+
+/* The asyncio half (``_Scope.__aenter__`` / ``__aexit__``), without their two coroutines: the
+ * library's ``__aenter__`` awaitable inside an Awaiting that enters the scope (``_entered``)
+ * when it returns, in the awaiting task; ``__aexit__`` leaves the scope at once and hands back
+ * the library's ``__aexit__`` awaitable itself. ``async with`` awaits what it gets at once, so
+ * the steps run where and in the order the ``async def`` ran them. */
+static int
+scope_awaited(PyObject *scope, PyObject *conn)
+{
+    return scope_entered((Scope *)scope, conn);
+}
+
+static PyObject *
+scope_aenter(Scope *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->cm == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_cm");
+        return NULL;
+    }
+    PyObject *awaitable = PyObject_CallMethodNoArgs(self->cm, s_sc_aenter);
+    if (awaitable == NULL) {
+        return NULL;
+    }
+    PyObject *it = awaitable_iter(awaitable);
+    Py_DECREF(awaitable);
+    if (it == NULL) {
+        return NULL;
+    }
+    Awaiting *made = PyObject_GC_New(Awaiting, &Awaiting_Type);
+    if (made == NULL) {
+        Py_DECREF(it);
+        return NULL;
+    }
+    made->it = it;
+    made->spec = NULL;
+    made->target = Py_NewRef((PyObject *)self);
+    made->args = made->kwargs = made->handle = made->since = NULL;
+    made->mode = AW_SCOPE;
+    PyObject_GC_Track(made);
+    return (PyObject *)made;
+}
+
+static PyObject *
+scope_aexit(Scope *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "__aexit__(typ, value, tb)");
+        return NULL;
+    }
+    if (self->cm == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_cm");
+        return NULL;
+    }
+    if (scope_exited(self) < 0) {
+        return NULL;
+    }
+    return PyObject_CallMethodObjArgs(self->cm, s_sc_aexit, args[0], args[1], args[2], NULL);
 }
 
 /* Only ever a static base of heap subclasses: their subtype_traverse / subtype_dealloc visit
@@ -4764,6 +4841,8 @@ scope_dealloc(Scope *self)
 static PyMethodDef scope_methods[] = {
     {"__enter__", (PyCFunction)scope_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))scope_exit, METH_FASTCALL, NULL},
+    {"__aenter__", (PyCFunction)scope_aenter, METH_NOARGS, NULL},
+    {"__aexit__", (PyCFunction)(void (*)(void))scope_aexit, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 
@@ -4806,6 +4885,7 @@ scope_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     } names[] = {
         {&s_sc_enter, "__enter__"}, {&s_sc_exit, "__exit__"}, {&s_sc_lease_of, "_lease_of"},
         {&s_sc_kind, "_kind"}, {&s_sc_oenter, "enter"}, {&s_sc_oexit, "exit"},
+        {&s_sc_aenter, "__aenter__"}, {&s_sc_aexit, "__aexit__"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         if (*names[i].slot == NULL) {

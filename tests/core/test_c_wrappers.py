@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import types
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -567,6 +567,140 @@ def test_the_c_and_python_blocks_do_the_same(
         *(out, enter, ("inside", True, 1), exit_, back),
         *(out, enter, exit_, back, ("raised", 'KeyError("the user\'s")')),
         *(out, enter, exit_, back, ("suppressed", 1)),
+        *(out, ("inside, faulty observer", True), back),
+        ("faults", [fault, fault]),  # the block's enter and exit
+        ("after", 1, 0),
+    ]
+
+
+class AsyncBlockPool(AsyncToyPool):
+    """``AsyncToyPool`` with psycopg_pool's ``AsyncConnectionPool.connection()`` block."""
+
+    @contextlib.asynccontextmanager
+    async def connection(self, swallow: bool = False) -> AsyncIterator[Conn]:
+        conn = await self.getconn(0.5)
+        try:
+            yield conn
+        except ValueError:
+            if not swallow:
+                raise
+        finally:
+            await self.putconn(conn)
+
+
+class AsyncBlocks(_adapter.Adapter):
+    name = "async_blocks"
+    distribution = "no-such-distribution-pgleak-blocks"
+
+    def _install(self) -> None:
+        self.track_acquire(
+            AsyncBlockPool,
+            "getconn",
+            namer=lambda pool: "async block pool",
+            is_timeout=lambda err: isinstance(err, Timeout),
+            is_async=True,
+        )
+        self.track_release(AsyncBlockPool, "putconn", is_async=True)
+        self.track_scope(AsyncBlockPool, "connection")
+
+
+async def _async_block_scenario(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    seen: list[Any] = []
+    pool = AsyncBlockPool(1)
+    recorder = Recorder(seen)
+    monkeypatch.setattr(core, "observer", recorder)
+
+    def told(what: str) -> Callable[[Lease], None]:
+        # in the block's own task: the span is made current in the context the block runs in
+        task = asyncio.current_task
+        return lambda lease: seen.append((what, lease.pool.name, task().get_name()))  # type: ignore[union-attr]
+
+    monkeypatch.setattr(recorder, "enter", told("enter"), raising=False)
+    monkeypatch.setattr(recorder, "exit", told("exit"), raising=False)
+    async with pool.connection() as conn:
+        seen.append(("inside", conn in pool.sync.lent, len(core.leases)))
+
+    async def in_a_task() -> None:
+        async with pool.connection() as conn:
+            seen.append(("inside a task", conn in pool.sync.lent))
+
+    await asyncio.create_task(in_a_task(), name="block-task")
+    try:
+        async with pool.connection():
+            raise KeyError("the user's")
+    except KeyError as err:
+        seen.append(("raised", repr(err)))
+    async with pool.connection(swallow=True):
+        raise ValueError("swallowed by the library's block")
+    seen.append(("suppressed", len(pool.sync.free)))
+    held = await pool.getconn()
+    try:
+        async with pool.connection():
+            seen.append(("never inside",))
+    except Timeout as err:
+        seen.append(("no connection", repr(err)))
+    await pool.putconn(held)
+
+    def broken(lease: Lease) -> None:
+        raise RuntimeError("pgleak's own fault")
+
+    monkeypatch.setattr(recorder, "enter", broken)
+    monkeypatch.setattr(recorder, "exit", broken)
+    async with pool.connection() as conn:
+        seen.append(("inside, faulty observer", conn in pool.sync.lent))
+    seen.append(("faults", [(site, repr(exc)) for site, exc in _guard.swallowed]))
+    seen.append(("after", len(pool.sync.free), len(core.leases)))
+    return seen
+
+
+@pytest.mark.internal_errors
+def test_the_c_and_python_asyncio_blocks_do_the_same(
+    installed: pgleak.Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The asyncio block (psycopg_pool's ``AsyncConnectionPool.connection()``): the C
+    ``__aenter__`` / ``__aexit__`` tell the observer in the block's task, pass the user's
+    exception, the library's suppression and a failed checkout on, and report a fault of the
+    observer's, as the ``async def`` methods do."""
+
+    def run(c: bool) -> list[Any]:
+        monkeypatch.setattr(_adapter, "use_c_wrappers", c)
+        with monkeypatch.context() as inner:
+            inner.setattr(core, "observer", Recorder([]))  # the block is put in for one
+            blocks = AsyncBlocks()
+            blocks.install()
+            try:
+                assert isinstance(AsyncBlockPool(1).connection(), _stack._fast.Scope) is c
+
+                async def main() -> list[Any]:
+                    return await asyncio.create_task(_async_block_scenario(inner), name="the-task")
+
+                return asyncio.run(main())
+            finally:
+                blocks.uninstall()
+                _guard.reset()
+                core.leases.clear()
+                core.by_conn.clear()
+
+    python, c = run(False), run(True)
+    assert c == python
+    out = ("checked_out", "async block pool", True)
+    back = ("checked_in", "async block pool", False, False)
+    enter, exit_ = (
+        ("enter", "async block pool", "the-task"),
+        ("exit", "async block pool", "the-task"),
+    )
+    in_task = (
+        ("enter", "async block pool", "block-task"),
+        ("exit", "async block pool", "block-task"),
+    )
+    fault = ("async_blocks.scope", 'RuntimeError("pgleak\'s own fault")')
+    assert python == [
+        *(out, enter, ("inside", True, 1), exit_, back),
+        *(out, in_task[0], ("inside a task", True), in_task[1], back),
+        *(out, enter, exit_, back, ("raised", 'KeyError("the user\'s")')),
+        *(out, enter, exit_, back, ("suppressed", 1)),
+        out,
+        *(("exhausted",), ("no connection", "Timeout('no connection in 0.5')"), back),
         *(out, ("inside, faulty observer", True), back),
         ("faults", [fault, fault]),  # the block's enter and exit
         ("after", 1, 0),
