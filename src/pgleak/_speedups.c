@@ -2478,6 +2478,9 @@ enum { AW_T_OBSERVED = 4 };
 /* ``Scope.__aenter__``'s (below): ``target`` the scope, entered when the library's
  * ``__aenter__`` returns (scope_awaited). */
 enum { AW_SCOPE = 5 };
+/* Tracked ABLOCK_ENTER's (asyncpg's ``PoolAcquireContext.__aenter__``): ``spec`` the wrapper,
+ * the block entered when the library's ``__aenter__`` returns its proxy (ablock_told). */
+enum { AW_T_BLOCK = 6 };
 
 /* spec, for AW_ACQUIRE: (core, pools, kind, namer, proxy_type or None, gave_up,
  * internal_error, site); for AW_RELEASE: (core, refused, internal_error, site). */
@@ -3029,7 +3032,8 @@ static PyTypeObject Awaiting_Type = {
  * function (Py_TPFLAGS_METHOD_DESCRIPTOR: ``pool.getconn()`` calls it with the pool first,
  * no bound method made), and its ``__dict__`` takes what ``functools.update_wrapper`` sets. */
 
-enum { ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN, RETRY, AACQUIRE, ARELEASE, HOLDER_RELEASE };
+enum { ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN, RETRY, AACQUIRE, ARELEASE, HOLDER_RELEASE,
+       ABLOCK_ENTER, ABLOCK_EXIT };
 
 typedef struct {
     PyObject_HEAD
@@ -3043,7 +3047,7 @@ typedef struct {
     PyObject *budget_dict, *succeeded, *worth, *retried;    /* retry */
     Py_ssize_t conn_index;
     int keyed; /* acquire: a call with any argument after the pool but None is the template's */
-    PyObject *proxy_type; /* AACQUIRE: asyncpg's proxy class (the lease goes by its _con) */
+    PyObject *proxy_type; /* AACQUIRE, ABLOCK_*: asyncpg's proxy class (the lease: its _con) */
 } Tracked;
 
 /* s_checkout, s_checkin, s_ref and s_pool are the awaitables' (above). */
@@ -3754,6 +3758,8 @@ static PyObject *arelease_call(Tracked *w, PyObject *const *args, size_t nargsf,
                                PyObject *kwnames);
 static PyObject *holder_release_call(Tracked *w, PyObject *const *args, size_t nargsf,
                                      PyObject *kwnames);
+static PyObject *ablock_call(Tracked *w, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames);
 
 static PyObject *
 tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -3774,6 +3780,9 @@ tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObjec
         return arelease_call(w, args, nargsf, kwnames);
     case HOLDER_RELEASE:
         return holder_release_call(w, args, nargsf, kwnames);
+    case ABLOCK_ENTER:
+    case ABLOCK_EXIT:
+        return ablock_call(w, args, nargsf, kwnames);
     default:
         return acquire_call(w, args, nargsf, kwnames);
     }
@@ -3858,8 +3867,9 @@ tracked_repr(Tracked *w)
 {
     int checkin = w->release == RELEASE || w->release == SA_RETURN || w->release == ARELEASE
                   || w->release == HOLDER_RELEASE;
-    return PyUnicode_FromFormat("<pgleak %s wrapper of %R>", checkin ? "checkin" : "checkout",
-                                w->original);
+    int block = w->release == ABLOCK_ENTER || w->release == ABLOCK_EXIT;
+    return PyUnicode_FromFormat("<pgleak %s wrapper of %R>",
+                                block ? "block" : checkin ? "checkin" : "checkout", w->original);
 }
 
 static PyGetSetDef tracked_getset[] = {
@@ -4290,10 +4300,15 @@ tracked_areleased(Awaiting *self, Tracked *w, int raised)
     return failed;
 }
 
+static int ablock_told(Tracked *w, PyObject *proxy, int entering); /* below */
+
 static int
 tracked_ended(Awaiting *self, PyObject *result, int raised)
 {
     Tracked *w = (Tracked *)self->spec;
+    if (self->mode == AW_T_BLOCK) {
+        return raised ? 0 : ablock_told(w, result, 1);
+    }
     if (self->mode == AW_T_ACQUIRE || self->mode == AW_T_OBSERVED) {
         /* an observed wait ends first, however the call ended (the template's order) */
         if (self->handle != NULL) {
@@ -4571,6 +4586,185 @@ holder_release_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     w->site = Py_NewRef(args[4]);
     w->internal_error = Py_NewRef(args[5]);
     if (tracked_core(w, args[2], s_checkin) < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
+    return (PyObject *)w;
+}
+
+/* ---- asyncpg's ``async with pool.acquire()`` block while an observer runs (issue 12) ----
+ *
+ * pgleak.integrations.asyncpg's ``__aenter__`` / ``__aexit__`` wrappers of
+ * ``PoolAcquireContext``: while an observer runs, the checkout's span is made current when
+ * the library's ``__aenter__`` returns its proxy (a ``traced`` coroutine of pgleak's around
+ * it) and left before the library's ``__aexit__`` (``_scope``, a Python call each). As
+ * Tracked objects (ABLOCK_ENTER, ABLOCK_EXIT): the library's coroutine inside an Awaiting
+ * whose end is ``_scope(proxy, True)`` in C, and ``_scope(ctx.connection, False)`` in C before
+ * the library's ``__aexit__`` is called; no observer: the library's call as it is. Calls of
+ * another shape go to ``python``, the wrapper they stand in for. */
+
+static PyObject *s_connection, *s_enter_m, *s_exit_m; /* "connection", "enter", "exit" */
+
+/* ``_scope(proxy, entering)``: the lease of the proxy's connection, if tracked, handed to the
+ * observer's ``enter`` / ``exit``. 0, or -1 with an error set (not an Exception: those go to
+ * ``internal_error("asyncpg.scope", exc)``, as there). */
+static int
+ablock_told(Tracked *w, PyObject *proxy, int entering)
+{
+    PyObject *con = NULL, *lease = NULL, *done = NULL;
+    int is = PyObject_IsInstance(proxy, w->proxy_type);
+    if (is <= 0) {
+        if (is < 0) {
+            goto fault;
+        }
+        return 0;
+    }
+    con = PyObject_GetAttr(proxy, s_con);
+    if (con == NULL) {
+        goto fault;
+    }
+    if (con == Py_None) {
+        Py_DECREF(con);
+        return 0;
+    }
+    PyObject *key = PyLong_FromVoidPtr(con);
+    if (key == NULL) {
+        goto fault;
+    }
+    lease = PyDict_GetItemWithError(w->by_conn, key);
+    Py_DECREF(key);
+    if (lease == NULL) {
+        if (PyErr_Occurred()) {
+            goto fault;
+        }
+        Py_DECREF(con);
+        return 0;
+    }
+    Py_INCREF(lease);
+    /* ``lease.ref is None or lease.ref() is not con``: not tracked, or an id reused */
+    PyObject *ref = Py_IS_TYPE(lease, lease_type) ? Py_XNewRef(SLOT(lease, lease_off[L_REF]))
+                                                   : PyObject_GetAttr(lease, s_ref);
+    if (ref == NULL) {
+        if (PyErr_Occurred()) {
+            goto fault;
+        }
+        ref = Py_NewRef(Py_None);
+    }
+    PyObject *target = NULL;
+    if (PyWeakref_CheckRefExact(ref)) {
+        target = ref_target(ref);
+    }
+    else if (ref != Py_None) {
+        target = PyObject_CallNoArgs(ref);
+        if (target == NULL) {
+            Py_DECREF(ref);
+            goto fault;
+        }
+    }
+    Py_DECREF(ref);
+    Py_XDECREF(target);
+    if (target != con) {
+        Py_DECREF(lease);
+        Py_DECREF(con);
+        return 0;
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer == NULL && PyErr_Occurred()) {
+        goto fault;
+    }
+    if (observer != NULL && observer != Py_None) {
+        Py_INCREF(observer);
+        done = PyObject_CallMethodOneArg(observer, entering ? s_enter_m : s_exit_m, lease);
+        Py_DECREF(observer);
+        if (done == NULL) {
+            goto fault;
+        }
+        Py_DECREF(done);
+    }
+    Py_DECREF(lease);
+    Py_DECREF(con);
+    return 0;
+fault:
+    Py_XDECREF(lease);
+    Py_XDECREF(con);
+    return swallow(w->internal_error, w->site);
+}
+
+static PyObject *
+ablock_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL || nargs != (w->release == ABLOCK_ENTER ? 1 : 4)) {
+        return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer == NULL) {
+        PyErr_Clear();
+        return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+    }
+    if (observer == Py_None) {
+        return PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    }
+    if (w->release == ABLOCK_EXIT) {
+        /* ``_scope(getattr(ctx, "connection", None), False)``: the getattr outside its guard */
+        PyObject *proxy = NULL;
+        if (PyObject_GetOptionalAttr(args[0], s_connection, &proxy) < 0) {
+            return NULL;
+        }
+        int failed = ablock_told(w, proxy == NULL ? Py_None : proxy, 0);
+        Py_XDECREF(proxy);
+        if (failed < 0) {
+            return NULL;
+        }
+        return PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    }
+    PyObject *coro = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    if (coro == NULL) {
+        return NULL;
+    }
+    PyObject *made = tracked_awaiting(AW_T_BLOCK, w, coro, args[0], NULL, NULL);
+    Py_DECREF(coro);
+    return made;
+}
+
+PyDoc_STRVAR(ablock_wrapper_doc,
+"ablock_wrapper(original, python, core, by_conn, proxy_type, site, internal_error, entering)\n"
+"    -> Tracked\n\n"
+"asyncpg's ``PoolAcquireContext.__aenter__`` (``entering``) or ``__aexit__`` wrapper\n"
+"(pgleak.integrations.asyncpg._wrap_aenter / _wrap_aexit, the function ``python``).");
+
+static PyObject *
+ablock_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8 || !PyDict_Check(args[3]) || !PyType_Check(args[4]) || !bound) {
+        PyErr_SetString(PyExc_TypeError, "ablock_wrapper(): bad arguments, or not bound");
+        return NULL;
+    }
+    struct {
+        PyObject **slot;
+        const char *text;
+    } names[] = {{&s_connection, "connection"}, {&s_enter_m, "enter"}, {&s_exit_m, "exit"}};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (*names[i].slot == NULL
+            && (*names[i].slot = PyUnicode_InternFromString(names[i].text)) == NULL) {
+            return NULL;
+        }
+    }
+    int entering = PyObject_IsTrue(args[7]);
+    if (entering < 0) {
+        return NULL;
+    }
+    Tracked *w = tracked_new(entering ? ABLOCK_ENTER : ABLOCK_EXIT);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->original = Py_NewRef(args[0]);
+    w->python = Py_NewRef(args[1]);
+    w->by_conn = Py_NewRef(args[3]);
+    w->proxy_type = Py_NewRef(args[4]);
+    w->site = Py_NewRef(args[5]);
+    w->internal_error = Py_NewRef(args[6]);
+    if (tracked_core(w, args[2], s_checkout) < 0) {
         Py_DECREF(w);
         return NULL;
     }
@@ -4931,6 +5125,8 @@ static PyMethodDef methods[] = {
      arelease_wrapper_doc},
     {"holder_release_wrapper", (PyCFunction)(void (*)(void))holder_release_wrapper,
      METH_FASTCALL, holder_release_wrapper_doc},
+    {"ablock_wrapper", (PyCFunction)(void (*)(void))ablock_wrapper, METH_FASTCALL,
+     ablock_wrapper_doc},
     {"scope_bind", (PyCFunction)(void (*)(void))scope_bind, METH_FASTCALL, scope_bind_doc},
     {NULL, NULL, 0, NULL},
 };

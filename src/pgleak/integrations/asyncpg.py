@@ -435,7 +435,7 @@ def _wrap_aenter(original: Any) -> Any:
     def __aenter__(ctx: Any) -> Any:
         return original(ctx) if core.observer is None else traced(ctx)
 
-    return __aenter__
+    return _c_block(original, __aenter__, entering=True)
 
 
 def _wrap_aexit(original: Any) -> Any:
@@ -447,7 +447,26 @@ def _wrap_aexit(original: Any) -> Any:
             _scope(getattr(ctx, "connection", None), False)
         return original(ctx, typ, value, tb)
 
-    return __aexit__
+    return _c_block(original, __aexit__, entering=False)
+
+
+def _c_block(original: Any, python: Any, *, entering: bool) -> Any:
+    """``python`` (``__aenter__`` / ``__aexit__`` above) as a C object where the C wrappers
+    run (``pgleak._speedups.Tracked``): the same steps with no frame of pgleak's, and no
+    ``traced`` coroutine; ``python`` itself otherwise."""
+    fast = c_wrappers() if c_awaitables() is not None else None
+    if fast is None or not hasattr(fast, "ablock_wrapper"):
+        return python
+    return fast.ablock_wrapper(
+        original,
+        python,
+        core,
+        _by_conn,
+        PoolConnectionProxy,
+        "asyncpg.scope",
+        internal_error,
+        entering,
+    )
 
 
 def _retag(_args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
