@@ -1131,7 +1131,7 @@ class Adapter:
         )
 
         def make(original: Any) -> Any:
-            return _forward.compile_wrapper(
+            python = _forward.compile_wrapper(
                 _SCOPE,
                 attr,
                 _forward.shape_of(original, _SCOPE_RESERVED),
@@ -1143,6 +1143,10 @@ class Adapter:
                 },
                 "scope",
             )
+            if base is _Scope:
+                return python
+            # the function above, as a C object (pgleak._speedups.Tracked): no frame of pgleak's
+            return _stack._fast.scope_wrapper(original, python, core, scope_type)
 
         self.patch_scope(owner, attr, make)
 

@@ -3033,7 +3033,7 @@ static PyTypeObject Awaiting_Type = {
  * no bound method made), and its ``__dict__`` takes what ``functools.update_wrapper`` sets. */
 
 enum { ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN, RETRY, AACQUIRE, ARELEASE, HOLDER_RELEASE,
-       ABLOCK_ENTER, ABLOCK_EXIT };
+       ABLOCK_ENTER, ABLOCK_EXIT, SCOPE_OPEN };
 
 typedef struct {
     PyObject_HEAD
@@ -3047,7 +3047,8 @@ typedef struct {
     PyObject *budget_dict, *succeeded, *worth, *retried;    /* retry */
     Py_ssize_t conn_index;
     int keyed; /* acquire: a call with any argument after the pool but None is the template's */
-    PyObject *proxy_type; /* AACQUIRE, ABLOCK_*: asyncpg's proxy class (the lease: its _con) */
+    PyObject *proxy_type; /* AACQUIRE, ABLOCK_*: asyncpg's proxy class (the lease: its _con);
+                           * SCOPE_OPEN: the Scope subclass it makes */
 } Tracked;
 
 /* s_checkout, s_checkin, s_ref and s_pool are the awaitables' (above). */
@@ -3760,6 +3761,8 @@ static PyObject *holder_release_call(Tracked *w, PyObject *const *args, size_t n
                                      PyObject *kwnames);
 static PyObject *ablock_call(Tracked *w, PyObject *const *args, size_t nargsf,
                              PyObject *kwnames);
+static PyObject *scope_open_call(Tracked *w, PyObject *const *args, size_t nargsf,
+                                 PyObject *kwnames);
 
 static PyObject *
 tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -3783,6 +3786,8 @@ tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObjec
     case ABLOCK_ENTER:
     case ABLOCK_EXIT:
         return ablock_call(w, args, nargsf, kwnames);
+    case SCOPE_OPEN:
+        return scope_open_call(w, args, nargsf, kwnames);
     default:
         return acquire_call(w, args, nargsf, kwnames);
     }
@@ -3867,7 +3872,8 @@ tracked_repr(Tracked *w)
 {
     int checkin = w->release == RELEASE || w->release == SA_RETURN || w->release == ARELEASE
                   || w->release == HOLDER_RELEASE;
-    int block = w->release == ABLOCK_ENTER || w->release == ABLOCK_EXIT;
+    int block = w->release == ABLOCK_ENTER || w->release == ABLOCK_EXIT
+                || w->release == SCOPE_OPEN;
     return PyUnicode_FromFormat("<pgleak %s wrapper of %R>",
                                 block ? "block" : checkin ? "checkin" : "checkout", w->original);
 }
@@ -5095,6 +5101,68 @@ scope_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* ``Adapter.track_scope``'s wrapper (pgleak._adapter._SCOPE) as a Tracked object (SCOPE_OPEN):
+ * the library's context manager as it is without an observer, else inside a new scope of
+ * the class it was made with (``_cm`` the library's, ``_lease`` None), no ``__init__`` called;
+ * no frame of pgleak's around ``pool.connection()``. */
+static PyObject *
+scope_open_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PyObject *cm = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    if (cm == NULL) {
+        return NULL;
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer == NULL) { /* no such attribute: as the template's ``core.observer`` */
+        if (!PyErr_Occurred()) {
+            PyErr_SetObject(PyExc_AttributeError, s_observer);
+        }
+        Py_DECREF(cm);
+        return NULL;
+    }
+    if (observer == Py_None) {
+        return cm;
+    }
+    PyTypeObject *type = (PyTypeObject *)w->proxy_type;
+    Scope *scope = (Scope *)type->tp_alloc(type, 0);
+    if (scope == NULL) {
+        Py_DECREF(cm);
+        return NULL;
+    }
+    scope->cm = cm;
+    scope->lease = Py_NewRef(Py_None);
+    return (PyObject *)scope;
+}
+
+PyDoc_STRVAR(scope_wrapper_doc,
+"scope_wrapper(original, python, core, scope_type) -> Tracked\n\n"
+"``Adapter.track_scope``'s wrapper of ``original`` (pgleak._adapter._SCOPE, compiled as\n"
+"``python``): its context manager, inside a new ``scope_type`` (a subclass of ``Scope``)\n"
+"while an observer runs.");
+
+static PyObject *
+scope_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyType_Check(args[3])
+        || !PyType_IsSubtype((PyTypeObject *)args[3], &ScopeType)
+        || ((PyTypeObject *)args[3])->tp_basicsize != ScopeType.tp_basicsize || !bound) {
+        PyErr_SetString(PyExc_TypeError, "scope_wrapper(): bad arguments, or not bound");
+        return NULL;
+    }
+    Tracked *w = tracked_new(SCOPE_OPEN);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->original = Py_NewRef(args[0]);
+    w->python = Py_NewRef(args[1]);
+    w->proxy_type = Py_NewRef(args[3]);
+    if (tracked_core(w, args[2], s_checkout) < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
+    return (PyObject *)w;
+}
+
 static PyMethodDef methods[] = {
     {"capture", (PyCFunction)(void (*)(void))capture, METH_FASTCALL, capture_doc},
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL, walk_doc},
@@ -5128,6 +5196,8 @@ static PyMethodDef methods[] = {
     {"ablock_wrapper", (PyCFunction)(void (*)(void))ablock_wrapper, METH_FASTCALL,
      ablock_wrapper_doc},
     {"scope_bind", (PyCFunction)(void (*)(void))scope_bind, METH_FASTCALL, scope_bind_doc},
+    {"scope_wrapper", (PyCFunction)(void (*)(void))scope_wrapper, METH_FASTCALL,
+     scope_wrapper_doc},
     {NULL, NULL, 0, NULL},
 };
 

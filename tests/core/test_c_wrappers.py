@@ -551,6 +551,8 @@ def test_the_c_and_python_blocks_do_the_same(
             blocks.install()
             try:
                 assert isinstance(BlockPool(1).connection(), _stack._fast.Scope) is c
+                inner.setattr(core, "observer", None)  # none: the library's own, as it is
+                assert type(BlockPool(1).connection()) is contextlib._GeneratorContextManager
                 return _block_scenario(inner)
             finally:
                 blocks.uninstall()
@@ -670,6 +672,9 @@ def test_the_c_and_python_asyncio_blocks_do_the_same(
             blocks.install()
             try:
                 assert isinstance(AsyncBlockPool(1).connection(), _stack._fast.Scope) is c
+                inner.setattr(core, "observer", None)  # none: the library's own, as it is
+                cm = AsyncBlockPool(1).connection()
+                assert type(cm) is contextlib._AsyncGeneratorContextManager
 
                 async def main() -> list[Any]:
                     return await asyncio.create_task(_async_block_scenario(inner), name="the-task")
