@@ -527,7 +527,8 @@ _GENERIC_CONN = "args[0] if args else kwargs.get(conn_param)"
 #: drives it and files the checkout the moment it returns, in the awaiting task. An observer
 #: (the wait's start) or a call-site tag (an await after the checkout) takes ``slow``: the
 #: ``async def`` above. Where the C ledger is bound too, the wrapper is this function as a C
-#: object (``aacquire_wrapper``, a ``pgleak._speedups.Tracked``): no frame of pgleak's.
+#: object (``aacquire_wrapper``, a ``pgleak._speedups.Tracked``): no frame of pgleak's, and
+#: an observer's wait taken by its awaitable (only a call-site tag takes the ``async def``).
 _AACQUIRE_FAST = """
 def {name}({params}):
     if core.observer is None{untagged}:

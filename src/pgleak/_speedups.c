@@ -2465,7 +2465,8 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
  * The checkout runs in the task that awaits (``send`` is called from the awaiting frame), so
  * the holder and the stack are those the ``async def`` saw. Everything rare (an observer
  * waiting for the wait's start, call-site tags) stays with the ``async def`` templates, which
- * the wrappers call instead whenever one is on. */
+ * the wrappers call instead whenever one is on; the C wrappers (Tracked, below) keep an
+ * observer's checkout here too (AW_T_OBSERVED). */
 
 enum { AW_ACQUIRE = 0, AW_RELEASE = 1 };
 /* The same ends, for the C wrappers (Tracked, below): ``spec`` is the wrapper itself, ``args``
@@ -4122,8 +4123,10 @@ retry_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * function they wrap, as the sync ones do, and do the same steps: AACQUIRE calls the library's
  * method with the arguments as they came and returns its coroutine inside an Awaiting whose
  * ``spec`` is this wrapper (the checkout, when the coroutine returns, files with the C ledger
- * directly, the pool's handle read from its ``ref`` slot); an observer or call-site tags take
- * ``python``, the ``async def`` template. ARELEASE looks the lease up before the call, as the
+ * directly, the pool's handle read from its ``ref`` slot); call-site tags take ``python``, the
+ * ``async def`` template. While an observer runs, the Awaiting also takes the wait's start at
+ * its first ``send`` (where the template's body begins) and ends the wait however the call
+ * ends, as the template does (AW_T_OBSERVED; issue 12). ARELEASE looks the lease up before the call, as the
  * template does, and returns the library's coroutine inside an Awaiting that checks it in
  * (untracked: the library's coroutine as it is). HOLDER_RELEASE is asyncpg's sync
  * ``PoolConnectionHolder._release``: the lease of the holder's lent connection, looked up
@@ -4528,7 +4531,7 @@ PyDoc_STRVAR(aacquire_wrapper_doc,
 "                 tags, proxy_type) -> Tracked\n\n"
 "The asyncio checkout wrapper of ``original`` (a coroutine function): its coroutine in an\n"
 "awaitable that files the checkout when it returns; ``python`` (the ``async def`` template)\n"
-"for an observer or call-site tags (``tags``, None: the method does not tag); ``proxy_type``:\n"
+"for call-site tags (``tags``, None: the method does not tag); ``proxy_type``:\n"
 "asyncpg's proxy class, whose ``_con`` is filed (None: the result itself).");
 
 static PyObject *

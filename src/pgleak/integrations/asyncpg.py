@@ -237,8 +237,9 @@ async def {name}({params}):
 #: ``pgleak._adapter._AACQUIRE_FAST``). ``acquiring`` drives ``Pool._acquire``'s coroutine and
 #: files the checkout under the proxy's connection when it returns, in the awaiting task; an
 #: observer or a call-site tag takes ``slow``, the ``async def`` above. Where the C ledger is
-#: bound too, this function is a C object instead (``aacquire_wrapper``), as is ``_RELEASE``
-#: (``holder_release_wrapper``): no frame of pgleak's on a checkout or a checkin.
+#: bound too, this function is a C object instead (``aacquire_wrapper``, which keeps an
+#: observer's checkout too), as is ``_RELEASE`` (``holder_release_wrapper``): no frame of
+#: pgleak's on a checkout or a checkin.
 _ACQUIRE_FAST = """
 def {name}({params}):
     if core.observer is None and not tags.call_site:
