@@ -604,8 +604,10 @@ static link_getter coro_running, gen_running;
  * from a task's coroutine body hit it). At an ``await``, the one place a running 3.11
  * coroutine has something to answer, the next instruction is a YIELD_VALUE and it answers
  * None anyway. 3.10 reads real instructions (no inline caches) and answers for a coroutine
- * running an ``await``; 3.12 on read only a suspended frame. (pgleak._stack, the same.) */
-#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000
+ * running an ``await``. 3.12 (3.12.1 at least) reads the same cache of a running frame at a
+ * ``SEND`` into a C awaitable and crashed there as well, and answers None otherwise: not asked
+ * either; 3.13 reads only a suspended frame. (pgleak._stack, the same.) */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
 static int
 is_running(PyObject *obj)
 {
@@ -679,14 +681,14 @@ chain_in(PyObject *const *items, Py_ssize_t n, PyObject *start, PyObject *cache,
         }
         Py_DECREF(code);
         Py_DECREF(frame);
-#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
         int running = is_running(coro);
         if (running < 0) {
             Py_DECREF(coro);
             return -1;
         }
         if (running) {
-            break; /* 3.11: not asked, and it would answer None (see is_running) */
+            break; /* 3.11, 3.12: not asked, and it would answer None (see is_running) */
         }
 #endif
         if (chain_link(coro, s_cr_await, s_gi_yieldfrom, 0, &next) < 0) {
