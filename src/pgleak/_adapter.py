@@ -337,8 +337,9 @@ _by_conn = core.by_conn
 
 
 def _c_scope() -> Any:
-    """``_Scope`` with its sync half (``__enter__``, ``__exit__``) in C, the same steps with
-    no Python frame (``pgleak._speedups.Scope``); ``None`` without the extension. What
+    """``_Scope`` with its methods in C (``__enter__``, ``__exit__``, ``__aenter__``,
+    ``__aexit__``), the same steps with no Python frame and no coroutine of pgleak's
+    (``pgleak._speedups.Scope``); ``None`` without the extension. What
     :meth:`Adapter.track_scope` uses where the C wrappers run; ``_Scope`` stays the
     definition."""
     fast = _stack._fast
@@ -354,9 +355,6 @@ def _c_scope() -> Any:
             "__doc__": _Scope.__doc__,
             "_kind": _Scope._kind,
             "_lease_of": None,
-            "_entered": _Scope._entered,
-            "__aenter__": _Scope.__aenter__,
-            "__aexit__": _Scope.__aexit__,
         },
     )
 
@@ -529,7 +527,8 @@ _GENERIC_CONN = "args[0] if args else kwargs.get(conn_param)"
 #: drives it and files the checkout the moment it returns, in the awaiting task. An observer
 #: (the wait's start) or a call-site tag (an await after the checkout) takes ``slow``: the
 #: ``async def`` above. Where the C ledger is bound too, the wrapper is this function as a C
-#: object (``aacquire_wrapper``, a ``pgleak._speedups.Tracked``): no frame of pgleak's.
+#: object (``aacquire_wrapper``, a ``pgleak._speedups.Tracked``): no frame of pgleak's, and
+#: an observer's wait taken by its awaitable (only a call-site tag takes the ``async def``).
 _AACQUIRE_FAST = """
 def {name}({params}):
     if core.observer is None{untagged}:
@@ -1133,7 +1132,7 @@ class Adapter:
         )
 
         def make(original: Any) -> Any:
-            return _forward.compile_wrapper(
+            python = _forward.compile_wrapper(
                 _SCOPE,
                 attr,
                 _forward.shape_of(original, _SCOPE_RESERVED),
@@ -1145,6 +1144,10 @@ class Adapter:
                 },
                 "scope",
             )
+            if base is _Scope:
+                return python
+            # the function above, as a C object (pgleak._speedups.Tracked): no frame of pgleak's
+            return _stack._fast.scope_wrapper(original, python, core, scope_type)
 
         self.patch_scope(owner, attr, make)
 

@@ -604,8 +604,10 @@ static link_getter coro_running, gen_running;
  * from a task's coroutine body hit it). At an ``await``, the one place a running 3.11
  * coroutine has something to answer, the next instruction is a YIELD_VALUE and it answers
  * None anyway. 3.10 reads real instructions (no inline caches) and answers for a coroutine
- * running an ``await``; 3.12 on read only a suspended frame. (pgleak._stack, the same.) */
-#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000
+ * running an ``await``. 3.12 (3.12.1 at least) reads the same cache of a running frame at a
+ * ``SEND`` into a C awaitable and crashed there as well, and answers None otherwise: not asked
+ * either; 3.13 reads only a suspended frame. (pgleak._stack, the same.) */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
 static int
 is_running(PyObject *obj)
 {
@@ -679,14 +681,14 @@ chain_in(PyObject *const *items, Py_ssize_t n, PyObject *start, PyObject *cache,
         }
         Py_DECREF(code);
         Py_DECREF(frame);
-#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
         int running = is_running(coro);
         if (running < 0) {
             Py_DECREF(coro);
             return -1;
         }
         if (running) {
-            break; /* 3.11: not asked, and it would answer None (see is_running) */
+            break; /* 3.11, 3.12: not asked, and it would answer None (see is_running) */
         }
 #endif
         if (chain_link(coro, s_cr_await, s_gi_yieldfrom, 0, &next) < 0) {
@@ -2753,12 +2755,23 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
  * The checkout runs in the task that awaits (``send`` is called from the awaiting frame), so
  * the holder and the stack are those the ``async def`` saw. Everything rare (an observer
  * waiting for the wait's start, call-site tags) stays with the ``async def`` templates, which
- * the wrappers call instead whenever one is on. */
+ * the wrappers call instead whenever one is on; the C wrappers (Tracked, below) keep an
+ * observer's checkout here too (AW_T_OBSERVED). */
 
 enum { AW_ACQUIRE = 0, AW_RELEASE = 1 };
 /* The same ends, for the C wrappers (Tracked, below): ``spec`` is the wrapper itself, ``args``
  * the call's arguments after the pool (keyword values last), ``kwargs`` their names or NULL. */
 enum { AW_T_ACQUIRE = 2, AW_T_RELEASE = 3 };
+/* AW_T_ACQUIRE while an observer runs, not yet started: the first ``send`` takes the wait's
+ * start (``handle``, ``since``: the template's ``waiting(pool)`` at the top of its body) and
+ * goes on as AW_T_ACQUIRE (see tracked_wait_start). */
+enum { AW_T_OBSERVED = 4 };
+/* ``Scope.__aenter__``'s (below): ``target`` the scope, entered when the library's
+ * ``__aenter__`` returns (scope_awaited). */
+enum { AW_SCOPE = 5 };
+/* Tracked ABLOCK_ENTER's (asyncpg's ``PoolAcquireContext.__aenter__``): ``spec`` the wrapper,
+ * the block entered when the library's ``__aenter__`` returns its proxy (ablock_told). */
+enum { AW_T_BLOCK = 6 };
 
 /* spec, for AW_ACQUIRE: (core, pools, kind, namer, proxy_type or None, gave_up,
  * internal_error, site); for AW_RELEASE: (core, refused, internal_error, site). */
@@ -2771,6 +2784,7 @@ typedef struct {
     PyObject *spec;
     PyObject *target; /* the pool (acquire) or the lease (release) */
     PyObject *args, *kwargs; /* the call's other arguments, for gave_up (acquire) */
+    PyObject *handle, *since; /* AW_T_ACQUIRE after AW_T_OBSERVED: the wait's start, if taken */
     int mode;
 } Awaiting;
 
@@ -2785,6 +2799,8 @@ awaiting_traverse(Awaiting *self, visitproc visit, void *arg)
     Py_VISIT(self->target);
     Py_VISIT(self->args);
     Py_VISIT(self->kwargs);
+    Py_VISIT(self->handle);
+    Py_VISIT(self->since);
     return 0;
 }
 
@@ -2796,12 +2812,29 @@ awaiting_clear(Awaiting *self)
     Py_CLEAR(self->target);
     Py_CLEAR(self->args);
     Py_CLEAR(self->kwargs);
+    Py_CLEAR(self->handle);
+    Py_CLEAR(self->since);
     return 0;
+}
+
+static void tracked_wait_abandoned(Awaiting *self); /* below */
+
+/* Dropped (or collected) in the middle of an observed wait: the ``async def`` template, closed
+ * at its await, ended the wait in its ``except BaseException`` (the pool's pending count). */
+static void
+awaiting_finalize(Awaiting *self)
+{
+    if (self->handle != NULL) {
+        tracked_wait_abandoned(self);
+    }
 }
 
 static void
 awaiting_dealloc(Awaiting *self)
 {
+    if (self->handle != NULL && PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+        return; /* resurrected */
+    }
     PyObject_GC_UnTrack(self);
     awaiting_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -2852,6 +2885,7 @@ make_awaiting(int mode, PyObject *spec, PyObject *awaitable, PyObject *target, P
     self->target = Py_NewRef(target);
     self->args = Py_XNewRef(args);
     self->kwargs = Py_XNewRef(kwargs);
+    self->handle = self->since = NULL;
     self->mode = mode;
     PyObject_GC_Track(self);
     return (PyObject *)self;
@@ -3040,6 +3074,8 @@ released(Awaiting *self, int raised)
 }
 
 static int tracked_ended(Awaiting *self, PyObject *result, int raised); /* below */
+static int scope_awaited(PyObject *scope, PyObject *conn);              /* below */
+static void tracked_wait_start(Awaiting *self);                         /* below */
 
 /* The library's call has ended: returned ``result`` (``raised`` 0) or with the error set. */
 static int
@@ -3050,7 +3086,10 @@ finished(Awaiting *self, PyObject *result, int raised)
         return 0; /* already ended (a re-entrant send that the library's coroutine refused) */
     }
     int failed = 0;
-    if (self->mode >= AW_T_ACQUIRE) {
+    if (self->mode == AW_SCOPE) {
+        failed = raised ? 0 : scope_awaited(self->target, result);
+    }
+    else if (self->mode >= AW_T_ACQUIRE) {
         failed = tracked_ended(self, result, raised);
     }
     else if (self->mode == AW_ACQUIRE) {
@@ -3067,6 +3106,8 @@ finished(Awaiting *self, PyObject *result, int raised)
     Py_CLEAR(self->target);
     Py_CLEAR(self->args);
     Py_CLEAR(self->kwargs);
+    Py_CLEAR(self->handle);
+    Py_CLEAR(self->since);
     return failed;
 }
 
@@ -3078,6 +3119,9 @@ awaiting_am_send(Awaiting *self, PyObject *arg, PyObject **presult)
         PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
         *presult = NULL;
         return PYGEN_ERROR;
+    }
+    if (self->mode == AW_T_OBSERVED) {
+        tracked_wait_start(self);
     }
     Py_INCREF(it);
     PyObject *result = NULL;
@@ -3202,7 +3246,11 @@ awaiting_close(Awaiting *self, PyObject *unused)
     Py_DECREF(it);
     PyObject *result = close == NULL ? Py_NewRef(Py_None) : PyObject_CallNoArgs(close);
     Py_XDECREF(close);
-    /* closed before it ended: as an ``async def`` closed at its await, nothing recorded */
+    /* closed before it ended: as an ``async def`` closed at its await, nothing recorded (but
+     * the end of an observed wait) */
+    if (self->handle != NULL) {
+        tracked_wait_abandoned(self);
+    }
     Py_CLEAR(self->it);
     Py_CLEAR(self->target);
     Py_CLEAR(self->args);
@@ -3245,6 +3293,7 @@ static PyTypeObject Awaiting_Type = {
     .tp_name = "pgleak._speedups.Awaiting",
     .tp_basicsize = sizeof(Awaiting),
     .tp_dealloc = (destructor)awaiting_dealloc,
+    .tp_finalize = (destructor)awaiting_finalize,
     .tp_as_async = &awaiting_as_async,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "A pool's awaitable, with pgleak's checkout or checkin at its end.",
@@ -3274,7 +3323,8 @@ static PyTypeObject Awaiting_Type = {
  * function (Py_TPFLAGS_METHOD_DESCRIPTOR: ``pool.getconn()`` calls it with the pool first,
  * no bound method made), and its ``__dict__`` takes what ``functools.update_wrapper`` sets. */
 
-enum { ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN, RETRY, AACQUIRE, ARELEASE, HOLDER_RELEASE };
+enum { ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN, RETRY, AACQUIRE, ARELEASE, HOLDER_RELEASE,
+       ABLOCK_ENTER, ABLOCK_EXIT, SCOPE_OPEN };
 
 typedef struct {
     PyObject_HEAD
@@ -3288,7 +3338,8 @@ typedef struct {
     PyObject *budget_dict, *succeeded, *worth, *retried;    /* retry */
     Py_ssize_t conn_index;
     int keyed; /* acquire: a call with any argument after the pool but None is the template's */
-    PyObject *proxy_type; /* AACQUIRE: asyncpg's proxy class (the lease goes by its _con) */
+    PyObject *proxy_type; /* AACQUIRE, ABLOCK_*: asyncpg's proxy class (the lease: its _con);
+                           * SCOPE_OPEN: the Scope subclass it makes */
 } Tracked;
 
 /* s_checkout, s_checkin, s_ref and s_pool are the awaitables' (above). */
@@ -3999,6 +4050,10 @@ static PyObject *arelease_call(Tracked *w, PyObject *const *args, size_t nargsf,
                                PyObject *kwnames);
 static PyObject *holder_release_call(Tracked *w, PyObject *const *args, size_t nargsf,
                                      PyObject *kwnames);
+static PyObject *ablock_call(Tracked *w, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames);
+static PyObject *scope_open_call(Tracked *w, PyObject *const *args, size_t nargsf,
+                                 PyObject *kwnames);
 
 static PyObject *
 tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -4019,6 +4074,11 @@ tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObjec
         return arelease_call(w, args, nargsf, kwnames);
     case HOLDER_RELEASE:
         return holder_release_call(w, args, nargsf, kwnames);
+    case ABLOCK_ENTER:
+    case ABLOCK_EXIT:
+        return ablock_call(w, args, nargsf, kwnames);
+    case SCOPE_OPEN:
+        return scope_open_call(w, args, nargsf, kwnames);
     default:
         return acquire_call(w, args, nargsf, kwnames);
     }
@@ -4103,8 +4163,10 @@ tracked_repr(Tracked *w)
 {
     int checkin = w->release == RELEASE || w->release == SA_RETURN || w->release == ARELEASE
                   || w->release == HOLDER_RELEASE;
-    return PyUnicode_FromFormat("<pgleak %s wrapper of %R>", checkin ? "checkin" : "checkout",
-                                w->original);
+    int block = w->release == ABLOCK_ENTER || w->release == ABLOCK_EXIT
+                || w->release == SCOPE_OPEN;
+    return PyUnicode_FromFormat("<pgleak %s wrapper of %R>",
+                                block ? "block" : checkin ? "checkin" : "checkout", w->original);
 }
 
 static PyGetSetDef tracked_getset[] = {
@@ -4351,8 +4413,10 @@ retry_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * function they wrap, as the sync ones do, and do the same steps: AACQUIRE calls the library's
  * method with the arguments as they came and returns its coroutine inside an Awaiting whose
  * ``spec`` is this wrapper (the checkout, when the coroutine returns, files with the C ledger
- * directly, the pool's handle read from its ``ref`` slot); an observer or call-site tags take
- * ``python``, the ``async def`` template. ARELEASE looks the lease up before the call, as the
+ * directly, the pool's handle read from its ``ref`` slot); call-site tags take ``python``, the
+ * ``async def`` template. While an observer runs, the Awaiting also takes the wait's start at
+ * its first ``send`` (where the template's body begins) and ends the wait however the call
+ * ends, as the template does (AW_T_OBSERVED; issue 12). ARELEASE looks the lease up before the call, as the
  * template does, and returns the library's coroutine inside an Awaiting that checks it in
  * (untracked: the library's coroutine as it is). HOLDER_RELEASE is asyncpg's sync
  * ``PoolConnectionHolder._release``: the lease of the holder's lent connection, looked up
@@ -4419,11 +4483,13 @@ handle_of(Tracked *w, PyObject *pool)
     return PyObject_CallMethodObjArgs(w->core, s_pool, pool, w->kind, w->namer, NULL);
 }
 
-/* The end of the ``async def`` template after the call returned ``result``: the checkout.
+/* The end of the ``async def`` template after the call returned ``result``: the checkout,
+ * with the wait's start (``since``, NULL: None) and the handle taken for it (NULL: looked up).
  * 0, or -1 with an error set (a BaseException of pgleak's own, as the template's
  * ``except Exception`` would let through). */
 static int
-tracked_aacquired(Tracked *w, PyObject *pool, PyObject *result)
+tracked_aacquired(Tracked *w, PyObject *pool, PyObject *result, PyObject *waited,
+                  PyObject *since)
 {
     PyObject *conn, *handle = NULL, *lease = NULL, *other = NULL;
     if (w->proxy_type != NULL) {
@@ -4443,16 +4509,16 @@ tracked_aacquired(Tracked *w, PyObject *pool, PyObject *result)
     else {
         conn = Py_NewRef(result);
     }
-    handle = handle_of(w, pool);
+    handle = waited != NULL ? Py_NewRef(waited) : handle_of(w, pool);
     if (handle == NULL || ledger_now(w, s_checkout, &other) < 0) {
         goto fault;
     }
     if (other == NULL) {
-        PyObject *cargs[4] = {w->core, handle, conn, Py_True};
-        lease = ledger_checkout(NULL, cargs, 4, NULL);
+        PyObject *cargs[5] = {w->core, handle, conn, Py_True, since};
+        lease = ledger_checkout(NULL, cargs, since == NULL ? 4 : 5, NULL);
     }
     else {
-        PyObject *cargs[4] = {handle, conn, Py_True, Py_None};
+        PyObject *cargs[4] = {handle, conn, Py_True, since == NULL ? Py_None : since};
         lease = PyObject_Vectorcall(other, cargs, 4, NULL);
         Py_DECREF(other);
     }
@@ -4533,18 +4599,64 @@ tracked_areleased(Awaiting *self, Tracked *w, int raised)
     return failed;
 }
 
+static int ablock_told(Tracked *w, PyObject *proxy, int entering); /* below */
+
 static int
 tracked_ended(Awaiting *self, PyObject *result, int raised)
 {
     Tracked *w = (Tracked *)self->spec;
-    if (self->mode == AW_T_ACQUIRE) {
+    if (self->mode == AW_T_BLOCK) {
+        return raised ? 0 : ablock_told(w, result, 1);
+    }
+    if (self->mode == AW_T_ACQUIRE || self->mode == AW_T_OBSERVED) {
+        /* an observed wait ends first, however the call ended (the template's order) */
+        if (self->handle != NULL) {
+            observed_wait_end(w, self->handle);
+        }
         if (raised) {
             tracked_gave_up(self, w);
             return 0;
         }
-        return tracked_aacquired(w, self->target, result);
+        return tracked_aacquired(w, self->target, result, self->handle, self->since);
     }
     return tracked_areleased(self, w, raised);
+}
+
+/* An observed checkout's first ``send``: the top of the template's body, ``if core.observer is
+ * not None: handle, since = waiting(pool)`` (asyncpg's ``_waiting`` is the same steps through
+ * ``core.pool`` and ``core.wait_start``). Never raises. */
+static void
+tracked_wait_start(Awaiting *self)
+{
+    Tracked *w = (Tracked *)self->spec;
+    self->mode = AW_T_ACQUIRE;
+    if (self->target == NULL) {
+        return;
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer == NULL) {
+        if (PyErr_Occurred()) {
+            report_fault(w);
+        }
+        return;
+    }
+    if (observer != Py_None) {
+        observed_wait(w, self->target, 0, &self->handle, &self->since);
+    }
+}
+
+/* The observed wait ended with no end to the call (closed at its await, or dropped): the
+ * pending entry is taken off, as the template's ``except BaseException`` did. */
+static void
+tracked_wait_abandoned(Awaiting *self)
+{
+    PyObject *handle = self->handle;
+    self->handle = NULL;
+    Py_CLEAR(self->since);
+    if (self->spec != NULL && Py_IS_TYPE(self->spec, &TrackedType)) {
+        observed_wait_end((Tracked *)self->spec, handle);
+    }
+    Py_DECREF(handle);
 }
 
 /* An Awaiting of ``awaitable`` whose end is this wrapper's (see tracked_ended). */
@@ -4566,6 +4678,7 @@ tracked_awaiting(int mode, Tracked *w, PyObject *awaitable, PyObject *target, Py
     self->target = Py_NewRef(target);
     self->args = Py_XNewRef(args);
     self->kwargs = Py_XNewRef(kwnames);
+    self->handle = self->since = NULL;
     self->mode = mode;
     PyObject_GC_Track(self);
     return (PyObject *)self;
@@ -4579,7 +4692,7 @@ aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwname
         goto python;
     }
     PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
-    if (observer != Py_None) { /* an observer (or no such attribute): the template's */
+    if (observer == NULL) { /* no such attribute: the template's */
         PyErr_Clear();
         goto python;
     }
@@ -4590,6 +4703,8 @@ aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwname
             goto python;
         }
     }
+    /* an observer's wait starts at the first send, where the template's body begins */
+    int mode = observer == Py_None ? AW_T_ACQUIRE : AW_T_OBSERVED;
     PyObject *coro = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
     if (coro == NULL) {
         return NULL;
@@ -4603,7 +4718,7 @@ aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwname
     for (Py_ssize_t i = 1; i < total; i++) {
         PyTuple_SET_ITEM(rest, i - 1, Py_NewRef(args[i]));
     }
-    PyObject *made = tracked_awaiting(AW_T_ACQUIRE, w, coro, args[0], rest, kwnames);
+    PyObject *made = tracked_awaiting(mode, w, coro, args[0], rest, kwnames);
     Py_DECREF(rest);
     Py_DECREF(coro);
     return made;
@@ -4706,7 +4821,7 @@ PyDoc_STRVAR(aacquire_wrapper_doc,
 "                 tags, proxy_type) -> Tracked\n\n"
 "The asyncio checkout wrapper of ``original`` (a coroutine function): its coroutine in an\n"
 "awaitable that files the checkout when it returns; ``python`` (the ``async def`` template)\n"
-"for an observer or call-site tags (``tags``, None: the method does not tag); ``proxy_type``:\n"
+"for call-site tags (``tags``, None: the method does not tag); ``proxy_type``:\n"
 "asyncpg's proxy class, whose ``_con`` is filed (None: the result itself).");
 
 static PyObject *
@@ -4776,6 +4891,185 @@ holder_release_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     return (PyObject *)w;
 }
 
+/* ---- asyncpg's ``async with pool.acquire()`` block while an observer runs (issue 12) ----
+ *
+ * pgleak.integrations.asyncpg's ``__aenter__`` / ``__aexit__`` wrappers of
+ * ``PoolAcquireContext``: while an observer runs, the checkout's span is made current when
+ * the library's ``__aenter__`` returns its proxy (a ``traced`` coroutine of pgleak's around
+ * it) and left before the library's ``__aexit__`` (``_scope``, a Python call each). As
+ * Tracked objects (ABLOCK_ENTER, ABLOCK_EXIT): the library's coroutine inside an Awaiting
+ * whose end is ``_scope(proxy, True)`` in C, and ``_scope(ctx.connection, False)`` in C before
+ * the library's ``__aexit__`` is called; no observer: the library's call as it is. Calls of
+ * another shape go to ``python``, the wrapper they stand in for. */
+
+static PyObject *s_connection, *s_enter_m, *s_exit_m; /* "connection", "enter", "exit" */
+
+/* ``_scope(proxy, entering)``: the lease of the proxy's connection, if tracked, handed to the
+ * observer's ``enter`` / ``exit``. 0, or -1 with an error set (not an Exception: those go to
+ * ``internal_error("asyncpg.scope", exc)``, as there). */
+static int
+ablock_told(Tracked *w, PyObject *proxy, int entering)
+{
+    PyObject *con = NULL, *lease = NULL, *done = NULL;
+    int is = PyObject_IsInstance(proxy, w->proxy_type);
+    if (is <= 0) {
+        if (is < 0) {
+            goto fault;
+        }
+        return 0;
+    }
+    con = PyObject_GetAttr(proxy, s_con);
+    if (con == NULL) {
+        goto fault;
+    }
+    if (con == Py_None) {
+        Py_DECREF(con);
+        return 0;
+    }
+    PyObject *key = PyLong_FromVoidPtr(con);
+    if (key == NULL) {
+        goto fault;
+    }
+    lease = PyDict_GetItemWithError(w->by_conn, key);
+    Py_DECREF(key);
+    if (lease == NULL) {
+        if (PyErr_Occurred()) {
+            goto fault;
+        }
+        Py_DECREF(con);
+        return 0;
+    }
+    Py_INCREF(lease);
+    /* ``lease.ref is None or lease.ref() is not con``: not tracked, or an id reused */
+    PyObject *ref = Py_IS_TYPE(lease, lease_type) ? Py_XNewRef(SLOT(lease, lease_off[L_REF]))
+                                                   : PyObject_GetAttr(lease, s_ref);
+    if (ref == NULL) {
+        if (PyErr_Occurred()) {
+            goto fault;
+        }
+        ref = Py_NewRef(Py_None);
+    }
+    PyObject *target = NULL;
+    if (PyWeakref_CheckRefExact(ref)) {
+        target = ref_target(ref);
+    }
+    else if (ref != Py_None) {
+        target = PyObject_CallNoArgs(ref);
+        if (target == NULL) {
+            Py_DECREF(ref);
+            goto fault;
+        }
+    }
+    Py_DECREF(ref);
+    Py_XDECREF(target);
+    if (target != con) {
+        Py_DECREF(lease);
+        Py_DECREF(con);
+        return 0;
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer == NULL && PyErr_Occurred()) {
+        goto fault;
+    }
+    if (observer != NULL && observer != Py_None) {
+        Py_INCREF(observer);
+        done = PyObject_CallMethodOneArg(observer, entering ? s_enter_m : s_exit_m, lease);
+        Py_DECREF(observer);
+        if (done == NULL) {
+            goto fault;
+        }
+        Py_DECREF(done);
+    }
+    Py_DECREF(lease);
+    Py_DECREF(con);
+    return 0;
+fault:
+    Py_XDECREF(lease);
+    Py_XDECREF(con);
+    return swallow(w->internal_error, w->site);
+}
+
+static PyObject *
+ablock_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL || nargs != (w->release == ABLOCK_ENTER ? 1 : 4)) {
+        return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer == NULL) {
+        PyErr_Clear();
+        return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+    }
+    if (observer == Py_None) {
+        return PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    }
+    if (w->release == ABLOCK_EXIT) {
+        /* ``_scope(getattr(ctx, "connection", None), False)``: the getattr outside its guard */
+        PyObject *proxy = NULL;
+        if (PyObject_GetOptionalAttr(args[0], s_connection, &proxy) < 0) {
+            return NULL;
+        }
+        int failed = ablock_told(w, proxy == NULL ? Py_None : proxy, 0);
+        Py_XDECREF(proxy);
+        if (failed < 0) {
+            return NULL;
+        }
+        return PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    }
+    PyObject *coro = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    if (coro == NULL) {
+        return NULL;
+    }
+    PyObject *made = tracked_awaiting(AW_T_BLOCK, w, coro, args[0], NULL, NULL);
+    Py_DECREF(coro);
+    return made;
+}
+
+PyDoc_STRVAR(ablock_wrapper_doc,
+"ablock_wrapper(original, python, core, by_conn, proxy_type, site, internal_error, entering)\n"
+"    -> Tracked\n\n"
+"asyncpg's ``PoolAcquireContext.__aenter__`` (``entering``) or ``__aexit__`` wrapper\n"
+"(pgleak.integrations.asyncpg._wrap_aenter / _wrap_aexit, the function ``python``).");
+
+static PyObject *
+ablock_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8 || !PyDict_Check(args[3]) || !PyType_Check(args[4]) || !bound) {
+        PyErr_SetString(PyExc_TypeError, "ablock_wrapper(): bad arguments, or not bound");
+        return NULL;
+    }
+    struct {
+        PyObject **slot;
+        const char *text;
+    } names[] = {{&s_connection, "connection"}, {&s_enter_m, "enter"}, {&s_exit_m, "exit"}};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (*names[i].slot == NULL
+            && (*names[i].slot = PyUnicode_InternFromString(names[i].text)) == NULL) {
+            return NULL;
+        }
+    }
+    int entering = PyObject_IsTrue(args[7]);
+    if (entering < 0) {
+        return NULL;
+    }
+    Tracked *w = tracked_new(entering ? ABLOCK_ENTER : ABLOCK_EXIT);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->original = Py_NewRef(args[0]);
+    w->python = Py_NewRef(args[1]);
+    w->by_conn = Py_NewRef(args[3]);
+    w->proxy_type = Py_NewRef(args[4]);
+    w->site = Py_NewRef(args[5]);
+    w->internal_error = Py_NewRef(args[6]);
+    if (tracked_core(w, args[2], s_checkout) < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
+    return (PyObject *)w;
+}
+
 /* ---- a checkout's ``with`` block, its sync half in C (issue 12) ------------------------
  *
  * ``Adapter.track_scope`` (psycopg_pool's ``connection()``) hands the user a ``_Scope`` around
@@ -4796,6 +5090,7 @@ typedef struct {
 /* scope_bind()'s: pgleak._core.core, its by_conn dict, pgleak._guard.internal_error */
 static PyObject *sc_core, *sc_by_conn, *sc_internal_error;
 static PyObject *s_sc_enter, *s_sc_exit, *s_sc_lease_of, *s_sc_kind, *s_sc_oenter, *s_sc_oexit;
+static PyObject *s_sc_aenter, *s_sc_aexit;
 
 /* The current exception, if an Exception: handed to internal_error("<kind>.scope", exc), 0;
  * anything else: left set, -1. */
@@ -4909,17 +5204,11 @@ scope_enter(Scope *self, PyObject *Py_UNUSED(ignored))
     return conn;
 }
 
-static PyObject *
-scope_exit(Scope *self, PyObject *const *args, Py_ssize_t nargs)
+/* ``exit_scope(self._lease, self._kind)``, inlined: 0, or -1 with an error set (not an
+ * Exception: those are reported). */
+static int
+scope_exited(Scope *self)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "__exit__(typ, value, tb)");
-        return NULL;
-    }
-    if (self->cm == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "_cm");
-        return NULL;
-    }
     PyObject *lease = self->lease;
     if (lease != NULL && lease != Py_None) { /* exit_scope(), inlined */
         PyObject *observer = PyObject_GetAttr(sc_core, s_observer);
@@ -4934,11 +5223,86 @@ scope_exit(Scope *self, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_XDECREF(observer);
         if (done == NULL && scope_fault((PyObject *)self) < 0) {
-            return NULL;
+            return -1;
         }
         Py_XDECREF(done);
     }
+    return 0;
+}
+
+static PyObject *
+scope_exit(Scope *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "__exit__(typ, value, tb)");
+        return NULL;
+    }
+    if (self->cm == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_cm");
+        return NULL;
+    }
+    if (scope_exited(self) < 0) {
+        return NULL;
+    }
     return PyObject_CallMethodObjArgs(self->cm, s_sc_exit, args[0], args[1], args[2], NULL);
+}
+
+/* The asyncio half (``_Scope.__aenter__`` / ``__aexit__``), without their two coroutines: the
+ * library's ``__aenter__`` awaitable inside an Awaiting that enters the scope (``_entered``)
+ * when it returns, in the awaiting task; ``__aexit__`` leaves the scope at once and hands back
+ * the library's ``__aexit__`` awaitable itself. ``async with`` awaits what it gets at once, so
+ * the steps run where and in the order the ``async def`` ran them. */
+static int
+scope_awaited(PyObject *scope, PyObject *conn)
+{
+    return scope_entered((Scope *)scope, conn);
+}
+
+static PyObject *
+scope_aenter(Scope *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->cm == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_cm");
+        return NULL;
+    }
+    PyObject *awaitable = PyObject_CallMethodNoArgs(self->cm, s_sc_aenter);
+    if (awaitable == NULL) {
+        return NULL;
+    }
+    PyObject *it = awaitable_iter(awaitable);
+    Py_DECREF(awaitable);
+    if (it == NULL) {
+        return NULL;
+    }
+    Awaiting *made = PyObject_GC_New(Awaiting, &Awaiting_Type);
+    if (made == NULL) {
+        Py_DECREF(it);
+        return NULL;
+    }
+    made->it = it;
+    made->spec = NULL;
+    made->target = Py_NewRef((PyObject *)self);
+    made->args = made->kwargs = made->handle = made->since = NULL;
+    made->mode = AW_SCOPE;
+    PyObject_GC_Track(made);
+    return (PyObject *)made;
+}
+
+static PyObject *
+scope_aexit(Scope *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "__aexit__(typ, value, tb)");
+        return NULL;
+    }
+    if (self->cm == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_cm");
+        return NULL;
+    }
+    if (scope_exited(self) < 0) {
+        return NULL;
+    }
+    return PyObject_CallMethodObjArgs(self->cm, s_sc_aexit, args[0], args[1], args[2], NULL);
 }
 
 /* Only ever a static base of heap subclasses: their subtype_traverse / subtype_dealloc visit
@@ -4970,6 +5334,8 @@ scope_dealloc(Scope *self)
 static PyMethodDef scope_methods[] = {
     {"__enter__", (PyCFunction)scope_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))scope_exit, METH_FASTCALL, NULL},
+    {"__aenter__", (PyCFunction)scope_aenter, METH_NOARGS, NULL},
+    {"__aexit__", (PyCFunction)(void (*)(void))scope_aexit, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 
@@ -5012,6 +5378,7 @@ scope_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     } names[] = {
         {&s_sc_enter, "__enter__"}, {&s_sc_exit, "__exit__"}, {&s_sc_lease_of, "_lease_of"},
         {&s_sc_kind, "_kind"}, {&s_sc_oenter, "enter"}, {&s_sc_oexit, "exit"},
+        {&s_sc_aenter, "__aenter__"}, {&s_sc_aexit, "__aexit__"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         if (*names[i].slot == NULL) {
@@ -5025,6 +5392,68 @@ scope_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(sc_by_conn, Py_NewRef(args[1]));
     Py_XSETREF(sc_internal_error, Py_NewRef(args[2]));
     Py_RETURN_NONE;
+}
+
+/* ``Adapter.track_scope``'s wrapper (pgleak._adapter._SCOPE) as a Tracked object (SCOPE_OPEN):
+ * the library's context manager as it is without an observer, else inside a new scope of
+ * the class it was made with (``_cm`` the library's, ``_lease`` None), no ``__init__`` called;
+ * no frame of pgleak's around ``pool.connection()``. */
+static PyObject *
+scope_open_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PyObject *cm = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    if (cm == NULL) {
+        return NULL;
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer == NULL) { /* no such attribute: as the template's ``core.observer`` */
+        if (!PyErr_Occurred()) {
+            PyErr_SetObject(PyExc_AttributeError, s_observer);
+        }
+        Py_DECREF(cm);
+        return NULL;
+    }
+    if (observer == Py_None) {
+        return cm;
+    }
+    PyTypeObject *type = (PyTypeObject *)w->proxy_type;
+    Scope *scope = (Scope *)type->tp_alloc(type, 0);
+    if (scope == NULL) {
+        Py_DECREF(cm);
+        return NULL;
+    }
+    scope->cm = cm;
+    scope->lease = Py_NewRef(Py_None);
+    return (PyObject *)scope;
+}
+
+PyDoc_STRVAR(scope_wrapper_doc,
+"scope_wrapper(original, python, core, scope_type) -> Tracked\n\n"
+"``Adapter.track_scope``'s wrapper of ``original`` (pgleak._adapter._SCOPE, compiled as\n"
+"``python``): its context manager, inside a new ``scope_type`` (a subclass of ``Scope``)\n"
+"while an observer runs.");
+
+static PyObject *
+scope_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyType_Check(args[3])
+        || !PyType_IsSubtype((PyTypeObject *)args[3], &ScopeType)
+        || ((PyTypeObject *)args[3])->tp_basicsize != ScopeType.tp_basicsize || !bound) {
+        PyErr_SetString(PyExc_TypeError, "scope_wrapper(): bad arguments, or not bound");
+        return NULL;
+    }
+    Tracked *w = tracked_new(SCOPE_OPEN);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->original = Py_NewRef(args[0]);
+    w->python = Py_NewRef(args[1]);
+    w->proxy_type = Py_NewRef(args[3]);
+    if (tracked_core(w, args[2], s_checkout) < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
+    return (PyObject *)w;
 }
 
 static PyMethodDef methods[] = {
@@ -5058,7 +5487,11 @@ static PyMethodDef methods[] = {
      arelease_wrapper_doc},
     {"holder_release_wrapper", (PyCFunction)(void (*)(void))holder_release_wrapper,
      METH_FASTCALL, holder_release_wrapper_doc},
+    {"ablock_wrapper", (PyCFunction)(void (*)(void))ablock_wrapper, METH_FASTCALL,
+     ablock_wrapper_doc},
     {"scope_bind", (PyCFunction)(void (*)(void))scope_bind, METH_FASTCALL, scope_bind_doc},
+    {"scope_wrapper", (PyCFunction)(void (*)(void))scope_wrapper, METH_FASTCALL,
+     scope_wrapper_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -304,9 +304,12 @@ def _capture_in_task(frame: FrameType | None, limit: int, task: Any, thorough: b
 #: crash the process (a sync checkout straight from a task's coroutine body did). At an
 #: ``await`` (the only place a running 3.11 coroutine has something to answer) the next
 #: instruction is a YIELD_VALUE and the answer is None anyway. 3.10 reads real instructions
-#: (and answers for a coroutine running an ``await``, which the walk needs); 3.12 on read
-#: only a suspended frame.
-_RUNNING_AWAIT_UNSAFE = sys.version_info[:2] == (3, 11)
+#: (and answers for a coroutine running an ``await``, which the walk needs). 3.12 (3.12.1 at
+#: least) reads the same cache when the running frame is at a ``SEND`` into a C awaitable
+#: (pgleak's own, around an asyncpg block while an observer runs) and crashed there too; it
+#: answers None for a running coroutine otherwise: not asked either. 3.13 reads only a
+#: suspended frame.
+_RUNNING_AWAIT_UNSAFE = sys.version_info[:2] in ((3, 11), (3, 12))
 
 
 def _awaited(coro: Any, thorough: bool) -> Any:

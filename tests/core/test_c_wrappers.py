@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import types
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -310,6 +310,9 @@ async def _async_scenario(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         transcript.append((name, outcome, _async_ledger(pool)))
         return result
 
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("pgleak's own fault")
+
     with capture_events() as events:
         first = await step("positional", lambda: pool.getconn(1.5))
         inner = await step("in a task", lambda: asyncio.create_task(pool.getconn(), name="inner"))
@@ -323,15 +326,45 @@ async def _async_scenario(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         first.fail = True
         await step("failed checkin", lambda: pool.putconn(first))
         pool.sync.free.append(Conn())  # the pool opens another in its place
+        pool.sync.free.append(Conn())  # and grows by one
         seen: list[Any] = []
         monkeypatch.setattr(core, "observer", Recorder(seen))
         third = await step("observed checkout", pool.getconn)
+        fifth = await step(
+            "observed, in a task", lambda: asyncio.create_task(pool.getconn(), name="observed")
+        )
+        await step("observed timeout", lambda: pool.getconn(timeout=0.75))
+        await step("observed, unbound", lambda: AsyncToyPool.getconn(pool))
         await step("observed checkin", lambda: AsyncToyPool.putconn(pool, third))
-        transcript.append(("observer saw", seen))
+        await step("observed, wait_for", lambda: asyncio.wait_for(pool.putconn(fifth), 5.0))
+        with monkeypatch.context() as faulty:
+            faulty.setattr(core, "checkout", broken)
+            sixth = await step("observed, faulty checkout", pool.getconn)
+        await step("its untracked checkin", lambda: pool.putconn(sixth))
+        # a wait closed, dropped or cancelled at its await ends all the same (the pool's
+        # pending count), with no checkout and no report
+        closed = pool.getconn()
+        closed.send(None)
+        closed.close()
+        dropped = pool.getconn()
+        dropped.send(None)
+        del dropped
+        cancelled = asyncio.create_task(pool.getconn(timeout=1.0))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cancelled
+        transcript.append(("after the abandoned waits", _async_ledger(pool)))
+        # the observer stopped between the call and its first step: no wait is taken
+        late = pool.getconn()
         monkeypatch.setattr(core, "observer", None)
-
-        def broken(*args: Any, **kwargs: Any) -> None:
-            raise RuntimeError("pgleak's own fault")
+        seventh = await step("observer gone before the first step", lambda: late)
+        monkeypatch.setattr(core, "observer", Recorder(seen))
+        await step("its checkin", lambda: pool.putconn(seventh))
+        transcript.append(("observer saw", seen))
+        handles = [h for h in core._pools.values() if h.ref() is pool]
+        transcript.append(("pending", [len(h.pending) for h in handles]))
+        monkeypatch.setattr(core, "observer", None)
 
         monkeypatch.setattr(core, "checkout", broken)
         fourth = await step("faulty checkout", pool.getconn)
@@ -405,6 +438,9 @@ def test_the_asyncio_c_wrappers_leave_what_the_templates_leave(run_async: Any) -
     assert steps["failed checkin"] == "RuntimeError: reset failed"
     for name in ("in a task", "wait_for", "faulty checkout", "faulty checkin"):
         assert steps[name] == "ok", name
+    for name in ("observed, in a task", "observed, wait_for", "observed, faulty checkout"):
+        assert steps[name] == "ok", name
+    assert steps["observed timeout"] == "Timeout: no connection in 0.75"
     assert steps["unbound"] == "Timeout: no connection in None"
     assert steps["untracked, keyword checkin"] == "ok"
     holders = {
@@ -415,16 +451,24 @@ def test_the_asyncio_c_wrappers_leave_what_the_templates_leave(run_async: Any) -
     assert holders["positional"] == ["the-task"]
     assert holders["in a task"] == ["the-task", "inner"]
     assert holders["wait_for"] == ["the-task"]
+    assert holders["observed, in a task"] == ["the-task", "the-task", "observed"]
+    assert holders["observed, faulty checkout"] == ["the-task"]  # not filed
+    assert holders["observer gone before the first step"] == ["the-task", "the-task"]
     transcript = dict(entry for entry in python if len(entry) == 2)
     assert sorted(transcript["faults"]) == [
         ("async_toy.checkin", 'RuntimeError("pgleak\'s own checkin fault")'),
         ("async_toy.checkout", 'RuntimeError("pgleak\'s own fault")'),
+        ("async_toy.checkout", 'RuntimeError("pgleak\'s own fault")'),
     ]
-    assert [e[-1] for e in transcript["events"]] == [0.25, 0.5, 3.0, 3.0]
+    assert [e[-1] for e in transcript["events"]] == [0.25, 0.5, 3.0, 3.0, 0.75, 3.0]
+    checked_out = ("checked_out", "async toy pool", True)
+    checked_in = ("checked_in", "async toy pool", False, False)
     assert transcript["observer saw"] == [
-        ("checked_out", "async toy pool", True),
-        ("checked_in", "async toy pool", False, False),
+        *(checked_out, checked_out, ("exhausted",), ("exhausted",), checked_in, checked_in),
+        checked_in,  # the observer was gone at the checkout, back for the checkin
     ]
+    assert len(transcript["after the abandoned waits"]) == 2  # nothing filed by them
+    assert transcript["pending"] == [0]
 
 
 class BlockPool(ToyPool):
@@ -507,6 +551,8 @@ def test_the_c_and_python_blocks_do_the_same(
             blocks.install()
             try:
                 assert isinstance(BlockPool(1).connection(), _stack._fast.Scope) is c
+                inner.setattr(core, "observer", None)  # none: the library's own, as it is
+                assert type(BlockPool(1).connection()) is contextlib._GeneratorContextManager
                 return _block_scenario(inner)
             finally:
                 blocks.uninstall()
@@ -523,6 +569,143 @@ def test_the_c_and_python_blocks_do_the_same(
         *(out, enter, ("inside", True, 1), exit_, back),
         *(out, enter, exit_, back, ("raised", 'KeyError("the user\'s")')),
         *(out, enter, exit_, back, ("suppressed", 1)),
+        *(out, ("inside, faulty observer", True), back),
+        ("faults", [fault, fault]),  # the block's enter and exit
+        ("after", 1, 0),
+    ]
+
+
+class AsyncBlockPool(AsyncToyPool):
+    """``AsyncToyPool`` with psycopg_pool's ``AsyncConnectionPool.connection()`` block."""
+
+    @contextlib.asynccontextmanager
+    async def connection(self, swallow: bool = False) -> AsyncIterator[Conn]:
+        conn = await self.getconn(0.5)
+        try:
+            yield conn
+        except ValueError:
+            if not swallow:
+                raise
+        finally:
+            await self.putconn(conn)
+
+
+class AsyncBlocks(_adapter.Adapter):
+    name = "async_blocks"
+    distribution = "no-such-distribution-pgleak-blocks"
+
+    def _install(self) -> None:
+        self.track_acquire(
+            AsyncBlockPool,
+            "getconn",
+            namer=lambda pool: "async block pool",
+            is_timeout=lambda err: isinstance(err, Timeout),
+            is_async=True,
+        )
+        self.track_release(AsyncBlockPool, "putconn", is_async=True)
+        self.track_scope(AsyncBlockPool, "connection")
+
+
+async def _async_block_scenario(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    seen: list[Any] = []
+    pool = AsyncBlockPool(1)
+    recorder = Recorder(seen)
+    monkeypatch.setattr(core, "observer", recorder)
+
+    def told(what: str) -> Callable[[Lease], None]:
+        # in the block's own task: the span is made current in the context the block runs in
+        task = asyncio.current_task
+        return lambda lease: seen.append((what, lease.pool.name, task().get_name()))  # type: ignore[union-attr]
+
+    monkeypatch.setattr(recorder, "enter", told("enter"), raising=False)
+    monkeypatch.setattr(recorder, "exit", told("exit"), raising=False)
+    async with pool.connection() as conn:
+        seen.append(("inside", conn in pool.sync.lent, len(core.leases)))
+
+    async def in_a_task() -> None:
+        async with pool.connection() as conn:
+            seen.append(("inside a task", conn in pool.sync.lent))
+
+    await asyncio.create_task(in_a_task(), name="block-task")
+    try:
+        async with pool.connection():
+            raise KeyError("the user's")
+    except KeyError as err:
+        seen.append(("raised", repr(err)))
+    async with pool.connection(swallow=True):
+        raise ValueError("swallowed by the library's block")
+    seen.append(("suppressed", len(pool.sync.free)))
+    held = await pool.getconn()
+    try:
+        async with pool.connection():
+            seen.append(("never inside",))
+    except Timeout as err:
+        seen.append(("no connection", repr(err)))
+    await pool.putconn(held)
+
+    def broken(lease: Lease) -> None:
+        raise RuntimeError("pgleak's own fault")
+
+    monkeypatch.setattr(recorder, "enter", broken)
+    monkeypatch.setattr(recorder, "exit", broken)
+    async with pool.connection() as conn:
+        seen.append(("inside, faulty observer", conn in pool.sync.lent))
+    seen.append(("faults", [(site, repr(exc)) for site, exc in _guard.swallowed]))
+    seen.append(("after", len(pool.sync.free), len(core.leases)))
+    return seen
+
+
+@pytest.mark.internal_errors
+def test_the_c_and_python_asyncio_blocks_do_the_same(
+    installed: pgleak.Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The asyncio block (psycopg_pool's ``AsyncConnectionPool.connection()``): the C
+    ``__aenter__`` / ``__aexit__`` tell the observer in the block's task, pass the user's
+    exception, the library's suppression and a failed checkout on, and report a fault of the
+    observer's, as the ``async def`` methods do."""
+
+    def run(c: bool) -> list[Any]:
+        monkeypatch.setattr(_adapter, "use_c_wrappers", c)
+        with monkeypatch.context() as inner:
+            inner.setattr(core, "observer", Recorder([]))  # the block is put in for one
+            blocks = AsyncBlocks()
+            blocks.install()
+            try:
+                assert isinstance(AsyncBlockPool(1).connection(), _stack._fast.Scope) is c
+                inner.setattr(core, "observer", None)  # none: the library's own, as it is
+                cm = AsyncBlockPool(1).connection()
+                assert type(cm) is contextlib._AsyncGeneratorContextManager
+
+                async def main() -> list[Any]:
+                    return await asyncio.create_task(_async_block_scenario(inner), name="the-task")
+
+                return asyncio.run(main())
+            finally:
+                blocks.uninstall()
+                _guard.reset()
+                core.leases.clear()
+                core.by_conn.clear()
+
+    python, c = run(False), run(True)
+    assert c == python
+    out = ("checked_out", "async block pool", True)
+    back = ("checked_in", "async block pool", False, False)
+    enter, exit_ = (
+        ("enter", "async block pool", "the-task"),
+        ("exit", "async block pool", "the-task"),
+    )
+    in_task = (
+        ("enter", "async block pool", "block-task"),
+        ("exit", "async block pool", "block-task"),
+    )
+    fault = ("async_blocks.scope", 'RuntimeError("pgleak\'s own fault")')
+    assert python == [
+        *(out, enter, ("inside", True, 1), exit_, back),
+        *(out, in_task[0], ("inside a task", True), in_task[1], back),
+        *(out, enter, exit_, back, ("raised", 'KeyError("the user\'s")')),
+        *(out, enter, exit_, back, ("suppressed", 1)),
+        out,
+        *(("exhausted",), ("no connection", "Timeout('no connection in 0.5')"), back),
         *(out, ("inside, faulty observer", True), back),
         ("faults", [fault, fault]),  # the block's enter and exit
         ("after", 1, 0),

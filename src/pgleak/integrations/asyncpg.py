@@ -237,8 +237,9 @@ async def {name}({params}):
 #: ``pgleak._adapter._AACQUIRE_FAST``). ``acquiring`` drives ``Pool._acquire``'s coroutine and
 #: files the checkout under the proxy's connection when it returns, in the awaiting task; an
 #: observer or a call-site tag takes ``slow``, the ``async def`` above. Where the C ledger is
-#: bound too, this function is a C object instead (``aacquire_wrapper``), as is ``_RELEASE``
-#: (``holder_release_wrapper``): no frame of pgleak's on a checkout or a checkin.
+#: bound too, this function is a C object instead (``aacquire_wrapper``, which keeps an
+#: observer's checkout too), as is ``_RELEASE`` (``holder_release_wrapper``): no frame of
+#: pgleak's on a checkout or a checkin.
 _ACQUIRE_FAST = """
 def {name}({params}):
     if core.observer is None and not tags.call_site:
@@ -435,7 +436,7 @@ def _wrap_aenter(original: Any) -> Any:
     def __aenter__(ctx: Any) -> Any:
         return original(ctx) if core.observer is None else traced(ctx)
 
-    return __aenter__
+    return _c_block(original, __aenter__, entering=True)
 
 
 def _wrap_aexit(original: Any) -> Any:
@@ -447,7 +448,26 @@ def _wrap_aexit(original: Any) -> Any:
             _scope(getattr(ctx, "connection", None), False)
         return original(ctx, typ, value, tb)
 
-    return __aexit__
+    return _c_block(original, __aexit__, entering=False)
+
+
+def _c_block(original: Any, python: Any, *, entering: bool) -> Any:
+    """``python`` (``__aenter__`` / ``__aexit__`` above) as a C object where the C wrappers
+    run (``pgleak._speedups.Tracked``): the same steps with no frame of pgleak's, and no
+    ``traced`` coroutine; ``python`` itself otherwise."""
+    fast = c_wrappers() if c_awaitables() is not None else None
+    if fast is None or not hasattr(fast, "ablock_wrapper"):
+        return python
+    return fast.ablock_wrapper(
+        original,
+        python,
+        core,
+        _by_conn,
+        PoolConnectionProxy,
+        "asyncpg.scope",
+        internal_error,
+        entering,
+    )
 
 
 def _retag(_args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:

@@ -22,9 +22,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-from asyncpg.pool import Pool, PoolConnectionHolder
+from asyncpg.pool import Pool, PoolAcquireContext, PoolConnectionHolder
 
 import pgleak
+from pgleak import _adapter, _guard, _stack
 from pgleak._core import core
 from pgleak.integrations import asyncpg as apg_adapter
 from pgleak.testing import EventCapture, run_watchdog
@@ -243,6 +244,107 @@ def test_async_with_acquire_is_tracked_once(pg: Server, events: EventCapture) ->
     _run(pg, body)
     assert core.leases == {}
     assert events.events == []
+
+
+class _Told:
+    """An observer that writes down the block's enter and exit, and the task each ran in (the
+    span is made current in the block's own context); its other hooks do nothing."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+        self.broken = False
+
+    def enter(self, lease: Any) -> None:
+        self._told("enter", lease)
+
+    def exit(self, lease: Any) -> None:
+        self._told("exit", lease)
+
+    def _told(self, what: str, lease: Any) -> None:
+        if self.broken:
+            raise RuntimeError("pgleak's own fault")
+        task = asyncio.current_task()
+        held = [lease is core.lease_of(ref()) for ref in (lease.ref,) if ref is not None]
+        self.seen.append((what, task.get_name() if task else None, held))
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: None
+
+
+@pytest.mark.internal_errors
+@pytest.mark.skipif(
+    not hasattr(_stack._fast, "ablock_wrapper"), reason="pgleak._speedups is not in use here"
+)
+def test_the_c_and_python_blocks_tell_the_observer_the_same(
+    pg: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``async with pool.acquire()`` while an observer runs: the C ``__aenter__`` /
+    ``__aexit__`` (pgleak._speedups.Tracked) tell it what the Python functions and their
+    ``traced`` coroutine tell it, in the same task, and report its faults at the same site."""
+
+    async def body(pool: Pool, told: _Told) -> None:
+        async with pool.acquire() as conn:
+            told.seen.append(("inside", await conn.fetchval("select 1")))
+
+        async def in_a_task() -> None:
+            async with pool.acquire():
+                told.seen.append(("inside a task",))
+
+        await asyncio.create_task(in_a_task(), name="block-task")
+        with contextlib.suppress(KeyError):
+            async with pool.acquire():
+                raise KeyError("the user's")
+        bare = await pool.acquire()  # no block: never entered
+        await pool.release(bare)
+        held = [await pool.acquire(), await pool.acquire()]
+        try:
+            async with pool.acquire(timeout=0.01):
+                told.seen.append(("never inside",))
+        except asyncio.TimeoutError:
+            told.seen.append(("no connection",))
+        for conn in held:
+            await pool.release(conn)
+        told.broken = True
+        async with pool.acquire():
+            told.seen.append(("inside, faulty observer",))
+
+    def run(c: bool) -> list[Any]:
+        told = _Told()
+        with monkeypatch.context() as patched:
+            patched.setattr(_adapter, "use_c_wrappers", c)
+            pgleak.install(leak_threshold=60, report_interval=60)
+            try:
+                patched.setattr(core, "observer", told)
+                core.observer_started()  # the block's wrappers go in with an observer
+                wrapper = PoolAcquireContext.__dict__["__aenter__"]
+                assert (type(wrapper) is _stack._fast.Tracked) is c
+
+                async def main() -> None:
+                    pool = await _open(pg)
+                    try:
+                        await asyncio.create_task(body(pool, told), name="the-task")
+                    finally:
+                        pool.terminate()
+
+                asyncio.run(main())
+                faults = [(site, repr(exc)) for site, exc in _guard.swallowed]
+            finally:
+                pgleak.uninstall()
+                _guard.reset()
+        return [*told.seen, ("faults", faults)]
+
+    python, c = run(False), run(True)
+    assert c == python
+    enter, exit_ = ("enter", "the-task", [True]), ("exit", "the-task", [True])
+    fault = ("asyncpg.scope", 'RuntimeError("pgleak\'s own fault")')
+    assert python == [
+        *(enter, ("inside", 1), exit_),
+        *(("enter", "block-task", [True]), ("inside a task",), ("exit", "block-task", [True])),
+        *(enter, exit_),
+        ("no connection",),
+        ("inside, faulty observer",),
+        ("faults", [fault, fault]),  # the block's enter and exit
+    ]
 
 
 def test_release_to_another_pool_raises_and_leaves_the_ledger_alone(
