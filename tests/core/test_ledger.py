@@ -356,9 +356,9 @@ def test_kept_answers_follow_every_change(
     # the watchdog's own attributes are watched as well
     _cycle(handle, conn)
     assert _core._fast_ledger.kept()
-    core.watchdog.extra = 1  # type: ignore[attr-defined]
+    core.watchdog.extra = 1
     assert not _core._fast_ledger.kept()
-    del core.watchdog.extra  # type: ignore[attr-defined]
+    del core.watchdog.extra
     _cycle(handle, conn)
     assert _core._fast_ledger.kept()
 
@@ -427,7 +427,9 @@ def test_current_task_lookup_agrees_with_asyncio() -> None:
 
     assert all(asyncio.run(outer()))
     if (3, 10) <= sys.version_info < (3, 14):
-        assert getattr(_core._current_task, "__self__", None) is asyncio.tasks._current_tasks
+        assert getattr(_core._current_task, "__self__", None) is getattr(
+            asyncio.tasks, "_current_tasks", None
+        )
 
 
 def test_freed_leases_let_go_of_what_they_held(installed: pgleak.Settings) -> None:
