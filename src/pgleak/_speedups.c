@@ -2267,10 +2267,31 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
         PyObject *ref;
         if (connref_plain) {
             /* _ConnRef(conn, collected) without type_call around it: weakref's tp_init only
-             * checks the arguments its tp_new has taken already */
-            PyObject *pair = PyTuple_Pack(2, conn, collected);
-            ref = pair == NULL ? NULL : connref_type->tp_new(connref_type, pair, NULL);
-            Py_XDECREF(pair);
+             * checks the arguments its tp_new has taken already. Its arguments' tuple is
+             * the same one each time, emptied after the call (weakref's tp_new keeps no
+             * reference to it, runs no Python code), made anew only if something kept it;
+             * untracked, so that the collector never hands it, empty, to Python code. */
+            static PyObject *pair = NULL;
+            if (pair == NULL || Py_REFCNT(pair) != 1) {
+                Py_XSETREF(pair, PyTuple_New(2));
+                if (pair != NULL && PyObject_GC_IsTracked(pair)) {
+                    PyObject_GC_UnTrack(pair);
+                }
+            }
+            if (pair == NULL) {
+                ref = NULL;
+            }
+            else {
+                PyTuple_SET_ITEM(pair, 0, Py_NewRef(conn));
+                PyTuple_SET_ITEM(pair, 1, Py_NewRef(collected));
+                ref = connref_type->tp_new(connref_type, pair, NULL);
+                PyObject *held_conn = PyTuple_GET_ITEM(pair, 0);
+                PyObject *held_callback = PyTuple_GET_ITEM(pair, 1);
+                PyTuple_SET_ITEM(pair, 0, NULL);
+                PyTuple_SET_ITEM(pair, 1, NULL);
+                Py_DECREF(held_conn);
+                Py_DECREF(held_callback);
+            }
         }
         else {
             PyObject *cargs[2] = {conn, collected};
@@ -4201,6 +4222,34 @@ handle_of(Tracked *w, PyObject *pool)
     return PyObject_CallMethodObjArgs(w->core, s_pool, pool, w->kind, w->namer, NULL);
 }
 
+/* ``proxy._con``: read from its slot where the proxy's type is the wrapper's own and its
+ * ``_con`` is still the slot's member descriptor seen before (asyncpg's PoolConnectionProxy:
+ * its ``__getattr__`` hook makes the generic read ~300 instructions), else the generic read.
+ * A new reference, or NULL with an error. */
+static PyObject *
+proxy_con(Tracked *w, PyObject *proxy)
+{
+    static PyObject *con_descr = NULL; /* the member descriptor whose offset is kept (strong) */
+    static Py_ssize_t con_off = 0;
+    PyTypeObject *type = Py_TYPE(proxy);
+    if ((PyObject *)type == w->proxy_type) {
+        PyObject *descr = _PyType_Lookup(type, s_con); /* borrowed */
+        if (descr != NULL && descr != con_descr && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX
+            && PyType_IsSubtype(type, PyDescr_TYPE(descr))) {
+            con_off = ((PyMemberDescrObject *)descr)->d_member->offset;
+            Py_XSETREF(con_descr, Py_NewRef(descr));
+        }
+        if (descr != NULL && descr == con_descr) {
+            PyObject *con = SLOT(proxy, con_off);
+            if (con != NULL) {
+                return Py_NewRef(con);
+            }
+        }
+    }
+    return PyObject_GetAttr(proxy, s_con);
+}
+
 /* The end of the ``async def`` template after the call returned ``result``: the checkout.
  * 0, or -1 with an error set (a BaseException of pgleak's own, as the template's
  * ``except Exception`` would let through). */
@@ -4213,7 +4262,7 @@ tracked_aacquired(Tracked *w, PyObject *pool, PyObject *result)
         if (!PyObject_TypeCheck(result, (PyTypeObject *)w->proxy_type)) {
             return 0;
         }
-        conn = PyObject_GetAttr(result, s_con);
+        conn = proxy_con(w, result);
         if (conn == NULL) {
             goto fault;
         }
@@ -4360,7 +4409,9 @@ aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwname
     if (nargs < 1) {
         goto python;
     }
-    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    /* kept answers (calm()) say there is no observer without reading the core's dict */
+    PyObject *observer = calm(w->core) ? Py_None
+                                       : PyDict_GetItemWithError(w->core_dict, s_observer);
     if (observer != Py_None) { /* an observer (or no such attribute): the template's */
         PyErr_Clear();
         goto python;
