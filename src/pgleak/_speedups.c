@@ -1024,6 +1024,8 @@ attr(PyObject *obj, PyObject *name)
 static PyObject *a_core, *a_dict, *a_watchdog_dict;
 /* The adopted core's rare-case answers are kept (see calm()): 1 while they are. */
 static int calm_kept;
+/* The adopted core's and its watchdog's attributes are stored in their dicts (see calm()). */
+static int calm_possible;
 static PyObject *a_leases, *a_by_conn, *a_ids, *a_collected, *a_pending;
 
 PyDoc_STRVAR(adopt_doc,
@@ -1061,6 +1063,12 @@ adopt(PyObject *module, PyObject *core)
     Py_XSETREF(a_dict, dict);
     Py_XSETREF(a_core, Py_NewRef(core));
     calm_kept = 0;
+#ifdef Py_TPFLAGS_INLINE_VALUES
+    calm_possible = !PyType_HasFeature(Py_TYPE(core), Py_TPFLAGS_INLINE_VALUES)
+                    && !PyType_HasFeature(Py_TYPE(watchdog), Py_TPFLAGS_INLINE_VALUES);
+#else
+    calm_possible = 1;
+#endif
     Py_RETURN_NONE;
 }
 
@@ -1177,7 +1185,7 @@ var_get(PyObject *var)
  * kept in the thread state's own dict (a threading.local's lookup costs several times more).
  * A forked child forgets it (forget_thread()), as it forgets the threading.local. */
 static PyObject *
-thread_identity(void)
+thread_identity_looked_up(void)
 {
     PyObject *dict = PyThreadState_GetDict(); /* borrowed */
     if (dict != NULL) {
@@ -1197,6 +1205,30 @@ thread_identity(void)
     return ident;
 }
 
+/* The last identity given and the thread state it is of: a thread state's id is never reused
+ * (its address can be, by a later thread), so while both match it is this thread's, and the
+ * dict is not read (~100 instructions a checkout). Dropped with the dict's entry. */
+static PyThreadState *ident_state = NULL;
+static uint64_t ident_state_id = 0;
+static PyObject *ident_last = NULL;
+
+static PyObject *
+thread_identity(void)
+{
+    PyThreadState *state = PyThreadState_Get();
+    uint64_t state_id = PyThreadState_GetID(state);
+    if (ident_last != NULL && state == ident_state && state_id == ident_state_id) {
+        return Py_NewRef(ident_last);
+    }
+    PyObject *ident = thread_identity_looked_up();
+    if (ident != NULL) {
+        ident_state = state;
+        ident_state_id = state_id;
+        Py_XSETREF(ident_last, Py_NewRef(ident));
+    }
+    return ident;
+}
+
 PyDoc_STRVAR(forget_thread_doc,
 "forget_thread() -> None\n\nDrop this thread's cached identity (in a forked child).");
 
@@ -1206,6 +1238,7 @@ static PyObject *
 forget_thread(PyObject *module, PyObject *unused)
 {
     forget_pid();
+    Py_CLEAR(ident_last);
     PyObject *dict = PyThreadState_GetDict();
     if (dict != NULL && PyDict_DelItem(dict, s_thread_key) < 0) {
         if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
@@ -1267,8 +1300,23 @@ running_loop(void)
             return PyObject_CallNoArgs(b_get_running_loop);
         }
     }
+    /* The holder last read, while its dict is the same one with the same version tag (tags
+     * are unique and change with every change to the dict): not looked up again. */
+    static PyObject *seen_dict = NULL, *seen_holder = NULL; /* borrowed */
+    static uint64_t seen_tag = 0;
     PyObject *dict = PyThreadState_GetDict(); /* borrowed */
-    PyObject *holder = dict == NULL ? NULL : PyDict_GetItemWithError(dict, s_holder_key);
+    PyObject *holder;
+    if (dict != NULL && dict == seen_dict && ((PyDictObject *)dict)->ma_version_tag == seen_tag) {
+        holder = seen_holder;
+    }
+    else {
+        holder = dict == NULL ? NULL : PyDict_GetItemWithError(dict, s_holder_key);
+        if (holder != NULL) {
+            seen_dict = dict;
+            seen_tag = ((PyDictObject *)dict)->ma_version_tag;
+            seen_holder = holder;
+        }
+    }
     if (holder == NULL) {
         if (PyErr_Occurred()) {
             return NULL;
@@ -1846,14 +1894,12 @@ wake_due(PyObject *core)
  * and however (an attribute set, monkeypatch, a fork's new generation), the next checkout goes
  * back to the reads, which keep the answers again. Only the quiet case is kept (the settings
  * seen, no observer, no waker due, the watchdog running): anything else is read every time,
- * as before. Python keeps nothing up to date for this. (Nothing is kept from 3.13: CALM_KEPT.) */
-#if PY_VERSION_HEX >= 0x030D0000
-/* 3.13 stores an instance's attributes in the object itself even once its __dict__ exists,
- * and neither the tag nor the watchers hear of those stores: nothing is kept there. */
-#define CALM_KEPT 0
-#else
+ * as before. Python keeps nothing up to date for this. 3.13 stores an instance's attributes in
+ * the object itself (``Py_TPFLAGS_INLINE_VALUES``) even once its __dict__ exists, and no watcher
+ * hears of those stores; a class with a slot of its own keeps them in the dict, which is why
+ * Core and Watchdog have one (``_in_dict``). adopt() checks both classes: with inline values
+ * (a subclass that lost the slot, say), nothing is kept (``calm_possible``). */
 #define CALM_KEPT 1
-#endif
 #if PY_VERSION_HEX >= 0x030C0000
 #define CALM_WATCHED 1
 static int calm_watcher = -1;
@@ -1891,6 +1937,10 @@ dict_tag(PyObject *dict)
 #endif
 static PyObject *calm_gate[2];     /* the gate's module dicts (strong), or NULL: no waker */
 static PyObject *calm_generation;  /* _core._generation when kept (strong) */
+/* ``core.checkout`` and ``core.checkin`` when kept (strong, or NULL): while they are the C
+ * wrappers' own ledger, the wrappers call it without reading the core's dict (ledger_now). */
+static PyObject *calm_ledger[2];
+static PyObject *s_checkout, *s_checkin; /* defined with the awaitables' names, below */
 
 /* Whether the kept answers still hold for ``core``: nothing rare to do, ``seen_settings`` are
  * its settings, ``calm_generation`` the generation. */
@@ -1931,7 +1981,7 @@ static void
 calm_now(PyObject *core)
 {
     calm_kept = 0;
-    if (!CALM_KEPT || core != a_core || a_dict == NULL || !PyDict_CheckExact(a_dict)
+    if (!CALM_KEPT || !calm_possible || core != a_core || a_dict == NULL || !PyDict_CheckExact(a_dict)
         || !PyDict_CheckExact(a_watchdog_dict) || !PyDict_CheckExact(b_core_globals)) {
         return;
     }
@@ -1992,7 +2042,24 @@ calm_now(PyObject *core)
     }
     Py_INCREF(generation);
     Py_XSETREF(calm_generation, generation);
+    PyObject *ledger[2] = {quiet_get(a_dict, s_checkout), quiet_get(a_dict, s_checkin)};
+    PyObject *dropped[2] = {calm_ledger[0], calm_ledger[1]};
+    for (int i = 0; i < 2; i++) {
+        calm_ledger[i] = Py_XNewRef(ledger[i]);
+    }
     calm_kept = 1;
+    /* last: freeing a replaced ledger may run Python code, whose changes are then seen */
+    Py_XDECREF(dropped[0]);
+    Py_XDECREF(dropped[1]);
+}
+
+PyDoc_STRVAR(kept_doc,
+"kept() -> bool\n\nWhether the ledger keeps its answers to \"anything rare?\" right now (tests).");
+
+static PyObject *
+kept(PyObject *module, PyObject *unused)
+{
+    return PyBool_FromLong(a_core != NULL && calm(a_core));
 }
 
 /* ``time.monotonic()``. Read here rather than called: the call alone cost more than the clock
@@ -2459,10 +2526,31 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
         PyObject *ref;
         if (connref_plain) {
             /* _ConnRef(conn, collected) without type_call around it: weakref's tp_init only
-             * checks the arguments its tp_new has taken already */
-            PyObject *pair = PyTuple_Pack(2, conn, collected);
-            ref = pair == NULL ? NULL : connref_type->tp_new(connref_type, pair, NULL);
-            Py_XDECREF(pair);
+             * checks the arguments its tp_new has taken already. Its arguments' tuple is
+             * the same one each time, emptied after the call (weakref's tp_new keeps no
+             * reference to it, runs no Python code), made anew only if something kept it;
+             * untracked, so that the collector never hands it, empty, to Python code. */
+            static PyObject *pair = NULL;
+            if (pair == NULL || Py_REFCNT(pair) != 1) {
+                Py_XSETREF(pair, PyTuple_New(2));
+                if (pair != NULL && PyObject_GC_IsTracked(pair)) {
+                    PyObject_GC_UnTrack(pair);
+                }
+            }
+            if (pair == NULL) {
+                ref = NULL;
+            }
+            else {
+                PyTuple_SET_ITEM(pair, 0, Py_NewRef(conn));
+                PyTuple_SET_ITEM(pair, 1, Py_NewRef(collected));
+                ref = connref_type->tp_new(connref_type, pair, NULL);
+                PyObject *held_conn = PyTuple_GET_ITEM(pair, 0);
+                PyObject *held_callback = PyTuple_GET_ITEM(pair, 1);
+                PyTuple_SET_ITEM(pair, 0, NULL);
+                PyTuple_SET_ITEM(pair, 1, NULL);
+                Py_DECREF(held_conn);
+                Py_DECREF(held_callback);
+            }
         }
         else {
             PyObject *cargs[2] = {conn, collected};
@@ -3429,6 +3517,9 @@ static int
 ledger_now(Tracked *w, PyObject *name, PyObject **other)
 {
     *other = NULL;
+    if (calm(w->core) && w->ledger == calm_ledger[name == s_checkin] && w->ledger != NULL) {
+        return 0; /* the core's dict unchanged since it held this ledger (see calm()) */
+    }
     PyObject *now = PyDict_GetItemWithError(w->core_dict, name);
     if (now == w->ledger && now != NULL) {
         return 0;
@@ -4483,6 +4574,34 @@ handle_of(Tracked *w, PyObject *pool)
     return PyObject_CallMethodObjArgs(w->core, s_pool, pool, w->kind, w->namer, NULL);
 }
 
+/* ``proxy._con``: read from its slot where the proxy's type is the wrapper's own and its
+ * ``_con`` is still the slot's member descriptor seen before (asyncpg's PoolConnectionProxy:
+ * its ``__getattr__`` hook makes the generic read ~300 instructions), else the generic read.
+ * A new reference, or NULL with an error. */
+static PyObject *
+proxy_con(Tracked *w, PyObject *proxy)
+{
+    static PyObject *con_descr = NULL; /* the member descriptor whose offset is kept (strong) */
+    static Py_ssize_t con_off = 0;
+    PyTypeObject *type = Py_TYPE(proxy);
+    if ((PyObject *)type == w->proxy_type) {
+        PyObject *descr = _PyType_Lookup(type, s_con); /* borrowed */
+        if (descr != NULL && descr != con_descr && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX
+            && PyType_IsSubtype(type, PyDescr_TYPE(descr))) {
+            con_off = ((PyMemberDescrObject *)descr)->d_member->offset;
+            Py_XSETREF(con_descr, Py_NewRef(descr));
+        }
+        if (descr != NULL && descr == con_descr) {
+            PyObject *con = SLOT(proxy, con_off);
+            if (con != NULL) {
+                return Py_NewRef(con);
+            }
+        }
+    }
+    return PyObject_GetAttr(proxy, s_con);
+}
+
 /* The end of the ``async def`` template after the call returned ``result``: the checkout,
  * with the wait's start (``since``, NULL: None) and the handle taken for it (NULL: looked up).
  * 0, or -1 with an error set (a BaseException of pgleak's own, as the template's
@@ -4497,7 +4616,7 @@ tracked_aacquired(Tracked *w, PyObject *pool, PyObject *result, PyObject *waited
         if (!PyObject_TypeCheck(result, (PyTypeObject *)w->proxy_type)) {
             return 0;
         }
-        conn = PyObject_GetAttr(result, s_con);
+        conn = proxy_con(w, result);
         if (conn == NULL) {
             goto fault;
         }
@@ -4691,7 +4810,9 @@ aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwname
     if (nargs < 1) {
         goto python;
     }
-    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    /* kept answers (calm()) say there is no observer without reading the core's dict */
+    PyObject *observer = calm(w->core) ? Py_None
+                                       : PyDict_GetItemWithError(w->core_dict, s_observer);
     if (observer == NULL) { /* no such attribute: the template's */
         PyErr_Clear();
         goto python;
@@ -5468,6 +5589,7 @@ static PyMethodDef methods[] = {
     {"bind", bind, METH_O, bind_doc},
     {"adopt", adopt, METH_O, adopt_doc},
     {"forget_thread", forget_thread, METH_NOARGS, forget_thread_doc},
+    {"kept", kept, METH_NOARGS, kept_doc},
     {"checkout", (PyCFunction)(void (*)(void))ledger_checkout, METH_FASTCALL | METH_KEYWORDS,
      checkout_doc},
     {"checkin", (PyCFunction)(void (*)(void))ledger_checkin, METH_FASTCALL | METH_KEYWORDS,

@@ -27,6 +27,9 @@ MAX_SLEEP = 1.0
 
 
 class Watchdog:
+    # As Core's: its attributes stay in ``__dict__`` on 3.13, where the C ledger watches them.
+    __slots__ = ("__dict__", "__weakref__", "_in_dict")
+
     def __init__(self, tick: Callable[[], float]) -> None:
         self._tick = tick
         self._wake = threading.Event()

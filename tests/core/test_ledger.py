@@ -276,9 +276,12 @@ def test_kept_answers_follow_every_change(
     for _ in range(300):  # quiet checkouts, with the observer's store specialised
         _set_observer(core, None)
         _cycle(handle, conn)
+    # kept on every version (3.13 too: Core's and Watchdog's attributes are in their dicts)
+    assert _core._fast_ledger.kept()
     # an observer set by a plain attribute store
     seen = _Seen()
     _set_observer(core, seen)
+    assert not _core._fast_ledger.kept()
     lease = _cycle(handle, conn)
     assert seen.seen == [("out", lease.id), ("in", lease.id)]
     _set_observer(core, None)
@@ -350,6 +353,83 @@ def test_kept_answers_follow_every_change(
     assert asked == [1]
     core.waker = core.wake_gate = None
     assert not core.leases
+    # the watchdog's own attributes are watched as well
+    _cycle(handle, conn)
+    assert _core._fast_ledger.kept()
+    core.watchdog.extra = 1
+    assert not _core._fast_ledger.kept()
+    del core.watchdog.extra
+    _cycle(handle, conn)
+    assert _core._fast_ledger.kept()
+
+
+def test_kept_answers_need_attributes_in_the_dicts() -> None:
+    """From 3.13 a class with no slot of its own stores its instances' attributes inline,
+    where no dict watcher sees them change: Core and Watchdog keep a slot for that."""
+    from pgleak._watchdog import Watchdog
+
+    inline = 1 << 2  # Py_TPFLAGS_INLINE_VALUES (3.13)
+    assert not Core.__flags__ & inline
+    assert not Watchdog.__flags__ & inline
+    assert "__dict__" in Core.__slots__
+    assert "__dict__" in Watchdog.__slots__
+
+
+def test_thread_identity_of_each_thread(installed: pgleak.Settings) -> None:
+    """The C ledger gives the identity it gave last while the thread state is the same (its
+    id, never reused): threads run one after the other, whose states may share an address,
+    each get their own, as the Python ledger gives them."""
+    import threading
+
+    handle = core.pool(Pool(), "test")
+    made: list[tuple[Any, Any, threading.Thread]] = []
+
+    def run() -> None:
+        for _ in range(2):
+            made_c = _out(handle, Conn())
+            made_py = Core.checkout(core, handle, Conn(), True, None)
+            assert made_py is not None
+            made.append((made_c.thread, made_py.thread, threading.current_thread()))
+            core.checkin(made_c)
+            core.checkin(made_py)
+
+    for n in range(6):
+        thread = threading.Thread(target=run, name=f"worker-{n}")
+        thread.start()
+        thread.join()
+        run()  # and the main thread's between them
+    assert len(made) == 24
+    for c, py, thread in made:
+        assert c is py
+        assert c[0] == thread.ident
+        assert c[1] == thread.name
+        assert c[2]() is thread or (c[2]() is None and thread.name.startswith("worker-"))
+    assert len({c[1] for c, _, _ in made}) == 7
+
+
+def test_current_task_lookup_agrees_with_asyncio() -> None:
+    """``_core._current_task(loop)`` (and the C ledger's read of it) is asyncio's
+    ``current_task(loop)``: before 3.14 the dict asyncio reads, eager tasks included."""
+
+    async def inner() -> bool:
+        loop = asyncio.get_running_loop()
+        return _core._current_task(loop) is asyncio.current_task() is not None
+
+    async def outer() -> list[bool]:
+        loop = asyncio.get_running_loop()
+        seen = [await inner(), await asyncio.create_task(inner())]
+        factory = getattr(asyncio, "eager_task_factory", None)
+        if factory is not None:
+            loop.set_task_factory(factory)
+            seen.append(await asyncio.create_task(inner()))
+            loop.set_task_factory(None)
+        return seen
+
+    assert all(asyncio.run(outer()))
+    if (3, 10) <= sys.version_info < (3, 14):
+        assert getattr(_core._current_task, "__self__", None) is getattr(
+            asyncio.tasks, "_current_tasks", None
+        )
 
 
 class _Told:
