@@ -2858,7 +2858,8 @@ enum { AW_T_OBSERVED = 4 };
  * ``__aenter__`` returns (scope_awaited). */
 enum { AW_SCOPE = 5 };
 /* Tracked ABLOCK_ENTER's (asyncpg's ``PoolAcquireContext.__aenter__``): ``spec`` the wrapper,
- * the block entered when the library's ``__aenter__`` returns its proxy (ablock_told). */
+ * the block entered when the library's ``__aenter__`` returns its proxy (ablock_told); for
+ * SQLAlchemy's ``AsyncConnection.__aenter__``, ``target`` (the connection) then (sablock_told). */
 enum { AW_T_BLOCK = 6 };
 
 /* spec, for AW_ACQUIRE: (core, pools, kind, namer, proxy_type or None, gave_up,
@@ -4719,13 +4720,18 @@ tracked_areleased(Awaiting *self, Tracked *w, int raised)
 }
 
 static int ablock_told(Tracked *w, PyObject *proxy, int entering); /* below */
+static int sablock_told(Tracked *w, PyObject *connection, int entering);
 
 static int
 tracked_ended(Awaiting *self, PyObject *result, int raised)
 {
     Tracked *w = (Tracked *)self->spec;
     if (self->mode == AW_T_BLOCK) {
-        return raised ? 0 : ablock_told(w, result, 1);
+        if (raised) {
+            return 0;
+        }
+        return w->proxy_type == NULL ? sablock_told(w, self->target, 1)
+                                     : ablock_told(w, result, 1);
     }
     if (self->mode == AW_T_ACQUIRE || self->mode == AW_T_OBSERVED) {
         /* an observed wait ends first, however the call ended (the template's order) */
@@ -5110,6 +5116,61 @@ fault:
     return swallow(w->internal_error, w->site);
 }
 
+/* SQLAlchemy's ``AsyncConnection.__aenter__`` / ``__aexit__`` (the same modes, ``proxy_type``
+ * NULL, ``conn_name`` the record's attribute): pgleak.integrations.sqlalchemy's
+ * ``_scope(getattr(connection, "sync_connection", None), entering)``, the getattr outside its
+ * guard (``internal_error("sqlalchemy.scope", exc)``), as there. */
+static PyObject *s_sync_connection, *s_dbapi_connection;
+
+static int
+sablock_told(Tracked *w, PyObject *connection, int entering)
+{
+    PyObject *sync = NULL, *fairy = NULL, *record = NULL, *lease = NULL;
+    if (PyObject_GetOptionalAttr(connection, s_sync_connection, &sync) < 0) {
+        return -1;
+    }
+    if (sync == NULL || sync == Py_None) {
+        Py_XDECREF(sync);
+        return 0;
+    }
+    /* getattr(x, name, None) at each step: None (or absent) the rest of the way down */
+    int found = PyObject_GetOptionalAttr(sync, s_dbapi_connection, &fairy);
+    Py_DECREF(sync);
+    if (found > 0 && fairy != Py_None) {
+        found = PyObject_GetOptionalAttr(fairy, s_connection_record, &record);
+        if (found > 0 && record != Py_None) {
+            found = PyObject_GetOptionalAttr(record, w->conn_name, &lease);
+        }
+    }
+    Py_XDECREF(fairy);
+    Py_XDECREF(record);
+    if (found < 0) {
+        return swallow(w->internal_error, w->site);
+    }
+    if (lease == NULL || lease == Py_None) {
+        Py_XDECREF(lease);
+        return 0;
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer == NULL && PyErr_Occurred()) {
+        Py_DECREF(lease);
+        return swallow(w->internal_error, w->site);
+    }
+    if (observer != NULL && observer != Py_None) {
+        Py_INCREF(observer);
+        PyObject *done =
+            PyObject_CallMethodOneArg(observer, entering ? s_enter_m : s_exit_m, lease);
+        Py_DECREF(observer);
+        if (done == NULL) {
+            Py_DECREF(lease);
+            return swallow(w->internal_error, w->site);
+        }
+        Py_DECREF(done);
+    }
+    Py_DECREF(lease);
+    return 0;
+}
+
 static PyObject *
 ablock_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -5123,6 +5184,12 @@ ablock_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
         return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
     }
     if (observer == Py_None) {
+        return PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    }
+    if (w->release == ABLOCK_EXIT && w->proxy_type == NULL) {
+        if (sablock_told(w, args[0], 0) < 0) {
+            return NULL;
+        }
         return PyObject_Vectorcall(w->original, args, nargsf, kwnames);
     }
     if (w->release == ABLOCK_EXIT) {
@@ -5151,19 +5218,27 @@ PyDoc_STRVAR(ablock_wrapper_doc,
 "ablock_wrapper(original, python, core, by_conn, proxy_type, site, internal_error, entering)\n"
 "    -> Tracked\n\n"
 "asyncpg's ``PoolAcquireContext.__aenter__`` (``entering``) or ``__aexit__`` wrapper\n"
-"(pgleak.integrations.asyncpg._wrap_aenter / _wrap_aexit, the function ``python``).");
+"(pgleak.integrations.asyncpg._wrap_aenter / _wrap_aexit, the function ``python``); with\n"
+"``proxy_type`` None and ``by_conn`` the record's attribute name, SQLAlchemy's\n"
+"``AsyncConnection.__aenter__`` / ``__aexit__`` (integrations.sqlalchemy._make_aenter /\n"
+"_make_aexit).");
 
 static PyObject *
 ablock_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 8 || !PyDict_Check(args[3]) || !PyType_Check(args[4]) || !bound) {
+    int sqlalchemy = nargs == 8 && args[4] == Py_None;
+    if (nargs != 8 || !bound
+        || (sqlalchemy ? !PyUnicode_Check(args[3])
+                       : !PyDict_Check(args[3]) || !PyType_Check(args[4]))) {
         PyErr_SetString(PyExc_TypeError, "ablock_wrapper(): bad arguments, or not bound");
         return NULL;
     }
     struct {
         PyObject **slot;
         const char *text;
-    } names[] = {{&s_connection, "connection"}, {&s_enter_m, "enter"}, {&s_exit_m, "exit"}};
+    } names[] = {{&s_connection, "connection"}, {&s_enter_m, "enter"}, {&s_exit_m, "exit"},
+                 {&s_sync_connection, "sync_connection"},
+                 {&s_dbapi_connection, "_dbapi_connection"}};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         if (*names[i].slot == NULL
             && (*names[i].slot = PyUnicode_InternFromString(names[i].text)) == NULL) {
@@ -5180,8 +5255,13 @@ ablock_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     w->original = Py_NewRef(args[0]);
     w->python = Py_NewRef(args[1]);
-    w->by_conn = Py_NewRef(args[3]);
-    w->proxy_type = Py_NewRef(args[4]);
+    if (sqlalchemy) {
+        w->conn_name = Py_NewRef(args[3]);
+    }
+    else {
+        w->by_conn = Py_NewRef(args[3]);
+        w->proxy_type = Py_NewRef(args[4]);
+    }
     w->site = Py_NewRef(args[5]);
     w->internal_error = Py_NewRef(args[6]);
     if (tracked_core(w, args[2], s_checkout) < 0) {

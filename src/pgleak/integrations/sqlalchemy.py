@@ -520,7 +520,7 @@ def _make_aenter(original: Any) -> Any:
     def __aenter__(self: Any) -> Any:
         return original(self) if core.observer is None else traced(self)
 
-    return __aenter__
+    return _c_block(original, __aenter__, entering=True)
 
 
 def _make_aexit(original: Any) -> Any:
@@ -530,7 +530,20 @@ def _make_aexit(original: Any) -> Any:
             _scope(getattr(self, "sync_connection", None), False)
         return original(self, *exc_info)
 
-    return __aexit__
+    return _c_block(original, __aexit__, entering=False)
+
+
+def _c_block(original: Any, python: Any, *, entering: bool) -> Any:
+    """``python`` (``__aenter__`` / ``__aexit__`` above) as a C object where the C wrappers
+    run (``pgleak._speedups.Tracked``, asyncpg's block modes): the same steps with no frame of
+    pgleak's and no ``traced`` coroutine, the library's coroutine in an awaitable that makes
+    the span current when it returns; ``python`` itself otherwise."""
+    fast = _adapter._c_wrappers() if _adapter.c_awaitables() is not None else None
+    if fast is None or not hasattr(fast, "ablock_wrapper"):
+        return python
+    return fast.ablock_wrapper(
+        original, python, core, _KEY, None, "sqlalchemy.scope", internal_error, entering
+    )
 
 
 def _stats(pool: Any) -> PoolStats | None:

@@ -6,15 +6,18 @@ Pool code runs in a greenlet there; every report must still name the test corout
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 import pgleak
+from pgleak import _adapter, _guard, _stack
 from pgleak._core import core
 from pgleak.testing import EventCapture
 from tests.conftest import Server
@@ -190,3 +193,127 @@ def test_tasks_in_several_threads_each_named_as_holder(pg: Server, events: Event
     holders = {e.checkout.holder for e in events.of("leak.suspected") if e.checkout}
     assert {h.split("(thread ")[1] for h in holders} == {f"'loop-{n}')" for n in range(3)}
     assert len(results) == 3
+
+
+class _Told:
+    """An observer that writes down the block's enter and exit, the task each ran in (the span
+    is made current in the block's own context) and whether the lease was the block's own
+    connection's; its other hooks do nothing."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+        self.last: Any = None
+        self.broken = False
+
+    def enter(self, lease: Any) -> None:
+        self._told("enter", lease)
+
+    def exit(self, lease: Any) -> None:
+        self._told("exit", lease)
+
+    def _told(self, what: str, lease: Any) -> None:
+        if self.broken:
+            raise RuntimeError("pgleak's own fault")
+        task = asyncio.current_task()
+        fairy = lease.ref() if lease.ref is not None else None
+        self.seen.append((what, task.get_name() if task else None, type(fairy).__name__))
+        self.last = lease
+
+    def mine(self, conn: Any) -> bool:
+        """Whether the last lease told is the one filed on ``conn``'s pool record."""
+        record = conn.sync_connection._dbapi_connection._connection_record
+        return self.last is not None and record.__dict__.get("_pgleak_lease") is self.last
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: None
+
+
+@pytest.mark.internal_errors
+@pytest.mark.skipif(
+    not hasattr(_stack._fast, "ablock_wrapper"), reason="pgleak._speedups is not in use here"
+)
+def test_the_c_and_python_blocks_tell_the_observer_the_same(
+    pg: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``async with engine.connect()`` / ``engine.begin()`` while an observer runs: the C
+    ``AsyncConnection.__aenter__`` / ``__aexit__`` (pgleak._speedups.Tracked) tell it what the
+    Python functions and their ``traced`` coroutine tell it, in the same task, with the block's
+    own lease, and report its faults at the same site."""
+    pytest.importorskip("asyncpg")
+
+    async def body(engine: AsyncEngine, told: _Told) -> None:
+        async with engine.connect() as conn:
+            value = (await conn.execute(sa.text("select 1"))).scalar()
+            told.seen.append(("inside", value, told.mine(conn)))
+        async with engine.begin() as conn:
+            told.seen.append(("inside begin", told.mine(conn)))
+
+        async def in_a_task() -> None:
+            async with engine.connect() as conn:
+                told.seen.append(("inside a task", told.mine(conn)))
+
+        await asyncio.create_task(in_a_task(), name="block-task")
+        with contextlib.suppress(KeyError):
+            async with engine.connect():
+                raise KeyError("the user's")
+        bare = await engine.connect()  # no block: never entered
+        await bare.close()
+        conn = engine.connect()  # the methods called as such, not by ``async with``
+        assert await conn.__aenter__() is conn
+        told.seen.append(("called", told.mine(conn)))
+        await conn.__aexit__(None, None, None)
+        held = await engine.connect()
+        try:
+            async with engine.connect():
+                told.seen.append(("never inside",))
+        except sa.exc.TimeoutError:
+            told.seen.append(("no connection",))
+        await held.close()
+        told.broken = True
+        async with engine.connect():
+            told.seen.append(("inside, faulty observer",))
+
+    def run(c: bool) -> list[Any]:
+        told = _Told()
+        with monkeypatch.context() as patched:
+            patched.setattr(_adapter, "use_c_wrappers", c)
+            pgleak.install(leak_threshold=60, report_interval=60)
+            try:
+                patched.setattr(core, "observer", told)
+                core.observer_started()  # the block's wrappers go in with an observer
+                for name in ("__aenter__", "__aexit__"):
+                    wrapper = AsyncConnection.__dict__[name]
+                    assert (type(wrapper) is _stack._fast.Tracked) is c
+
+                async def main() -> None:
+                    engine = create_async_engine(
+                        pg.url("asyncpg"), pool_size=1, max_overflow=0, pool_timeout=0.01
+                    )
+                    try:
+                        await asyncio.create_task(body(engine, told), name="the-task")
+                    finally:
+                        await engine.dispose()
+
+                asyncio.run(main())
+                faults = [(site, repr(exc)) for site, exc in _guard.swallowed]
+            finally:
+                pgleak.uninstall()
+                _guard.reset()
+        return [*told.seen, ("faults", faults)]
+
+    python, c = run(False), run(True)
+    assert c == python
+    fairy = "_ConnectionFairy"
+    enter, exit_ = ("enter", "the-task", fairy), ("exit", "the-task", fairy)
+    fault = ("sqlalchemy.scope", 'RuntimeError("pgleak\'s own fault")')
+    assert python == [
+        *(enter, ("inside", 1, True), exit_),
+        *(enter, ("inside begin", True), exit_),
+        *(("enter", "block-task", fairy), ("inside a task", True)),
+        ("exit", "block-task", fairy),
+        *(enter, exit_),
+        *(enter, ("called", True), exit_),
+        ("no connection",),
+        ("inside, faulty observer",),
+        ("faults", [fault, fault]),  # the block's enter and exit
+    ]
