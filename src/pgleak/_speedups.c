@@ -3413,7 +3413,7 @@ static PyTypeObject Awaiting_Type = {
  * no bound method made), and its ``__dict__`` takes what ``functools.update_wrapper`` sets. */
 
 enum { ACQUIRE, RELEASE, SA_CHECKOUT, SA_RETURN, RETRY, AACQUIRE, ARELEASE, HOLDER_RELEASE,
-       ABLOCK_ENTER, ABLOCK_EXIT, SCOPE_OPEN };
+       ABLOCK_ENTER, ABLOCK_EXIT, SCOPE_OPEN, SBLOCK_ENTER, SBLOCK_EXIT };
 
 typedef struct {
     PyObject_HEAD
@@ -4146,6 +4146,8 @@ static PyObject *ablock_call(Tracked *w, PyObject *const *args, size_t nargsf,
                              PyObject *kwnames);
 static PyObject *scope_open_call(Tracked *w, PyObject *const *args, size_t nargsf,
                                  PyObject *kwnames);
+static PyObject *sblock_call(Tracked *w, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames);
 
 static PyObject *
 tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -4171,6 +4173,9 @@ tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObjec
         return ablock_call(w, args, nargsf, kwnames);
     case SCOPE_OPEN:
         return scope_open_call(w, args, nargsf, kwnames);
+    case SBLOCK_ENTER:
+    case SBLOCK_EXIT:
+        return sblock_call(w, args, nargsf, kwnames);
     default:
         return acquire_call(w, args, nargsf, kwnames);
     }
@@ -4256,7 +4261,8 @@ tracked_repr(Tracked *w)
     int checkin = w->release == RELEASE || w->release == SA_RETURN || w->release == ARELEASE
                   || w->release == HOLDER_RELEASE;
     int block = w->release == ABLOCK_ENTER || w->release == ABLOCK_EXIT
-                || w->release == SCOPE_OPEN;
+                || w->release == SCOPE_OPEN || w->release == SBLOCK_ENTER
+                || w->release == SBLOCK_EXIT;
     return PyUnicode_FromFormat("<pgleak %s wrapper of %R>",
                                 block ? "block" : checkin ? "checkin" : "checkout", w->original);
 }
@@ -5122,10 +5128,12 @@ fault:
  * guard (``internal_error("sqlalchemy.scope", exc)``), as there. */
 static PyObject *s_sync_connection, *s_dbapi_connection;
 
+static int sa_told(Tracked *w, PyObject *sync, int entering);
+
 static int
 sablock_told(Tracked *w, PyObject *connection, int entering)
 {
-    PyObject *sync = NULL, *fairy = NULL, *record = NULL, *lease = NULL;
+    PyObject *sync = NULL;
     if (PyObject_GetOptionalAttr(connection, s_sync_connection, &sync) < 0) {
         return -1;
     }
@@ -5133,9 +5141,19 @@ sablock_told(Tracked *w, PyObject *connection, int entering)
         Py_XDECREF(sync);
         return 0;
     }
+    int told = sa_told(w, sync, entering);
+    Py_DECREF(sync);
+    return told;
+}
+
+/* The rest of ``_scope``, from the sync ``Connection`` down (the whole of the sync block's
+ * lookup, integrations.sqlalchemy._make_enter / _make_exit): every step inside the guard. */
+static int
+sa_told(Tracked *w, PyObject *sync, int entering)
+{
+    PyObject *fairy = NULL, *record = NULL, *lease = NULL;
     /* getattr(x, name, None) at each step: None (or absent) the rest of the way down */
     int found = PyObject_GetOptionalAttr(sync, s_dbapi_connection, &fairy);
-    Py_DECREF(sync);
     if (found > 0 && fairy != Py_None) {
         found = PyObject_GetOptionalAttr(fairy, s_connection_record, &record);
         if (found > 0 && record != Py_None) {
@@ -5264,6 +5282,94 @@ ablock_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     w->site = Py_NewRef(args[5]);
     w->internal_error = Py_NewRef(args[6]);
+    if (tracked_core(w, args[2], s_checkout) < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
+    return (PyObject *)w;
+}
+
+/* SQLAlchemy's sync ``Connection.__enter__`` / ``__exit__`` while an observer runs
+ * (integrations.sqlalchemy._make_enter / _make_exit, the function ``python``): the same steps
+ * with no frame of pgleak's. The observer is read first, as there: without one, nothing is
+ * looked up (so nothing can fault); ``__enter__`` tells it after the library's, ``__exit__``
+ * before. */
+static PyObject *
+sblock_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    int entering = w->release == SBLOCK_ENTER;
+    if (kwnames != NULL || nargs != (entering ? 1 : 4)) {
+        return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+    }
+    if (!entering) {
+        PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+        if (observer == NULL) {
+            PyErr_Clear();
+            return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
+        }
+        if (observer != Py_None && sa_told(w, args[0], 0) < 0) {
+            return NULL;
+        }
+        return PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    }
+    PyObject *result = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
+    if (result == NULL) {
+        return NULL;
+    }
+    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    if (observer == NULL) {
+        /* no such attribute: the Python function's ``core.observer`` would raise here */
+        Py_DECREF(result);
+        if (!PyErr_Occurred()) {
+            PyErr_SetObject(PyExc_AttributeError, s_observer);
+        }
+        return NULL;
+    }
+    if (observer != Py_None && sa_told(w, args[0], 1) < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
+PyDoc_STRVAR(sblock_wrapper_doc,
+"sblock_wrapper(original, python, core, key, site, internal_error, entering) -> Tracked\n\n"
+"SQLAlchemy's sync ``Connection.__enter__`` (``entering``) or ``__exit__`` wrapper\n"
+"(pgleak.integrations.sqlalchemy._make_enter / _make_exit, the function ``python``);\n"
+"``key`` the pool record's attribute holding the lease.");
+
+static PyObject *
+sblock_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7 || !bound || !PyUnicode_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "sblock_wrapper(): bad arguments, or not bound");
+        return NULL;
+    }
+    struct {
+        PyObject **slot;
+        const char *text;
+    } names[] = {{&s_enter_m, "enter"}, {&s_exit_m, "exit"},
+                 {&s_dbapi_connection, "_dbapi_connection"}};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (*names[i].slot == NULL
+            && (*names[i].slot = PyUnicode_InternFromString(names[i].text)) == NULL) {
+            return NULL;
+        }
+    }
+    int entering = PyObject_IsTrue(args[6]);
+    if (entering < 0) {
+        return NULL;
+    }
+    Tracked *w = tracked_new(entering ? SBLOCK_ENTER : SBLOCK_EXIT);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->original = Py_NewRef(args[0]);
+    w->python = Py_NewRef(args[1]);
+    w->conn_name = Py_NewRef(args[3]);
+    w->site = Py_NewRef(args[4]);
+    w->internal_error = Py_NewRef(args[5]);
     if (tracked_core(w, args[2], s_checkout) < 0) {
         Py_DECREF(w);
         return NULL;
@@ -5691,6 +5797,8 @@ static PyMethodDef methods[] = {
      METH_FASTCALL, holder_release_wrapper_doc},
     {"ablock_wrapper", (PyCFunction)(void (*)(void))ablock_wrapper, METH_FASTCALL,
      ablock_wrapper_doc},
+    {"sblock_wrapper", (PyCFunction)(void (*)(void))sblock_wrapper, METH_FASTCALL,
+     sblock_wrapper_doc},
     {"scope_bind", (PyCFunction)(void (*)(void))scope_bind, METH_FASTCALL, scope_bind_doc},
     {"scope_wrapper", (PyCFunction)(void (*)(void))scope_wrapper, METH_FASTCALL,
      scope_wrapper_doc},

@@ -488,7 +488,7 @@ def _make_enter(original: Any) -> Any:
                 internal_error("sqlalchemy.scope", err)
         return result
 
-    return __enter__
+    return _c_sync_block(original, __enter__, entering=True)
 
 
 def _make_exit(original: Any) -> Any:
@@ -506,7 +506,19 @@ def _make_exit(original: Any) -> Any:
                 internal_error("sqlalchemy.scope", err)
         return original(self, typ, value, tb)
 
-    return __exit__
+    return _c_sync_block(original, __exit__, entering=False)
+
+
+def _c_sync_block(original: Any, python: Any, *, entering: bool) -> Any:
+    """``python`` (``__enter__`` / ``__exit__`` above) as a C object where the C wrappers run
+    (``pgleak._speedups.Tracked``): the same steps with no frame of pgleak's on either side of
+    every traced block; ``python`` itself otherwise."""
+    fast = _adapter._c_wrappers()
+    if fast is None or not hasattr(fast, "sblock_wrapper"):
+        return python
+    return fast.sblock_wrapper(
+        original, python, core, _KEY, "sqlalchemy.scope", internal_error, entering
+    )
 
 
 def _make_aenter(original: Any) -> Any:

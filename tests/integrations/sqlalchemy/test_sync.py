@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -13,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 import pgleak
-from pgleak import _adapter, _guard
+from pgleak import _adapter, _guard, _stack
 from pgleak._core import core
 from pgleak.integrations import sqlalchemy as sa_adapter
 from pgleak.testing import EventCapture, capture_events
@@ -376,3 +377,125 @@ def test_an_allowance_that_ends_early_gives_a_fresh_threshold_from_its_end(
     assert_site(event.checkout.stack, "HELD-ACROSS")
     # Reported a threshold after the block, not at the 60 s the allowance had granted.
     assert event.checkout.held_s < ended - taken + 10
+
+
+class _Told:
+    """An observer that writes down the block's enter and exit, the thread each ran in and
+    whether the lease was the block's own connection's; its other hooks do nothing."""
+
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+        self.last: object = None
+        self.broken = False
+
+    def enter(self, lease: object) -> None:
+        self._told("enter", lease)
+
+    def exit(self, lease: object) -> None:
+        self._told("exit", lease)
+
+    def _told(self, what: str, lease: object) -> None:
+        if self.broken:
+            raise RuntimeError("pgleak's own fault")
+        ref = getattr(lease, "ref", None)
+        fairy = ref() if ref is not None else None
+        self.seen.append((what, threading.current_thread().name, type(fairy).__name__))
+        self.last = lease
+
+    def mine(self, conn: sa.Connection) -> bool:
+        """Whether the last lease told is the one filed on ``conn``'s pool record."""
+        record = conn._dbapi_connection._connection_record  # type: ignore[union-attr]
+        return self.last is not None and record.__dict__.get(sa_adapter._KEY) is self.last
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args: None
+
+
+@pytest.mark.internal_errors
+@pytest.mark.skipif(
+    not hasattr(_stack._fast, "sblock_wrapper"), reason="pgleak._speedups is not in use here"
+)
+def test_the_c_and_python_blocks_tell_the_observer_the_same(
+    pg: Server, monkeypatch: pytest.MonkeyPatch, hooks: str
+) -> None:
+    """``with engine.connect()`` / ``engine.begin()`` while an observer runs: the C
+    ``Connection.__enter__`` / ``__exit__`` (pgleak._speedups.Tracked) tell it what the Python
+    functions tell it, in the same thread, with the block's own lease, and report its faults at
+    the same site."""
+    if hooks != "direct":
+        pytest.skip("the block's wrappers do not depend on how checkout is hooked: run once")
+
+    def body(engine: sa.Engine, told: _Told) -> None:
+        with engine.connect() as conn:
+            value = conn.execute(sa.text("select 1")).scalar()
+            told.seen.append(("inside", value, told.mine(conn)))
+        with engine.begin() as conn:
+            told.seen.append(("inside begin", told.mine(conn)))
+
+        def in_a_thread() -> None:
+            with engine.connect() as conn:
+                told.seen.append(("inside a thread", told.mine(conn)))
+
+        thread = threading.Thread(target=in_a_thread, name="block-thread")
+        thread.start()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        with contextlib.suppress(KeyError), engine.connect():
+            raise KeyError("the user's")
+        engine.connect().close()  # no block: never entered
+        conn = engine.connect()  # the methods called as such, not by ``with``
+        assert conn.__enter__() is conn
+        told.seen.append(("called", told.mine(conn)))
+        conn.__exit__(None, None, None)
+        held = engine.connect()
+        try:
+            with engine.connect():
+                told.seen.append(("never inside",))
+        except sa.exc.TimeoutError:
+            told.seen.append(("no connection",))
+        held.close()
+        told.broken = True
+        with engine.connect():
+            told.seen.append(("inside, faulty observer",))
+
+    def run(c: bool) -> list[object]:
+        told = _Told()
+        with monkeypatch.context() as patched:
+            patched.setattr(_adapter, "use_c_wrappers", c)
+            pgleak.install(leak_threshold=60, report_interval=60)
+            try:
+                patched.setattr(core, "observer", told)
+                core.observer_started()  # the block's wrappers go in with an observer
+                for name in ("__enter__", "__exit__"):
+                    wrapper = sa.Connection.__dict__[name]
+                    assert (type(wrapper) is _stack._fast.Tracked) is c
+                engine = sa.create_engine(
+                    pg.url("psycopg"), pool_size=1, max_overflow=0, pool_timeout=0.01
+                )
+                try:
+                    body(engine, told)
+                finally:
+                    engine.dispose()
+                faults = [(site, repr(exc)) for site, exc in _guard.swallowed]
+            finally:
+                pgleak.uninstall()
+                _guard.reset()
+        return [*told.seen, ("faults", faults)]
+
+    python, c = run(False), run(True)
+    assert c == python
+    main = threading.current_thread().name
+    fairy = "_ConnectionFairy"
+    enter, exit_ = ("enter", main, fairy), ("exit", main, fairy)
+    fault = ("sqlalchemy.scope", 'RuntimeError("pgleak\'s own fault")')
+    assert python == [
+        *(enter, ("inside", 1, True), exit_),
+        *(enter, ("inside begin", True), exit_),
+        *(("enter", "block-thread", fairy), ("inside a thread", True)),
+        ("exit", "block-thread", fairy),
+        *(enter, exit_),
+        *(enter, ("called", True), exit_),
+        ("no connection",),
+        ("inside, faulty observer",),
+        ("faults", [fault, fault]),  # the block's enter and exit
+    ]
