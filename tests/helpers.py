@@ -44,3 +44,32 @@ def doc_block(path: str | os.PathLike[str], contains: str) -> str:
     found: list[str] = [block for block in blocks if contains in block]
     assert len(found) == 1, f"{len(found)} python blocks of {path} hold {contains!r}"
     return found[0]
+
+
+class BlockObserver:
+    """An observer that writes down a traced block's enter and exit (what :meth:`note` makes of
+    each, in order) and raises from both once ``broken``; its other hooks do nothing. The C
+    block wrappers' tests compare what it saw through them and through the Python functions."""
+
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+        self.last: object = None
+        self.broken = False
+
+    def enter(self, lease: object) -> None:
+        self._told("enter", lease)
+
+    def exit(self, lease: object) -> None:
+        self._told("exit", lease)
+
+    def _told(self, what: str, lease: object) -> None:
+        if self.broken:
+            raise RuntimeError("pgleak's own fault")
+        self.seen.append(self.note(what, lease))
+        self.last = lease
+
+    def note(self, what: str, lease: object) -> object:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args: None

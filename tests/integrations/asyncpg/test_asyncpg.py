@@ -30,7 +30,7 @@ from pgleak._core import core
 from pgleak.integrations import asyncpg as apg_adapter
 from pgleak.testing import EventCapture, run_watchdog
 from tests.conftest import Server
-from tests.helpers import assert_site
+from tests.helpers import BlockObserver, assert_site
 
 POOL_SIZE = 2
 THRESHOLD = 0.2  # the ``installed`` fixture's leak_threshold
@@ -246,29 +246,14 @@ def test_async_with_acquire_is_tracked_once(pg: Server, events: EventCapture) ->
     assert events.events == []
 
 
-class _Told:
-    """An observer that writes down the block's enter and exit, and the task each ran in (the
-    span is made current in the block's own context); its other hooks do nothing."""
+class _Told(BlockObserver):
+    """The task each enter and exit ran in (the span is made current in the block's own
+    context) and whether the lease was the one filed on its connection."""
 
-    def __init__(self) -> None:
-        self.seen: list[Any] = []
-        self.broken = False
-
-    def enter(self, lease: Any) -> None:
-        self._told("enter", lease)
-
-    def exit(self, lease: Any) -> None:
-        self._told("exit", lease)
-
-    def _told(self, what: str, lease: Any) -> None:
-        if self.broken:
-            raise RuntimeError("pgleak's own fault")
+    def note(self, what: str, lease: Any) -> object:
         task = asyncio.current_task()
         held = [lease is core.lease_of(ref()) for ref in (lease.ref,) if ref is not None]
-        self.seen.append((what, task.get_name() if task else None, held))
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args: None
+        return (what, task.get_name() if task else None, held)
 
 
 @pytest.mark.internal_errors

@@ -21,7 +21,7 @@ from pgleak import _adapter, _guard, _stack
 from pgleak._core import core
 from pgleak.testing import EventCapture
 from tests.conftest import Server
-from tests.helpers import assert_site
+from tests.helpers import BlockObserver, assert_site
 
 pytest.importorskip("greenlet")
 
@@ -195,37 +195,19 @@ def test_tasks_in_several_threads_each_named_as_holder(pg: Server, events: Event
     assert len(results) == 3
 
 
-class _Told:
-    """An observer that writes down the block's enter and exit, the task each ran in (the span
-    is made current in the block's own context) and whether the lease was the block's own
-    connection's; its other hooks do nothing."""
+class _Told(BlockObserver):
+    """The task each enter and exit ran in (the span is made current in the block's own
+    context) and the type of the lease's connection."""
 
-    def __init__(self) -> None:
-        self.seen: list[Any] = []
-        self.last: Any = None
-        self.broken = False
-
-    def enter(self, lease: Any) -> None:
-        self._told("enter", lease)
-
-    def exit(self, lease: Any) -> None:
-        self._told("exit", lease)
-
-    def _told(self, what: str, lease: Any) -> None:
-        if self.broken:
-            raise RuntimeError("pgleak's own fault")
+    def note(self, what: str, lease: Any) -> object:
         task = asyncio.current_task()
         fairy = lease.ref() if lease.ref is not None else None
-        self.seen.append((what, task.get_name() if task else None, type(fairy).__name__))
-        self.last = lease
+        return (what, task.get_name() if task else None, type(fairy).__name__)
 
     def mine(self, conn: Any) -> bool:
         """Whether the last lease told is the one filed on ``conn``'s pool record."""
         record = conn.sync_connection._dbapi_connection._connection_record
         return self.last is not None and record.__dict__.get("_pgleak_lease") is self.last
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args: None
 
 
 @pytest.mark.internal_errors

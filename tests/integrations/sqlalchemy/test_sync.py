@@ -19,7 +19,7 @@ from pgleak._core import core
 from pgleak.integrations import sqlalchemy as sa_adapter
 from pgleak.testing import EventCapture, capture_events
 from tests.conftest import Server
-from tests.helpers import assert_site, site_of
+from tests.helpers import BlockObserver, assert_site, site_of
 
 
 @pytest.fixture(autouse=True, params=["direct", "direct, python", "events"])
@@ -379,36 +379,18 @@ def test_an_allowance_that_ends_early_gives_a_fresh_threshold_from_its_end(
     assert event.checkout.held_s < ended - taken + 10
 
 
-class _Told:
-    """An observer that writes down the block's enter and exit, the thread each ran in and
-    whether the lease was the block's own connection's; its other hooks do nothing."""
+class _Told(BlockObserver):
+    """The thread each enter and exit ran in and the type of the lease's connection."""
 
-    def __init__(self) -> None:
-        self.seen: list[object] = []
-        self.last: object = None
-        self.broken = False
-
-    def enter(self, lease: object) -> None:
-        self._told("enter", lease)
-
-    def exit(self, lease: object) -> None:
-        self._told("exit", lease)
-
-    def _told(self, what: str, lease: object) -> None:
-        if self.broken:
-            raise RuntimeError("pgleak's own fault")
+    def note(self, what: str, lease: object) -> object:
         ref = getattr(lease, "ref", None)
         fairy = ref() if ref is not None else None
-        self.seen.append((what, threading.current_thread().name, type(fairy).__name__))
-        self.last = lease
+        return (what, threading.current_thread().name, type(fairy).__name__)
 
     def mine(self, conn: sa.Connection) -> bool:
         """Whether the last lease told is the one filed on ``conn``'s pool record."""
         record = conn._dbapi_connection._connection_record  # type: ignore[union-attr]
         return self.last is not None and record.__dict__.get(sa_adapter._KEY) is self.last
-
-    def __getattr__(self, name: str) -> object:
-        return lambda *args: None
 
 
 @pytest.mark.internal_errors
