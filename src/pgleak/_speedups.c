@@ -5233,19 +5233,24 @@ ablock_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 }
 
 PyDoc_STRVAR(ablock_wrapper_doc,
-"ablock_wrapper(original, python, core, by_conn, proxy_type, site, internal_error, entering)\n"
-"    -> Tracked\n\n"
+"ablock_wrapper(original, python, core, by_conn, proxy_type, site, internal_error, entering,\n"
+"               sync=False) -> Tracked\n\n"
 "asyncpg's ``PoolAcquireContext.__aenter__`` (``entering``) or ``__aexit__`` wrapper\n"
 "(pgleak.integrations.asyncpg._wrap_aenter / _wrap_aexit, the function ``python``); with\n"
 "``proxy_type`` None and ``by_conn`` the record's attribute name, SQLAlchemy's\n"
 "``AsyncConnection.__aenter__`` / ``__aexit__`` (integrations.sqlalchemy._make_aenter /\n"
-"_make_aexit).");
+"_make_aexit), or with ``sync`` true its sync ``Connection.__enter__`` / ``__exit__``\n"
+"(_make_enter / _make_exit).");
 
 static PyObject *
 ablock_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    int sqlalchemy = nargs == 8 && args[4] == Py_None;
-    if (nargs != 8 || !bound
+    int sqlalchemy = (nargs == 8 || nargs == 9) && args[4] == Py_None;
+    int sync = nargs == 9 ? PyObject_IsTrue(args[8]) : 0;
+    if (sync < 0) {
+        return NULL;
+    }
+    if ((nargs != 8 && nargs != 9) || !bound || (sync && !sqlalchemy)
         || (sqlalchemy ? !PyUnicode_Check(args[3])
                        : !PyDict_Check(args[3]) || !PyType_Check(args[4]))) {
         PyErr_SetString(PyExc_TypeError, "ablock_wrapper(): bad arguments, or not bound");
@@ -5267,7 +5272,8 @@ ablock_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (entering < 0) {
         return NULL;
     }
-    Tracked *w = tracked_new(entering ? ABLOCK_ENTER : ABLOCK_EXIT);
+    Tracked *w = tracked_new(sync ? (entering ? SBLOCK_ENTER : SBLOCK_EXIT)
+                                  : (entering ? ABLOCK_ENTER : ABLOCK_EXIT));
     if (w == NULL) {
         return NULL;
     }
@@ -5331,50 +5337,6 @@ sblock_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
         return NULL;
     }
     return result;
-}
-
-PyDoc_STRVAR(sblock_wrapper_doc,
-"sblock_wrapper(original, python, core, key, site, internal_error, entering) -> Tracked\n\n"
-"SQLAlchemy's sync ``Connection.__enter__`` (``entering``) or ``__exit__`` wrapper\n"
-"(pgleak.integrations.sqlalchemy._make_enter / _make_exit, the function ``python``);\n"
-"``key`` the pool record's attribute holding the lease.");
-
-static PyObject *
-sblock_wrapper(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 7 || !bound || !PyUnicode_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "sblock_wrapper(): bad arguments, or not bound");
-        return NULL;
-    }
-    struct {
-        PyObject **slot;
-        const char *text;
-    } names[] = {{&s_enter_m, "enter"}, {&s_exit_m, "exit"},
-                 {&s_dbapi_connection, "_dbapi_connection"}};
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        if (*names[i].slot == NULL
-            && (*names[i].slot = PyUnicode_InternFromString(names[i].text)) == NULL) {
-            return NULL;
-        }
-    }
-    int entering = PyObject_IsTrue(args[6]);
-    if (entering < 0) {
-        return NULL;
-    }
-    Tracked *w = tracked_new(entering ? SBLOCK_ENTER : SBLOCK_EXIT);
-    if (w == NULL) {
-        return NULL;
-    }
-    w->original = Py_NewRef(args[0]);
-    w->python = Py_NewRef(args[1]);
-    w->conn_name = Py_NewRef(args[3]);
-    w->site = Py_NewRef(args[4]);
-    w->internal_error = Py_NewRef(args[5]);
-    if (tracked_core(w, args[2], s_checkout) < 0) {
-        Py_DECREF(w);
-        return NULL;
-    }
-    return (PyObject *)w;
 }
 
 /* ---- a checkout's ``with`` block, its sync half in C (issue 12) ------------------------
@@ -5797,8 +5759,6 @@ static PyMethodDef methods[] = {
      METH_FASTCALL, holder_release_wrapper_doc},
     {"ablock_wrapper", (PyCFunction)(void (*)(void))ablock_wrapper, METH_FASTCALL,
      ablock_wrapper_doc},
-    {"sblock_wrapper", (PyCFunction)(void (*)(void))sblock_wrapper, METH_FASTCALL,
-     sblock_wrapper_doc},
     {"scope_bind", (PyCFunction)(void (*)(void))scope_bind, METH_FASTCALL, scope_bind_doc},
     {"scope_wrapper", (PyCFunction)(void (*)(void))scope_wrapper, METH_FASTCALL,
      scope_wrapper_doc},

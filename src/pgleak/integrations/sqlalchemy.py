@@ -514,10 +514,10 @@ def _c_sync_block(original: Any, python: Any, *, entering: bool) -> Any:
     (``pgleak._speedups.Tracked``): the same steps with no frame of pgleak's on either side of
     every traced block; ``python`` itself otherwise."""
     fast = _adapter._c_wrappers()
-    if fast is None or not hasattr(fast, "sblock_wrapper"):
+    if fast is None or not hasattr(fast, "ablock_wrapper"):
         return python
-    return fast.sblock_wrapper(
-        original, python, core, _KEY, "sqlalchemy.scope", internal_error, entering
+    return fast.ablock_wrapper(
+        original, python, core, _KEY, None, "sqlalchemy.scope", internal_error, entering, True
     )
 
 

@@ -395,7 +395,7 @@ class _Told(BlockObserver):
 
 @pytest.mark.internal_errors
 @pytest.mark.skipif(
-    not hasattr(_stack._fast, "sblock_wrapper"), reason="pgleak._speedups is not in use here"
+    not hasattr(_stack._fast, "ablock_wrapper"), reason="pgleak._speedups is not in use here"
 )
 def test_the_c_and_python_blocks_tell_the_observer_the_same(
     pg: Server, monkeypatch: pytest.MonkeyPatch, hooks: str
