@@ -473,19 +473,11 @@ def _scope(connection: Any, entering: bool) -> None:
 
 
 def _make_enter(original: Any) -> Any:
+    # The Python fallback of the C wrapper below (which carries the hot path).
     def __enter__(self: Any) -> Any:
         result = original(self)
-        observer = core.observer
-        if observer is not None:
-            # _scope(self, True), inlined: a frame less on every traced block.
-            try:
-                fairy = getattr(self, "_dbapi_connection", None)
-                record = getattr(fairy, "_connection_record", None)
-                lease = None if record is None else getattr(record, _KEY, None)
-                if lease is not None:
-                    observer.enter(lease)
-            except Exception as err:
-                internal_error("sqlalchemy.scope", err)
+        if core.observer is not None:
+            _scope(self, True)
         return result
 
     return _c_sync_block(original, __enter__, entering=True)
@@ -493,17 +485,8 @@ def _make_enter(original: Any) -> Any:
 
 def _make_exit(original: Any) -> Any:
     def __exit__(self: Any, typ: Any, value: Any, tb: Any) -> Any:
-        observer = core.observer
-        if observer is not None:
-            # _scope(self, False), inlined: a frame less on every traced block.
-            try:
-                fairy = getattr(self, "_dbapi_connection", None)
-                record = getattr(fairy, "_connection_record", None)
-                lease = None if record is None else getattr(record, _KEY, None)
-                if lease is not None:
-                    observer.exit(lease)
-            except Exception as err:
-                internal_error("sqlalchemy.scope", err)
+        if core.observer is not None:
+            _scope(self, False)
         return original(self, typ, value, tb)
 
     return _c_sync_block(original, __exit__, entering=False)
