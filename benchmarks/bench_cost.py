@@ -491,7 +491,11 @@ def measure(
         if "tracer_provider" in kwargs:
             spans[name] = _sdk_span_ns(kwargs, 2000)
 
-    sync = {k: v for k, v in sync_paths(server).items() if k in paths}
+    made = sync_paths(server)
+    for path, (_, _, _, close) in made.items():
+        if path not in paths:
+            close()  # made together; only the paths asked for run
+    sync = {k: v for k, v in made.items() if k in paths}
     for path, (_, bare, query, close) in sync.items():
         bare(200)
         query_ns = _wall_ns(query, 500)
@@ -502,7 +506,11 @@ def measure(
         close()
 
     async def run_async() -> None:
-        found = {k: v for k, v in (await async_paths(server)).items() if k in paths}
+        made = await async_paths(server)
+        for path, (_, _, _, close) in made.items():
+            if path not in paths:
+                await close()  # made together: left open, their tasks end pending at exit
+        found = {k: v for k, v in made.items() if k in paths}
         for path, (_, bare, query, close) in found.items():
             await bare(200)
             query_ns = await _awall_ns(query, 300)
