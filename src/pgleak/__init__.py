@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgleak import _appname, _dump, _guard, _retry, _stack
 from pgleak._adapter import Adapter, AdapterUnavailable
+from pgleak._cledger import vars_set
 from pgleak._core import allowance, core, suppressed
 from pgleak._core import context as _context
 from pgleak._events import Checkout, LeakEvent, Sink
@@ -349,6 +350,7 @@ def allow_long_hold(seconds: float) -> Iterator[None]:
             f"got {seconds!r}"
         )
     seconds = float(seconds)
+    vars_set()
     token = allowance.set(seconds)
     start = time.monotonic()
     extended = []
@@ -369,6 +371,7 @@ def allow_long_hold(seconds: float) -> Iterator[None]:
 @contextlib.contextmanager
 def suppress() -> Iterator[None]:
     """Do not track checkouts made inside this block (pgleak's own connections, for one)."""
+    vars_set()
     token = suppressed.set(True)
     try:
         yield
@@ -385,6 +388,7 @@ def context(label: str) -> Iterator[None]:
     your own units of work (``with pgleak.context("job nightly-report"): ...``). Nests: the
     innermost label applies. Cheap: one context variable read per checkout.
     """
+    vars_set()
     token = _context.set(label)
     try:
         yield

@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Final
 
 from pgleak import _core, _forward, _stack
 from pgleak._appname import tags
+from pgleak._cledger import vars_set
 from pgleak._core import Lease, allowance, core
 from pgleak._guard import internal_error, say
 from pgleak._importhook import PostImportFinder
@@ -1165,6 +1166,7 @@ class Adapter:
 
                 def make(original: Any) -> Any:
                     async def shortcut(*args: Any, **kwargs: Any) -> Any:
+                        vars_set()
                         token = allowance.set(math.inf)
                         try:
                             return await original(*args, **kwargs)
@@ -1177,6 +1179,7 @@ class Adapter:
 
                 def make(original: Any) -> Any:
                     def shortcut(*args: Any, **kwargs: Any) -> Any:
+                        vars_set()
                         token = allowance.set(math.inf)
                         try:
                             return original(*args, **kwargs)

@@ -10,12 +10,24 @@ are given those objects once, at import, by name; the C side checks each. Kept o
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from pgleak import _stack
 from pgleak._guard import say
 
 _log = logging.getLogger("pgleak")
+
+
+def _unread() -> None:
+    """Without the extension the Python ledger reads the variables at every checkout."""
+
+
+#: Called before any of ``_core``'s context variables (``suppressed``, ``allowance``,
+#: ``context``) is set: until the first call, the C ledger takes their defaults at a checkout
+#: without reading them (three context lookups less for a process that never sets them).
+#: Whoever sets one of them calls this first; setting one without it would go unseen.
+vars_set: Callable[[], None] = getattr(_stack._fast, "vars_set", None) or _unread
 
 
 def bind(ns: dict[str, Any]) -> Any:

@@ -744,6 +744,13 @@ static Py_ssize_t ref_key_off, ref_lease_id_off;
 /* What bind() was given (strong references, kept for the life of the process). */
 static PyTypeObject *lease_type, *connref_type;
 static PyObject *b_suppressed, *b_allowance, *b_context;         /* ContextVars */
+/* Their values at bind() (_core's import, before anything could set them): their defaults.
+ * Until ``vars_set()`` is called (by every pgleak function that sets one of them, before it
+ * does) none of them holds anything else in any context, and a checkout takes these instead
+ * of reading them (three lookups in the context, ~170 instructions a checkout, for a process
+ * that never labels, suppresses or allows a long hold). */
+static PyObject *var_defaults[3];
+static int vars_used = 0;
 static PyObject *b_get_running_loop, *b_current_task, *b_monotonic;
 static PyObject *b_thread_identity, *b_core_globals;
 static PyObject *b_capture_from, *b_capture_in_task, *b_skip_cache, *b_pseudo;
@@ -823,6 +830,30 @@ take(PyObject *ns, const char *name)
         return NULL;
     }
     return Py_NewRef(value);
+}
+
+/* ``id(conn)``, the key ``by_conn`` files a lease under (a new reference). The ints made for
+ * recent connections are kept, by address, and handed out again: a checkin's lookup then
+ * uses the very object its checkout filed, which the dict matches by identity (no int made,
+ * no int comparison: ~150 instructions a lookup). An int is immutable: any equal one would
+ * do, this is only the cheapest. */
+#define CONN_KEYS 8
+static PyObject *conn_keys[CONN_KEYS];
+static void *conn_addrs[CONN_KEYS];
+
+static PyObject *
+conn_key(PyObject *conn)
+{
+    size_t i = ((uintptr_t)conn >> 4) % CONN_KEYS;
+    if (conn_addrs[i] == (void *)conn && conn_keys[i] != NULL) {
+        return Py_NewRef(conn_keys[i]);
+    }
+    PyObject *key = PyLong_FromVoidPtr(conn);
+    if (key != NULL) {
+        Py_XSETREF(conn_keys[i], Py_NewRef(key));
+        conn_addrs[i] = (void *)conn;
+    }
+    return key;
 }
 
 /* Lease's tp_dealloc. A slotted Python class is freed by the generic subtype_dealloc, which
@@ -967,6 +998,19 @@ bind(PyObject *module, PyObject *ns)
         Py_DECREF(connref);
         PyErr_SetString(PyExc_TypeError, "bind(): unexpected types");
         return NULL; /* still unbound: nothing reads what was stored */
+    }
+    PyObject *vars[3] = {b_suppressed, b_allowance, b_context};
+    for (int i = 0; i < 3; i++) {
+        PyObject *value = NULL;
+        if (PyContextVar_Get(vars[i], NULL, &value) < 0 || value == NULL) {
+            Py_DECREF(lease);
+            Py_DECREF(connref);
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_TypeError, "bind(): a context variable without a default");
+            }
+            return NULL; /* still unbound */
+        }
+        Py_XSETREF(var_defaults[i], value);
     }
     lease_type = (PyTypeObject *)lease;
     connref_type = (PyTypeObject *)connref;
@@ -1227,6 +1271,27 @@ thread_identity(void)
         Py_XSETREF(ident_last, Py_NewRef(ident));
     }
     return ident;
+}
+
+PyDoc_STRVAR(vars_set_doc,
+"vars_set() -> None\n\n"
+"pgleak._core's context variables (suppressed, allowance, context) may hold other values than\n"
+"their defaults from now on: called before any of them is set (pgleak._cledger.vars_set).");
+
+static PyObject *
+vars_set(PyObject *module, PyObject *unused)
+{
+    vars_used = 1;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(vars_read_doc,
+"vars_read() -> bool\n\nWhether checkouts read the context variables (vars_set() called; tests).");
+
+static PyObject *
+vars_read(PyObject *module, PyObject *unused)
+{
+    return PyBool_FromLong(vars_used);
 }
 
 PyDoc_STRVAR(forget_thread_doc,
@@ -2390,7 +2455,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
         result = Py_NewRef(Py_None);
         goto done;
     }
-    value = var_get(b_suppressed);
+    value = vars_used ? var_get(b_suppressed) : Py_NewRef(var_defaults[0]);
     if (value == NULL) {
         goto done;
     }
@@ -2414,7 +2479,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
         goto done;
     }
     double threshold = set_leak_threshold;
-    value = var_get(b_allowance);
+    value = vars_used ? var_get(b_allowance) : Py_NewRef(var_defaults[1]);
     if (value == NULL) {
         goto done;
     }
@@ -2511,7 +2576,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
         }
         slot_set(lease, lease_off[L_TASK], pair);
     }
-    value = var_get(b_context);
+    value = vars_used ? var_get(b_context) : Py_NewRef(var_defaults[2]);
     if (value == NULL) {
         goto done;
     }
@@ -2569,7 +2634,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
             goto done;
         }
         else {
-            PyObject *key = PyLong_FromVoidPtr(conn);
+            PyObject *key = conn_key(conn);
             if (key == NULL) {
                 Py_DECREF(ref);
                 goto done;
@@ -3535,37 +3600,15 @@ ledger_now(Tracked *w, PyObject *name, PyObject **other)
 /* The checkout's bookkeeping (the template's ``checked_out()`` part); faults reported. */
 /* The checkout's bookkeeping (the template's ``checked_out()`` part): the lease (a new
  * reference, maybe None), or NULL after a fault, reported. */
+static PyObject *handle_of(Tracked *w, PyObject *pool); /* below */
+
 static PyObject *
 tracked_acquired(Tracked *w, PyObject *pool, PyObject *conn, PyObject *index)
 {
     PyObject *handle = NULL, *lease = NULL, *other = NULL;
-    PyObject *key = PyLong_FromVoidPtr(pool);
-    if (key == NULL) {
-        goto fault;
-    }
-    handle = PyDict_GetItemWithError(w->pools, key);
-    Py_DECREF(key);
-    if (handle == NULL && PyErr_Occurred()) {
-        goto fault;
-    }
-    if (handle != NULL) {
-        Py_INCREF(handle);
-        PyObject *ref = PyObject_GetAttr(handle, s_ref);
-        PyObject *obj = ref == NULL ? NULL : PyObject_CallNoArgs(ref);
-        Py_XDECREF(ref);
-        if (obj == NULL) {
-            goto fault;
-        }
-        Py_DECREF(obj);
-        if (obj != pool) {
-            Py_CLEAR(handle);
-        }
-    }
+    handle = handle_of(w, pool);
     if (handle == NULL) {
-        handle = PyObject_CallMethodObjArgs(w->core, s_pool, pool, w->kind, w->namer, NULL);
-        if (handle == NULL) {
-            goto fault;
-        }
+        goto fault;
     }
     if (ledger_now(w, s_checkout, &other) < 0) {
         goto fault;
@@ -3942,7 +3985,7 @@ release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
     /* The lease, looked up before the call (the template's ``by_conn.get(id(conn))``): a pool
      * may lend the same connection to a waiting thread at once, whose lease is not this. */
     PyObject *lease = NULL;
-    PyObject *key = PyLong_FromVoidPtr(conn);
+    PyObject *key = conn_key(conn);
     if (key == NULL) {
         return NULL;
     }
@@ -4525,11 +4568,94 @@ static PyObject *s_in_use;
 static PyObject *handle_type;
 static Py_ssize_t handle_ref_off;
 
+/* The last handle handle_of() found, with the ``pools`` dict it is in and its ``ref`` (strong
+ * references); ``kept_pool``: the pool itself (strong) where ``ref`` is an
+ * ``itertools.repeat(pool).__next__``, which holds it; NULL where ``ref`` is a weak reference,
+ * whose referent is checked instead. Core.pool() never takes a live pool's handle out of
+ * ``pools`` nor puts another in its place (only a dead pool's entry goes), so a handle whose
+ * ``ref()`` is still the pool is the one ``pools.get(id(pool))`` gives: the lookup (an int
+ * made, hashed, compared; ~300 instructions on a cold cycle, and asyncpg's ``ref()`` call
+ * ~120 more) is skipped while the same pool comes back. */
+static PyObject *kept_handle, *kept_pools, *kept_ref, *kept_pool;
+static PyTypeObject *repeat_type; /* itertools.repeat, once looked up */
+
+/* The kept handle if it is ``pool``'s in ``w->pools`` (borrowed), else NULL. */
+static inline PyObject *
+handle_kept(Tracked *w, PyObject *pool)
+{
+    PyObject *handle = kept_handle;
+    if (handle == NULL || kept_pools != w->pools || (PyObject *)Py_TYPE(handle) != handle_type
+        || SLOT(handle, handle_ref_off) != kept_ref) {
+        return NULL;
+    }
+    if (kept_pool != NULL) {
+        return kept_pool == pool ? handle : NULL;
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *obj = ref_target(kept_ref);
+    Py_XDECREF(obj); /* only compared */
+#else
+    PyObject *obj = PyWeakref_GET_OBJECT(kept_ref);
+#endif
+    return obj == pool ? handle : NULL;
+}
+
+/* Keep ``handle`` (whose ``ref`` is ``ref`` and gave ``pool``) for handle_kept(). */
+static void
+handle_keep(Tracked *w, PyObject *handle, PyObject *ref, PyObject *pool)
+{
+    PyObject *held_pool = NULL;
+    if (!PyWeakref_CheckRefExact(ref)) {
+        if (repeat_type == NULL) {
+            PyObject *itertools = PyImport_ImportModule("itertools");
+            PyObject *repeat = itertools == NULL ? NULL : PyObject_GetAttrString(itertools, "repeat");
+            Py_XDECREF(itertools);
+            if (repeat == NULL || !PyType_Check(repeat)) {
+                Py_XDECREF(repeat);
+                PyErr_Clear();
+                return;
+            }
+            repeat_type = (PyTypeObject *)repeat;
+        }
+        /* ``repeat(pool).__next__`` (a method-wrapper) without a count gives the pool for
+         * ever, and holds it; any other callable is asked every time */
+        PyObject *self = PyObject_GetAttrString(ref, "__self__");
+        PyObject *name = self == NULL ? NULL : PyObject_GetAttrString(ref, "__name__");
+        PyObject *times = NULL;
+        int endless = name != NULL && Py_IS_TYPE(self, repeat_type) && PyUnicode_Check(name)
+                      && PyUnicode_CompareWithASCIIString(name, "__next__") == 0;
+        if (endless) {
+            times = PyObject_CallMethod(self, "__length_hint__", NULL); /* TypeError: no count */
+            endless = times == NULL && PyErr_ExceptionMatches(PyExc_TypeError);
+        }
+        Py_XDECREF(self);
+        Py_XDECREF(name);
+        Py_XDECREF(times);
+        PyErr_Clear();
+        if (!endless) {
+            return;
+        }
+        held_pool = Py_NewRef(pool);
+    }
+    PyObject *old[4] = {kept_handle, kept_pools, kept_ref, kept_pool};
+    kept_handle = Py_NewRef(handle);
+    kept_pools = Py_NewRef(w->pools);
+    kept_ref = Py_NewRef(ref);
+    kept_pool = held_pool;
+    for (int i = 0; i < 4; i++) {
+        Py_XDECREF(old[i]);
+    }
+}
+
 /* The pool's handle, a new reference: ``pools.get(id(pool))`` while its ``ref()`` is still
  * the pool, else ``core.pool(pool, kind, namer)`` (the templates' inlined core.pool()). */
 static PyObject *
 handle_of(Tracked *w, PyObject *pool)
 {
+    PyObject *kept = handle_kept(w, pool);
+    if (kept != NULL) {
+        return Py_NewRef(kept);
+    }
     PyObject *key = PyLong_FromVoidPtr(pool);
     if (key == NULL) {
         return NULL;
@@ -4567,15 +4693,21 @@ handle_of(Tracked *w, PyObject *pool)
         else {
             obj = PyObject_CallNoArgs(ref); /* asyncpg's: itertools.repeat(pool).__next__ */
         }
-        Py_DECREF(ref);
         if (obj == NULL) {
+            Py_DECREF(ref);
             Py_DECREF(handle);
             return NULL;
         }
         Py_DECREF(obj);
         if (obj == pool) {
+            if ((PyObject *)Py_TYPE(handle) == handle_type
+                && SLOT(handle, handle_ref_off) == ref) {
+                handle_keep(w, handle, ref, pool);
+            }
+            Py_DECREF(ref);
             return handle;
         }
+        Py_DECREF(ref);
         Py_DECREF(handle);
     }
     return PyObject_CallMethodObjArgs(w->core, s_pool, pool, w->kind, w->namer, NULL);
@@ -4867,7 +4999,7 @@ arelease_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwname
     if (conn == NULL) {
         goto python;
     }
-    PyObject *key = PyLong_FromVoidPtr(conn);
+    PyObject *key = conn_key(conn);
     if (key == NULL) {
         return NULL;
     }
@@ -4904,6 +5036,28 @@ python:
     return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
 }
 
+/* ``getattr(obj, name, None)`` as PyObject_GetOptionalAttr (1 found, 0 absent, -1 error),
+ * read straight from the instance's slot where that is what the generic lookup does: the
+ * type's attribute lookup untouched (no ``__getattribute__`` or ``__getattr__`` of its own)
+ * and ``name`` an object slot's member descriptor on the type (a data descriptor: it wins over
+ * anything else); an empty slot is AttributeError, so absent. asyncpg's
+ * PoolConnectionHolder is slotted: ~130 instructions less a read, twice a checkin. */
+static int
+optional_attr(PyObject *obj, PyObject *name, PyObject **result)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (type->tp_getattro == PyObject_GenericGetAttr) {
+        PyObject *descr = _PyType_Lookup(type, name); /* borrowed */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX
+            && (PyDescr_TYPE(descr) == type || PyType_IsSubtype(type, PyDescr_TYPE(descr)))) {
+            *result = Py_XNewRef(SLOT(obj, ((PyMemberDescrObject *)descr)->d_member->offset));
+            return *result != NULL;
+        }
+    }
+    return PyObject_GetOptionalAttr(obj, name, result);
+}
+
 static PyObject *
 holder_release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -4912,15 +5066,15 @@ holder_release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *
     }
     PyObject *holder = args[0], *in_use = NULL, *con = NULL, *lease = NULL;
     /* the template's ``getattr(holder, "_in_use", None)``, ``getattr(holder, "_con", None)`` */
-    if (PyObject_GetOptionalAttr(holder, s_in_use, &in_use) < 0) {
+    if (optional_attr(holder, s_in_use, &in_use) < 0) {
         report_fault(w);
     }
     else if (in_use != NULL && in_use != Py_None) {
-        if (PyObject_GetOptionalAttr(holder, s_con, &con) < 0) {
+        if (optional_attr(holder, s_con, &con) < 0) {
             report_fault(w);
         }
         else if (con != NULL && con != Py_None) {
-            PyObject *key = PyLong_FromVoidPtr(con);
+            PyObject *key = conn_key(con);
             lease = key == NULL ? NULL : PyDict_GetItemWithError(w->by_conn, key);
             Py_XDECREF(key);
             if (lease == NULL && PyErr_Occurred()) {
@@ -5737,6 +5891,8 @@ static PyMethodDef methods[] = {
     {"bind", bind, METH_O, bind_doc},
     {"adopt", adopt, METH_O, adopt_doc},
     {"forget_thread", forget_thread, METH_NOARGS, forget_thread_doc},
+    {"vars_set", vars_set, METH_NOARGS, vars_set_doc},
+    {"vars_read", vars_read, METH_NOARGS, vars_read_doc},
     {"kept", kept, METH_NOARGS, kept_doc},
     {"checkout", (PyCFunction)(void (*)(void))ledger_checkout, METH_FASTCALL | METH_KEYWORDS,
      checkout_doc},

@@ -17,7 +17,7 @@ from typing import Any, cast
 import pytest
 
 import pgleak
-from pgleak import _core
+from pgleak import _cledger, _core
 from pgleak._core import Core, Lease, core
 from pgleak._events import COLLECTED, RETURNED
 
@@ -62,6 +62,7 @@ def test_same_lease_either_way(installed: pgleak.Settings, which: str) -> None:
     ledger.configure(installed)
     pool, conn_c, conn_py = Pool(), Conn(), Conn()
     handle = ledger.pool(pool, "test")
+    _cledger.vars_set()
     token = _core.context.set("GET /x")
     try:
         made_c = _checkout_here(ledger, handle, conn_c, python=False)
@@ -135,6 +136,7 @@ def test_off_suppressed_and_allowances(installed: pgleak.Settings) -> None:
         lease = _out(handle, conn, True)
     assert lease.deadline - lease.t0 == pytest.approx(3600)
     core.checkin(lease)
+    _cledger.vars_set()
     token = _core.allowance.set(math.inf)
     try:
         lease = _out(handle, conn, True)
@@ -598,3 +600,60 @@ def test_asyncio_holder_either_way_and_in_a_forked_child(installed: pgleak.Setti
     status, answer = asyncio.run(fork_inside())
     assert status == 0
     assert answer == b"1 1"
+
+
+#: A fresh process: nothing has set the context variables yet, so checkouts take their
+#: defaults unread; each API that sets one turns the reads on before its value is seen.
+_VARS_UNSET = """
+import sys, pgleak
+from pgleak import _core, _stack
+from pgleak._core import core
+
+class Pool: pass
+class Conn: pass
+
+pgleak.install(leak_threshold=60)
+fast = _stack._fast
+handle = core.pool(Pool(), "test")
+seen = []
+
+def out():
+    conn = Conn()
+    lease = core.checkout(handle, conn, True)
+    seen.append((fast.vars_read(), lease and (lease.context, lease.self_returning,
+                                             round(lease.deadline - lease.t0))))
+    if lease is not None:
+        core.checkin(lease)
+
+out()
+with pgleak.context("GET /x"):
+    out()
+out()
+with pgleak.suppress():
+    out()
+with pgleak.allow_long_hold(3600):
+    out()
+print(seen)
+"""
+
+
+def test_the_variables_are_read_once_anything_set_them() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", _VARS_UNSET],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == repr(
+        [
+            (False, (None, False, 60)),
+            (True, ("GET /x", False, 60)),
+            (True, (None, False, 60)),
+            (True, None),
+            (True, (None, False, 3600)),
+        ]
+    )

@@ -85,6 +85,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without psy
 from pgleak import _adapter, _forward, _retry, _stack
 from pgleak._adapter import Adapter, driver_state, driver_target, tag
 from pgleak._appname import tags, untagged
+from pgleak._cledger import vars_set
 from pgleak._core import PoolKind, PoolStats, core, suppressed
 from pgleak._guard import internal_error
 from pgleak._redact import redact_dsn
@@ -146,6 +147,7 @@ def _lends_again(pool: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bo
 #: The names the templates below use: a method parameter spelt the same gets the generic shape.
 _RESERVED = frozenset(
     {"pool", "tracked", "original", "suppressed", "lends_again", "token", "conn", "exc", "lease"}
+    | {"vars_set"}
     | {"retry", "budget", "succeeded", "tags", "core", "tag", "pool_of", "_retry"}
 )
 
@@ -156,6 +158,7 @@ def {name}({params}):
     pool = {first}
     if not lends_again(pool, {args}, {kwargs}):
         return tracked({call})
+    vars_set()
     token = suppressed.set(True)
     try:
         return tracked({call})
@@ -170,7 +173,12 @@ def _relend_untracked(tracked: Any) -> Any:
         _RELEND,
         getattr(tracked, "__name__", "getconn"),
         _forward.shape_of(tracked, _RESERVED),
-        {"tracked": tracked, "lends_again": _lends_again, "suppressed": suppressed},
+        {
+            "tracked": tracked,
+            "lends_again": _lends_again,
+            "suppressed": suppressed,
+            "vars_set": vars_set,
+        },
         "relend",
     )
 

@@ -61,6 +61,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by users without Dja
 from pgleak import _retry, _stack
 from pgleak._adapter import Adapter, tag
 from pgleak._appname import tags
+from pgleak._cledger import vars_set
 from pgleak._core import Lease, PoolHandle, core
 from pgleak._core import context as _context
 from pgleak._guard import internal_error, say
@@ -376,6 +377,7 @@ def _enter_request(request: Any) -> Any:
     try:
         label = _printable(f"{request.method} {request.path}")
         setattr(request, _LABEL, label)
+        vars_set()
         return _context.set(label)
     except Exception as exc:
         internal_error("django.request", exc)
@@ -422,6 +424,7 @@ def _resolve_request(original: Any) -> Any:
                 view = getattr(request.resolver_match, "_func_path", None)
                 if view:
                     # Not reset here: get_response's reset puts back what was there before.
+                    vars_set()
                     _context.set(_printable(f"{label} ({view})"))
         except Exception as exc:
             internal_error("django.request", exc)
@@ -434,6 +437,7 @@ def _execute(original: Any) -> Any:
     def execute(self: Any, *args: Any, **options: Any) -> Any:
         token = None
         try:
+            vars_set()
             token = _context.set(f"command {type(self).__module__.rpartition('.')[2]}")
         except Exception as exc:
             internal_error("django.command", exc)
