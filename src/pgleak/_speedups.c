@@ -3532,40 +3532,17 @@ ledger_now(Tracked *w, PyObject *name, PyObject **other)
     return *other == NULL ? -1 : 0;
 }
 
-/* The checkout's bookkeeping (the template's ``checked_out()`` part); faults reported. */
+static PyObject *observed_handle(Tracked *w, PyObject *pool);
+
 /* The checkout's bookkeeping (the template's ``checked_out()`` part): the lease (a new
  * reference, maybe None), or NULL after a fault, reported. */
 static PyObject *
 tracked_acquired(Tracked *w, PyObject *pool, PyObject *conn, PyObject *index)
 {
-    PyObject *handle = NULL, *lease = NULL, *other = NULL;
-    PyObject *key = PyLong_FromVoidPtr(pool);
-    if (key == NULL) {
-        goto fault;
-    }
-    handle = PyDict_GetItemWithError(w->pools, key);
-    Py_DECREF(key);
-    if (handle == NULL && PyErr_Occurred()) {
-        goto fault;
-    }
-    if (handle != NULL) {
-        Py_INCREF(handle);
-        PyObject *ref = PyObject_GetAttr(handle, s_ref);
-        PyObject *obj = ref == NULL ? NULL : PyObject_CallNoArgs(ref);
-        Py_XDECREF(ref);
-        if (obj == NULL) {
-            goto fault;
-        }
-        Py_DECREF(obj);
-        if (obj != pool) {
-            Py_CLEAR(handle);
-        }
-    }
+    PyObject *lease = NULL, *other = NULL;
+    PyObject *handle = observed_handle(w, pool);
     if (handle == NULL) {
-        handle = PyObject_CallMethodObjArgs(w->core, s_pool, pool, w->kind, w->namer, NULL);
-        if (handle == NULL) {
-            goto fault;
-        }
+        goto fault;
     }
     if (ledger_now(w, s_checkout, &other) < 0) {
         goto fault;
@@ -3602,12 +3579,67 @@ fault:
 
 static PyObject *s_pending_deque, *s_pop; /* "pending", "pop" */
 
+/* The last pool's handle, kept (the templates' lookup below costs ~550 instructions a checkout:
+ * an int made and hashed, the dict probed, the handle's ``ref`` read and called, and several
+ * cold lines touched). Good while the pools dict has not changed since it was read (its
+ * version tag up to 3.11; from 3.12 a dict watcher, as calm() does) and the handle's weak
+ * reference still points at this pool: a dead pool's id reused, an entry replaced or removed,
+ * and the next checkout reads the dict again. Only a handle whose ``ref`` is a plain weak
+ * reference is kept (asyncpg's pools cannot be weakly referenced: theirs is read each time).
+ * ``pool`` is compared as an address only (the weak reference says it is alive). */
+static struct {
+    PyObject *pools, *handle, *ref; /* strong */
+    PyObject *pool;                 /* borrowed: an address */
+    uint64_t tag;
+} handle_kept;
+
+#if PY_VERSION_HEX >= 0x030C0000
+static int handles_watcher = -1;
+static uint64_t handles_epoch = 1; /* moved by every change to a watched pools dict */
+
+static int
+handles_changed(PyDict_WatchEvent event, PyObject *dict, PyObject *key, PyObject *new_value)
+{
+    (void)event, (void)dict, (void)key, (void)new_value;
+    handles_epoch++;
+    return 0;
+}
+
+/* What says the pools dict is unchanged; 0 if it cannot be watched (nothing is kept). */
+static uint64_t
+pools_tag(PyObject *pools)
+{
+    if (handles_watcher < 0) {
+        handles_watcher = PyDict_AddWatcher(handles_changed);
+    }
+    if (handles_watcher < 0 || PyDict_Watch(handles_watcher, pools) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return handles_epoch;
+}
+#define POOLS_TAG_NOW(pools) handles_epoch
+#else
+static uint64_t
+pools_tag(PyObject *pools)
+{
+    return ((PyDictObject *)pools)->ma_version_tag;
+}
+#define POOLS_TAG_NOW(pools) (((PyDictObject *)(pools))->ma_version_tag)
+#endif
+
 /* The pool's handle, as the templates find it (``pools.get(id(pool))``, checked against its
  * weak reference, else ``core.pool(pool, kind, namer)``): a new reference, or NULL with an
  * error set. */
 static PyObject *
 observed_handle(Tracked *w, PyObject *pool)
 {
+    if (handle_kept.pool == pool && handle_kept.pools == w->pools && handle_kept.tag != 0
+        && POOLS_TAG_NOW(w->pools) == handle_kept.tag
+        && ((PyWeakReference *)handle_kept.ref)->wr_object == pool) {
+        return Py_NewRef(handle_kept.handle);
+    }
+    uint64_t tag = PyDict_CheckExact(w->pools) ? pools_tag(w->pools) : 0; /* before the read */
     PyObject *key = PyLong_FromVoidPtr(pool);
     if (key == NULL) {
         return NULL;
@@ -3621,8 +3653,8 @@ observed_handle(Tracked *w, PyObject *pool)
         Py_INCREF(handle);
         PyObject *ref = PyObject_GetAttr(handle, s_ref);
         PyObject *obj = ref == NULL ? NULL : PyObject_CallNoArgs(ref);
-        Py_XDECREF(ref);
         if (obj == NULL) {
+            Py_XDECREF(ref);
             Py_DECREF(handle);
             return NULL;
         }
@@ -3630,6 +3662,19 @@ observed_handle(Tracked *w, PyObject *pool)
         if (obj != pool) {
             Py_CLEAR(handle);
         }
+        else if (tag != 0 && POOLS_TAG_NOW(w->pools) == tag && PyWeakref_CheckRefExact(ref)) {
+            /* the old ones let go of last: their deallocation may run code */
+            PyObject *old[3] = {handle_kept.pools, handle_kept.handle, handle_kept.ref};
+            handle_kept.pools = Py_NewRef(w->pools);
+            handle_kept.handle = Py_NewRef(handle);
+            handle_kept.ref = Py_NewRef(ref);
+            handle_kept.pool = pool;
+            handle_kept.tag = tag;
+            for (int i = 0; i < 3; i++) {
+                Py_XDECREF(old[i]);
+            }
+        }
+        Py_DECREF(ref);
     }
     if (handle == NULL) {
         handle = PyObject_CallMethodObjArgs(w->core, s_pool, pool, w->kind, w->namer, NULL);
@@ -3770,6 +3815,42 @@ observed_acquire(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
     return conn;
 }
 
+/* ``fairy._connection_record``: SQLAlchemy's fairy keeps it in a slot, read there directly
+ * while the fairy's class is the one whose member descriptor was found and unchanged since
+ * (its version tag: any attribute set on it or a base drops that), else by name (~270
+ * instructions a checkout, and the type's lookup cache lines). A new reference, or NULL with
+ * an error set, as PyObject_GetAttr. */
+static struct {
+    PyTypeObject *type; /* borrowed: an address, with its version tag */
+    unsigned int tag;
+    Py_ssize_t offset;
+} fairy_record;
+
+static PyObject *
+sa_record(PyObject *fairy)
+{
+    PyTypeObject *type = Py_TYPE(fairy);
+    if (type == fairy_record.type && type->tp_version_tag == fairy_record.tag
+        && fairy_record.tag != 0 && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
+        PyObject *record = *(PyObject **)((char *)fairy + fairy_record.offset);
+        if (record != NULL) {
+            return Py_NewRef(record);
+        }
+    }
+    else if (type->tp_getattro == PyObject_GenericGetAttr) {
+        PyObject *descr = _PyType_Lookup(type, s_connection_record); /* borrowed; tags type */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX
+            && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)
+            && type->tp_version_tag != 0) {
+            fairy_record.type = type;
+            fairy_record.tag = type->tp_version_tag;
+            fairy_record.offset = ((PyMemberDescrObject *)descr)->d_member->offset;
+        }
+    }
+    return PyObject_GetAttr(fairy, s_connection_record);
+}
+
 /* SQLAlchemy's ``_checkout`` template while an observer runs, untagged, no nested fairy
  * (``sa_checkout_call`` has checked). */
 static PyObject *
@@ -3806,7 +3887,7 @@ observed_sa_checkout(Tracked *w, PyObject *const *args, size_t nargsf)
         Py_DECREF(handle);
     }
     if (lease != NULL && lease != Py_None) {
-        PyObject *record = PyObject_GetAttr(fairy, s_connection_record);
+        PyObject *record = sa_record(fairy);
         PyObject *dict = record == NULL ? NULL : PyObject_GenericGetDict(record, NULL);
         if (dict == NULL || PyDict_SetItem(dict, w->conn_name, lease) < 0) {
             report_fault(w);
@@ -3993,7 +4074,8 @@ sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
     if (kwnames != NULL || nargs < 2 || nargs > 3) {
         goto python;
     }
-    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    /* calm(): the core's dict unchanged since it said "no observer" */
+    PyObject *observer = calm(w->core) ? Py_None : PyDict_GetItemWithError(w->core_dict, s_observer);
     if (observer == NULL) {
         PyErr_Clear();
         goto python;
@@ -4024,7 +4106,7 @@ sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
     PyObject *lease = tracked_acquired(w, pool, fairy, Py_False);
     Py_DECREF(pool);
     if (lease != NULL && lease != Py_None) {
-        PyObject *record = PyObject_GetAttr(fairy, s_connection_record);
+        PyObject *record = sa_record(fairy);
         PyObject *dict = record == NULL ? NULL : PyObject_GenericGetDict(record, NULL);
         if (dict == NULL || PyDict_SetItem(dict, w->conn_name, lease) < 0) {
             report_fault(w);
@@ -4052,17 +4134,21 @@ sa_return_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnam
         PyErr_Clear();
         return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
     }
-    PyObject *lease = PyDict_GetItemWithError(dict, w->conn_name);
-    if (lease != NULL) {
-        Py_INCREF(lease);
-        if (PyDict_DelItem(dict, w->conn_name) < 0) {
-            PyErr_Clear(); /* another thread popped it first */
-            Py_CLEAR(lease);
-        }
-    }
-    else if (PyErr_Occurred()) {
+    /* ``pop(conn_name, None)``: one probe, not a lookup and a deletion */
+    PyObject *lease = NULL;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (PyDict_Pop(dict, w->conn_name, &lease) < 0) {
         report_fault(w);
     }
+#else
+    lease = _PyDict_Pop(dict, w->conn_name, Py_None);
+    if (lease == NULL) {
+        report_fault(w);
+    }
+    else if (lease == Py_None) {
+        Py_CLEAR(lease);
+    }
+#endif
     Py_DECREF(dict);
     if (lease != NULL) {
         if (lease != Py_None) {
