@@ -3826,18 +3826,28 @@ static struct {
     Py_ssize_t offset;
 } fairy_record;
 
-static PyObject *
-sa_record(PyObject *fairy)
+/* The slot's record (a new reference) where it can be read there, else NULL, no error set. */
+static inline PyObject *
+sa_record_kept(PyObject *fairy)
 {
     PyTypeObject *type = Py_TYPE(fairy);
     if (type == fairy_record.type && type->tp_version_tag == fairy_record.tag
         && fairy_record.tag != 0 && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
         PyObject *record = *(PyObject **)((char *)fairy + fairy_record.offset);
-        if (record != NULL) {
-            return Py_NewRef(record);
-        }
+        return Py_XNewRef(record);
     }
-    else if (type->tp_getattro == PyObject_GenericGetAttr) {
+    return NULL;
+}
+
+static PyObject *
+sa_record(PyObject *fairy)
+{
+    PyTypeObject *type = Py_TYPE(fairy);
+    PyObject *record = sa_record_kept(fairy);
+    if (record != NULL) {
+        return record;
+    }
+    if (type->tp_getattro == PyObject_GenericGetAttr) {
         PyObject *descr = _PyType_Lookup(type, s_connection_record); /* borrowed; tags type */
         if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
             && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX
@@ -5241,7 +5251,9 @@ sa_told(Tracked *w, PyObject *sync, int entering)
     /* getattr(x, name, None) at each step: None (or absent) the rest of the way down */
     int found = PyObject_GetOptionalAttr(sync, s_dbapi_connection, &fairy);
     if (found > 0 && fairy != Py_None) {
-        found = PyObject_GetOptionalAttr(fairy, s_connection_record, &record);
+        record = sa_record_kept(fairy); /* as the checkouts found it: its slot */
+        found = record != NULL ? 1
+                               : PyObject_GetOptionalAttr(fairy, s_connection_record, &record);
         if (found > 0 && record != Py_None) {
             found = PyObject_GetOptionalAttr(record, w->conn_name, &lease);
         }
