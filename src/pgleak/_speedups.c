@@ -3826,6 +3826,24 @@ static struct {
     Py_ssize_t offset;
 } fairy_record;
 
+/* Whether ``type`` reads attributes as ``object.__getattribute__`` does (a data descriptor of
+ * the class first): SQLAlchemy's fairy has a ``__getattr__`` (the DBAPI connection's
+ * attributes), which only runs when that fails, so a slot holding a value is read there. */
+static int
+sa_generic_getattribute(PyTypeObject *type)
+{
+    static PyObject *name = NULL;
+    if (type->tp_getattro == PyObject_GenericGetAttr) {
+        return 1;
+    }
+    if (name == NULL && (name = PyUnicode_InternFromString("__getattribute__")) == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *own = _PyType_Lookup(type, name); /* borrowed, as the next */
+    return own != NULL && own == _PyType_Lookup(&PyBaseObject_Type, name);
+}
+
 /* The slot's record (a new reference) where it can be read there, else NULL, no error set. */
 static inline PyObject *
 sa_record_kept(PyObject *fairy)
@@ -3847,7 +3865,7 @@ sa_record(PyObject *fairy)
     if (record != NULL) {
         return record;
     }
-    if (type->tp_getattro == PyObject_GenericGetAttr) {
+    if (sa_generic_getattribute(type)) {
         PyObject *descr = _PyType_Lookup(type, s_connection_record); /* borrowed; tags type */
         if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
             && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX
