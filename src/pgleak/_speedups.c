@@ -4103,7 +4103,8 @@ sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
         goto python;
     }
     /* calm(): the core's dict unchanged since it said "no observer" */
-    PyObject *observer = calm(w->core) ? Py_None : PyDict_GetItemWithError(w->core_dict, s_observer);
+    PyObject *observer =
+        calm(w->core) ? Py_None : PyDict_GetItemWithError(w->core_dict, s_observer);
     if (observer == NULL) {
         PyErr_Clear();
         goto python;
