@@ -3597,16 +3597,17 @@ ledger_now(Tracked *w, PyObject *name, PyObject **other)
     return *other == NULL ? -1 : 0;
 }
 
-/* The checkout's bookkeeping (the template's ``checked_out()`` part); faults reported. */
+/* The pool's handle, kept from one checkout to the next (below, with the asyncio wrappers). */
+static PyObject *handle_of(Tracked *w, PyObject *pool);
+
 /* The checkout's bookkeeping (the template's ``checked_out()`` part): the lease (a new
  * reference, maybe None), or NULL after a fault, reported. */
-static PyObject *handle_of(Tracked *w, PyObject *pool); /* below */
 
 static PyObject *
 tracked_acquired(Tracked *w, PyObject *pool, PyObject *conn, PyObject *index)
 {
-    PyObject *handle = NULL, *lease = NULL, *other = NULL;
-    handle = handle_of(w, pool);
+    PyObject *lease = NULL, *other = NULL;
+    PyObject *handle = handle_of(w, pool);
     if (handle == NULL) {
         goto fault;
     }
@@ -3645,48 +3646,13 @@ fault:
 
 static PyObject *s_pending_deque, *s_pop; /* "pending", "pop" */
 
-/* The pool's handle, as the templates find it (``pools.get(id(pool))``, checked against its
- * weak reference, else ``core.pool(pool, kind, namer)``): a new reference, or NULL with an
- * error set. */
-static PyObject *
-observed_handle(Tracked *w, PyObject *pool)
-{
-    PyObject *key = PyLong_FromVoidPtr(pool);
-    if (key == NULL) {
-        return NULL;
-    }
-    PyObject *handle = PyDict_GetItemWithError(w->pools, key);
-    Py_DECREF(key);
-    if (handle == NULL && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (handle != NULL) {
-        Py_INCREF(handle);
-        PyObject *ref = PyObject_GetAttr(handle, s_ref);
-        PyObject *obj = ref == NULL ? NULL : PyObject_CallNoArgs(ref);
-        Py_XDECREF(ref);
-        if (obj == NULL) {
-            Py_DECREF(handle);
-            return NULL;
-        }
-        Py_DECREF(obj);
-        if (obj != pool) {
-            Py_CLEAR(handle);
-        }
-    }
-    if (handle == NULL) {
-        handle = PyObject_CallMethodObjArgs(w->core, s_pool, pool, w->kind, w->namer, NULL);
-    }
-    return handle;
-}
-
 /* ``waiting(pool)`` (``sa`` false) or ``_wait_started(pool)`` (true): ``*handle`` and
  * ``*since`` set to new references or left NULL (the templates' ``None``); never raises. */
 static void
 observed_wait(Tracked *w, PyObject *pool, int sa, PyObject **handle, PyObject **since)
 {
     *handle = *since = NULL;
-    *handle = observed_handle(w, pool);
+    *handle = handle_of(w, pool);
     if (*handle == NULL) {
         goto fault;
     }
@@ -3799,7 +3765,7 @@ observed_acquire(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
         observed_wait_end(w, handle);
     }
     else {
-        handle = observed_handle(w, pool);
+        handle = handle_of(w, pool);
         if (handle == NULL) {
             report_fault(w);
         }
@@ -3811,6 +3777,70 @@ observed_acquire(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
     Py_XDECREF(since);
     Py_DECREF(pool);
     return conn;
+}
+
+/* ``fairy._connection_record``: SQLAlchemy's fairy keeps it in a slot, read there directly
+ * while the fairy's class is the one whose member descriptor was found and unchanged since
+ * (its version tag: any attribute set on it or a base drops that), else by name (~270
+ * instructions a checkout, and the type's lookup cache lines). A new reference, or NULL with
+ * an error set, as PyObject_GetAttr. */
+static struct {
+    PyTypeObject *type; /* borrowed: an address, with its version tag */
+    unsigned int tag;
+    Py_ssize_t offset;
+} fairy_record;
+
+/* Whether ``type`` reads attributes as ``object.__getattribute__`` does (a data descriptor of
+ * the class first): SQLAlchemy's fairy has a ``__getattr__`` (the DBAPI connection's
+ * attributes), which only runs when that fails, so a slot holding a value is read there. */
+static int
+sa_generic_getattribute(PyTypeObject *type)
+{
+    static PyObject *name = NULL;
+    if (type->tp_getattro == PyObject_GenericGetAttr) {
+        return 1;
+    }
+    if (name == NULL && (name = PyUnicode_InternFromString("__getattribute__")) == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *own = _PyType_Lookup(type, name); /* borrowed, as the next */
+    return own != NULL && own == _PyType_Lookup(&PyBaseObject_Type, name);
+}
+
+/* The slot's record (a new reference) where it can be read there, else NULL, no error set. */
+static inline PyObject *
+sa_record_kept(PyObject *fairy)
+{
+    PyTypeObject *type = Py_TYPE(fairy);
+    if (type == fairy_record.type && type->tp_version_tag == fairy_record.tag
+        && fairy_record.tag != 0 && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
+        PyObject *record = *(PyObject **)((char *)fairy + fairy_record.offset);
+        return Py_XNewRef(record);
+    }
+    return NULL;
+}
+
+static PyObject *
+sa_record(PyObject *fairy)
+{
+    PyTypeObject *type = Py_TYPE(fairy);
+    PyObject *record = sa_record_kept(fairy);
+    if (record != NULL) {
+        return record;
+    }
+    if (sa_generic_getattribute(type)) {
+        PyObject *descr = _PyType_Lookup(type, s_connection_record); /* borrowed; tags type */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX
+            && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)
+            && type->tp_version_tag != 0) {
+            fairy_record.type = type;
+            fairy_record.tag = type->tp_version_tag;
+            fairy_record.offset = ((PyMemberDescrObject *)descr)->d_member->offset;
+        }
+    }
+    return PyObject_GetAttr(fairy, s_connection_record);
 }
 
 /* SQLAlchemy's ``_checkout`` template while an observer runs, untagged, no nested fairy
@@ -3839,7 +3869,7 @@ observed_sa_checkout(Tracked *w, PyObject *const *args, size_t nargsf)
         Py_DECREF(pool);
         return NULL;
     }
-    PyObject *handle = waited != NULL ? Py_NewRef(waited) : observed_handle(w, pool);
+    PyObject *handle = waited != NULL ? Py_NewRef(waited) : handle_of(w, pool);
     PyObject *lease = NULL;
     if (handle == NULL) {
         report_fault(w);
@@ -3849,7 +3879,7 @@ observed_sa_checkout(Tracked *w, PyObject *const *args, size_t nargsf)
         Py_DECREF(handle);
     }
     if (lease != NULL && lease != Py_None) {
-        PyObject *record = PyObject_GetAttr(fairy, s_connection_record);
+        PyObject *record = sa_record(fairy);
         PyObject *dict = record == NULL ? NULL : PyObject_GenericGetDict(record, NULL);
         if (dict == NULL || PyDict_SetItem(dict, w->conn_name, lease) < 0) {
             report_fault(w);
@@ -4036,7 +4066,9 @@ sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
     if (kwnames != NULL || nargs < 2 || nargs > 3) {
         goto python;
     }
-    PyObject *observer = PyDict_GetItemWithError(w->core_dict, s_observer);
+    /* calm(): the core's dict unchanged since it said "no observer" */
+    PyObject *observer =
+        calm(w->core) ? Py_None : PyDict_GetItemWithError(w->core_dict, s_observer);
     if (observer == NULL) {
         PyErr_Clear();
         goto python;
@@ -4067,7 +4099,7 @@ sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
     PyObject *lease = tracked_acquired(w, pool, fairy, Py_False);
     Py_DECREF(pool);
     if (lease != NULL && lease != Py_None) {
-        PyObject *record = PyObject_GetAttr(fairy, s_connection_record);
+        PyObject *record = sa_record(fairy);
         PyObject *dict = record == NULL ? NULL : PyObject_GenericGetDict(record, NULL);
         if (dict == NULL || PyDict_SetItem(dict, w->conn_name, lease) < 0) {
             report_fault(w);
@@ -4095,17 +4127,21 @@ sa_return_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnam
         PyErr_Clear();
         return PyObject_Vectorcall(w->python, args, nargsf, kwnames);
     }
-    PyObject *lease = PyDict_GetItemWithError(dict, w->conn_name);
-    if (lease != NULL) {
-        Py_INCREF(lease);
-        if (PyDict_DelItem(dict, w->conn_name) < 0) {
-            PyErr_Clear(); /* another thread popped it first */
-            Py_CLEAR(lease);
-        }
-    }
-    else if (PyErr_Occurred()) {
+    /* ``pop(conn_name, None)``: one probe, not a lookup and a deletion */
+    PyObject *lease = NULL;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (PyDict_Pop(dict, w->conn_name, &lease) < 0) {
         report_fault(w);
     }
+#else
+    lease = _PyDict_Pop(dict, w->conn_name, Py_None);
+    if (lease == NULL) {
+        report_fault(w);
+    }
+    else if (lease == Py_None) {
+        Py_CLEAR(lease);
+    }
+#endif
     Py_DECREF(dict);
     if (lease != NULL) {
         if (lease != Py_None) {
@@ -4578,13 +4614,55 @@ static Py_ssize_t handle_ref_off;
  * ~120 more) is skipped while the same pool comes back. */
 static PyObject *kept_handle, *kept_pools, *kept_ref, *kept_pool;
 static PyTypeObject *repeat_type; /* itertools.repeat, once looked up */
+/* And the pools dict's tag when the kept handle was read from it: the handle is kept only
+ * while the dict has not changed since (its version tag up to 3.11; from 3.12 a dict watcher,
+ * as calm() does), so an entry replaced or removed by anyone is read again, whatever Core.pool
+ * promises. 0: nothing kept. */
+static uint64_t kept_tag;
+
+#if PY_VERSION_HEX >= 0x030C0000
+static int handles_watcher = -1;
+static uint64_t handles_epoch = 1; /* moved by every change to a watched pools dict */
+
+static int
+handles_changed(PyDict_WatchEvent event, PyObject *dict, PyObject *key, PyObject *new_value)
+{
+    (void)event, (void)dict, (void)key, (void)new_value;
+    handles_epoch++;
+    return 0;
+}
+
+/* What says the pools dict is unchanged; 0 if it cannot be watched (nothing is kept). */
+static uint64_t
+pools_tag(PyObject *pools)
+{
+    if (handles_watcher < 0) {
+        handles_watcher = PyDict_AddWatcher(handles_changed);
+    }
+    if (handles_watcher < 0 || PyDict_Watch(handles_watcher, pools) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return handles_epoch;
+}
+#define POOLS_TAG_NOW(pools) handles_epoch
+#else
+static uint64_t
+pools_tag(PyObject *pools)
+{
+    return ((PyDictObject *)pools)->ma_version_tag;
+}
+#define POOLS_TAG_NOW(pools) (((PyDictObject *)(pools))->ma_version_tag)
+#endif
+
 
 /* The kept handle if it is ``pool``'s in ``w->pools`` (borrowed), else NULL. */
 static inline PyObject *
 handle_kept(Tracked *w, PyObject *pool)
 {
     PyObject *handle = kept_handle;
-    if (handle == NULL || kept_pools != w->pools || (PyObject *)Py_TYPE(handle) != handle_type
+    if (handle == NULL || kept_pools != w->pools || kept_tag == 0
+        || POOLS_TAG_NOW(w->pools) != kept_tag || (PyObject *)Py_TYPE(handle) != handle_type
         || SLOT(handle, handle_ref_off) != kept_ref) {
         return NULL;
     }
@@ -4602,9 +4680,12 @@ handle_kept(Tracked *w, PyObject *pool)
 
 /* Keep ``handle`` (whose ``ref`` is ``ref`` and gave ``pool``) for handle_kept(). */
 static void
-handle_keep(Tracked *w, PyObject *handle, PyObject *ref, PyObject *pool)
+handle_keep(Tracked *w, PyObject *handle, PyObject *ref, PyObject *pool, uint64_t tag)
 {
     PyObject *held_pool = NULL;
+    if (tag == 0 || POOLS_TAG_NOW(w->pools) != tag) {
+        return; /* unwatchable, or changed since it was read */
+    }
     if (!PyWeakref_CheckRefExact(ref)) {
         if (repeat_type == NULL) {
             PyObject *itertools = PyImport_ImportModule("itertools");
@@ -4642,6 +4723,7 @@ handle_keep(Tracked *w, PyObject *handle, PyObject *ref, PyObject *pool)
     kept_pools = Py_NewRef(w->pools);
     kept_ref = Py_NewRef(ref);
     kept_pool = held_pool;
+    kept_tag = tag;
     for (int i = 0; i < 4; i++) {
         Py_XDECREF(old[i]);
     }
@@ -4656,6 +4738,7 @@ handle_of(Tracked *w, PyObject *pool)
     if (kept != NULL) {
         return Py_NewRef(kept);
     }
+    uint64_t tag = PyDict_CheckExact(w->pools) ? pools_tag(w->pools) : 0; /* before the read */
     PyObject *key = PyLong_FromVoidPtr(pool);
     if (key == NULL) {
         return NULL;
@@ -4702,7 +4785,7 @@ handle_of(Tracked *w, PyObject *pool)
         if (obj == pool) {
             if ((PyObject *)Py_TYPE(handle) == handle_type
                 && SLOT(handle, handle_ref_off) == ref) {
-                handle_keep(w, handle, ref, pool);
+                handle_keep(w, handle, ref, pool, tag);
             }
             Py_DECREF(ref);
             return handle;
@@ -5309,7 +5392,9 @@ sa_told(Tracked *w, PyObject *sync, int entering)
     /* getattr(x, name, None) at each step: None (or absent) the rest of the way down */
     int found = PyObject_GetOptionalAttr(sync, s_dbapi_connection, &fairy);
     if (found > 0 && fairy != Py_None) {
-        found = PyObject_GetOptionalAttr(fairy, s_connection_record, &record);
+        record = sa_record_kept(fairy); /* as the checkouts found it: its slot */
+        found = record != NULL ? 1
+                               : PyObject_GetOptionalAttr(fairy, s_connection_record, &record);
         if (found > 0 && record != Py_None) {
             found = PyObject_GetOptionalAttr(record, w->conn_name, &lease);
         }

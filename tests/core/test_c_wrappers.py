@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import types
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 
 import pgleak
 from pgleak import _adapter, _guard, _stack
-from pgleak._core import Lease, core
+from pgleak._core import Lease, PoolHandle, core
 from pgleak.testing import capture_events
 
 pytestmark = pytest.mark.skipif(
@@ -238,6 +240,88 @@ def test_the_c_and_python_wrappers_leave_the_same_ledger_and_reports(run: Any) -
         0,
         0,
         0,
+    ]
+
+
+def _handles(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Which handle each checkout is filed under while the pools dict changes under it (the C
+    wrappers keep the last pool's handle between checkouts)."""
+    seen: list[Any] = []
+    names = iter(f"toy pool {n}" for n in range(1000))
+    monkeypatch.setattr(core, "kinds", dict(core.kinds))
+
+    def checkout(pool: ToyPool, expected: PoolHandle | None = None) -> None:
+        """``expected`` None: the one the pools dict holds after the checkout."""
+        conn = pool.getconn()
+        [lease] = core.leases.values()
+        handle, now = lease.pool, core._pools.get(id(pool))
+        seen.append((handle is (expected or now), handle is now, handle.name))
+        pool.putconn(conn)
+
+    pool: ToyPool = _RoomyToyPool(1)
+    checkout(pool)
+    first = core._pools[id(pool)]
+    checkout(pool, first)  # kept
+    replaced = PoolHandle(pool, "toy", lambda _: next(names))
+    core._pools[id(pool)] = replaced
+    checkout(pool, replaced)
+    del core._pools[id(pool)]
+    checkout(pool)  # made anew, not the one kept
+    seen.append(("not the replaced one", core._pools[id(pool)] is not replaced))
+    address, dead = id(pool), weakref.ref(pool)
+    del pool, replaced, first
+    gc.collect()
+    seen.append(("dead", dead() is None))
+    # Most often the very next one of its size takes the dead pool's memory; whether it did
+    # is not compared (the collector's timing), the handle it gets is.
+    others = [_RoomyToyPool(1)]
+    while id(others[-1]) != address and len(others) < 100:
+        others.append(_RoomyToyPool(1))
+    checkout(others[-1])
+    return seen
+
+
+class _RoomyToyPool(ToyPool):
+    """Of a size nothing else here has: a dead one's memory goes to the next one made."""
+
+    __slots__ = tuple(f"room{n}" for n in range(24))
+
+
+@pytest.mark.internal_errors
+def test_the_handle_kept_between_checkouts_follows_the_pools_dict(
+    installed: pgleak.Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool's handle replaced or dropped from ``core._pools`` between two checkouts, or a new
+    pool at a dead one's address: the C wrappers file each checkout under the handle the
+    template's ``pools.get(id(pool))`` finds, as the template does."""
+
+    def run(c: bool) -> list[Any]:
+        with monkeypatch.context() as patched:
+            patched.setattr(_adapter, "use_c_wrappers", c)
+            toy = Toy()
+            toy.install()
+            try:
+                assert type(ToyPool.__dict__["getconn"]) is (
+                    _stack._fast.Tracked if c else types.FunctionType
+                )
+                seen = _handles(patched)
+                assert not _guard.swallowed
+                return seen
+            finally:
+                toy.uninstall()
+                core.leases.clear()
+                core.by_conn.clear()
+
+    python, c = run(False), run(True)
+    assert c == python
+    assert python == [
+        (True, True, "toy pool"),
+        (True, True, "toy pool"),
+        (True, True, "toy pool 0"),
+        (True, True, "toy pool"),
+        ("not the replaced one", True),
+        ("dead", True),
+        (True, True, "toy pool"),
     ]
 
 

@@ -481,3 +481,85 @@ def test_the_c_and_python_blocks_tell_the_observer_the_same(
         ("inside, faulty observer",),
         ("faults", [fault, fault]),  # the block's enter and exit
     ]
+
+
+@pytest.mark.internal_errors
+def test_a_fairy_class_changed_or_subclassed_is_read_as_python_reads_it(
+    pg: Server, monkeypatch: pytest.MonkeyPatch, hooks: str
+) -> None:
+    """The C checkout reads the fairy's record from its slot while the fairy's class is the
+    one it found the slot on, unchanged: the class's ``_connection_record`` made a property
+    since, or a subclass whose ``_connection_record`` is one, and it reads by name, as the
+    Python template does (the lease on the record the property gives, the property read as
+    often)."""
+    if hooks != "direct":
+        pytest.skip("the C and the Python checkout are compared inside: run once")
+    from sqlalchemy.pool import base
+
+    slot = base._ConnectionFairy.__dict__["_connection_record"]
+
+    reads = [0]
+
+    def read(fairy: object) -> object:
+        reads[0] += 1
+        return slot.__get__(fairy, type(fairy))
+
+    counted = property(read, slot.__set__)
+
+    class Fairy(base._ConnectionFairy):
+        __slots__ = ()
+        _connection_record = counted
+
+    def cycle(engine: sa.Engine, seen: list[tuple[object, ...]], what: str) -> None:
+        before = reads[0]
+        with engine.connect() as conn:
+            fairy = conn._dbapi_connection
+            record = slot.__get__(fairy, type(fairy))
+            filed = record.__dict__.get(sa_adapter._KEY)
+            on_record = filed is not None and filed.ref() is fairy
+        seen.append((what, type(fairy).__name__, on_record, sa_adapter._KEY in record.__dict__))
+        seen.append(("property read", reads[0] - before))
+
+    def run(c: bool) -> list[tuple[object, ...]]:
+        seen: list[tuple[object, ...]] = []
+        with monkeypatch.context() as patched:
+            patched.setattr(_adapter, "use_c_wrappers", c)
+            pgleak.install(leak_threshold=60, report_interval=60, capture_stack=False)
+            try:
+                engine = sa.create_engine(pg.url("psycopg"), pool_size=1, max_overflow=0)
+                try:
+                    cycle(engine, seen, "plain")
+                    cycle(engine, seen, "plain again")
+                    with monkeypatch.context() as swapped:  # the slot read through a property
+                        swapped.setattr(base._ConnectionFairy, "_connection_record", counted)
+                        cycle(engine, seen, "its class changed")
+                    cycle(engine, seen, "its class changed back")
+                    with monkeypatch.context() as swapped:  # SQLAlchemy makes Fairy ones
+                        swapped.setattr(base, "_ConnectionFairy", Fairy)
+                        cycle(engine, seen, "a subclass")
+                        cycle(engine, seen, "a subclass again")
+                    cycle(engine, seen, "plain after")
+                finally:
+                    engine.dispose()
+                seen.append(("faults", list(_guard.swallowed)))
+            finally:
+                pgleak.uninstall()
+                _guard.reset()
+        return seen
+
+    python, c = run(False), run(True)
+    assert c == python
+    # pgleak's own read of the property: one a checkout, in C as in Python
+    counts = [entry[1] for entry in python if entry[0] == "property read"]
+    assert counts[0] == counts[1] == counts[3] == counts[6] == 0
+    assert counts[2] == counts[4] == counts[5] != 0
+    assert [entry for entry in python if entry[0] != "property read"] == [
+        ("plain", "_ConnectionFairy", True, False),
+        ("plain again", "_ConnectionFairy", True, False),
+        ("its class changed", "_ConnectionFairy", True, False),
+        ("its class changed back", "_ConnectionFairy", True, False),
+        ("a subclass", "Fairy", True, False),
+        ("a subclass again", "Fairy", True, False),
+        ("plain after", "_ConnectionFairy", True, False),
+        ("faults", []),
+    ]
