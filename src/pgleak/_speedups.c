@@ -2403,6 +2403,13 @@ static struct {
     uint64_t tag;
     PyObject *value; /* borrowed; NULL: absent */
 } ts_memo[TM_COUNT];
+
+/* ts_attributes()'s: the entry of ``sites`` found last, for the (code, offset) it was found
+ * by (all borrowed: compared by address only, while ``sites`` keeps its version tag). */
+static struct {
+    PyObject *code, *lasti, *sites, *hit;
+    uint64_t tag;
+} ts_site;
 #endif
 
 /* ``dict.get(name)``, borrowed; NULL: absent, or an error set. */
@@ -2550,14 +2557,35 @@ ts_attributes(PyObject *lease, PyObject *state, PyObject **start)
     }
     else if (PyTuple_CheckExact(raw) && PyTuple_GET_SIZE(raw) >= 2) {
         code = PyTuple_GET_ITEM(raw, 0);
-        PyObject *key = PyLong_FromVoidPtr(code);
-        PyObject *pair = key == NULL ? NULL : PyTuple_Pack(2, key, PyTuple_GET_ITEM(raw, 1));
-        Py_XDECREF(key);
-        if (pair == NULL) {
-            return NULL;
+        PyObject *lasti = PyTuple_GET_ITEM(raw, 1);
+#ifdef PGLEAK_VERDICT_TABLE
+        /* The last line's entry, while ``sites`` is unchanged: the entry holds its code, so
+         * the same address is the same code; the same offset object, the same offset. */
+        if (code == ts_site.code && lasti == ts_site.lasti && sites == ts_site.sites
+            && dict_version(sites) == ts_site.tag) {
+            hit = ts_site.hit;
         }
-        hit = PyDict_GetItemWithError(sites, pair);
-        Py_DECREF(pair);
+        else
+#endif
+        {
+            PyObject *key = PyLong_FromVoidPtr(code);
+            PyObject *pair = key == NULL ? NULL : PyTuple_Pack(2, key, lasti);
+            Py_XDECREF(key);
+            if (pair == NULL) {
+                return NULL;
+            }
+            hit = PyDict_GetItemWithError(sites, pair);
+            Py_DECREF(pair);
+#ifdef PGLEAK_VERDICT_TABLE
+            if (hit != NULL) {
+                ts_site.code = code;
+                ts_site.lasti = lasti;
+                ts_site.sites = sites;
+                ts_site.tag = dict_version(sites);
+                ts_site.hit = hit;
+            }
+#endif
+        }
     }
     else {
         return NULL;
