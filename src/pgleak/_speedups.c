@@ -2412,11 +2412,23 @@ static struct {
 } ts_site;
 #endif
 
-/* ``dict.get(name)``, borrowed; NULL: absent, or an error set. */
+/* An instance's dict is remembered too up to 3.12, where the dict made for it replaces the
+ * instance's inline values; from 3.13 it shares them, and an attribute set on the instance
+ * does not change the dict's version tag. */
+#if PY_VERSION_HEX < 0x030D0000
+#  define TM_OWN(memo) (memo)
+#else
+#  define TM_OWN(memo) (-1)
+#endif
+
+/* ``dict.get(name)``, borrowed; NULL: absent, or an error set (``memo`` -1: not remembered). */
 static inline PyObject *
 ts_get(PyObject *dict, PyObject *name, int memo)
 {
 #ifdef PGLEAK_VERDICT_TABLE
+    if (memo < 0) {
+        return PyDict_GetItemWithError(dict, name);
+    }
     if (ts_memo[memo].dict == dict && ts_memo[memo].tag == dict_version(dict)) {
         return ts_memo[memo].value;
     }
@@ -2456,8 +2468,9 @@ ts_mine(PyObject *observer, int which)
         return NULL;
     }
     if (!PyDict_CheckExact(dict)
-        || ts_get(dict, ts_names[which], TM_INSTANCE + which) != NULL
-        || ts_get(dict, ts_names[TS_START], TM_INSTANCE + TS_START) != NULL || PyErr_Occurred()) {
+        || ts_get(dict, ts_names[which], TM_OWN(TM_INSTANCE + which)) != NULL
+        || ts_get(dict, ts_names[TS_START], TM_OWN(TM_INSTANCE + TS_START)) != NULL
+        || PyErr_Occurred()) {
         PyErr_Clear();
         Py_DECREF(dict);
         return NULL;
@@ -2550,7 +2563,8 @@ ts_attributes(PyObject *lease, PyObject *state, PyObject **start)
     if (sites == NULL || !PyDict_CheckExact(sites)) {
         return NULL;
     }
-    /* ``info.sites.get((id(code), raw[1]) if raw else None)``, ``code = raw[0] if raw else None`` */
+    /* ``info.sites.get((id(code), raw[1]) if raw else None)``, ``code = raw[0] if raw else
+     * None`` */
     PyObject *code = Py_None, *hit;
     if (raw == Py_None || (PyTuple_CheckExact(raw) && PyTuple_GET_SIZE(raw) == 0)) {
         hit = PyDict_GetItemWithError(sites, Py_None);
@@ -2641,7 +2655,7 @@ static PyObject *
 ts_start(PyObject *observer, PyObject *dict, PyObject *lease, PyObject *state, PyObject *parent)
 {
     PyObject *start = NULL;
-    PyObject *tracer = ts_get(dict, s_ts_tracer, TM_TRACER);
+    PyObject *tracer = ts_get(dict, s_ts_tracer, TM_OWN(TM_TRACER));
     PyObject *attrs = tracer == NULL ? NULL : ts_attributes(lease, state, &start);
     if (attrs == NULL) {
         if (PyErr_Occurred()) {
@@ -2825,7 +2839,8 @@ ts_exit(PyObject *observer, PyObject *lease)
     slot_set(state, trace_off[T_CTX], Py_NewRef(Py_None));
     int result = 1;
     if (current == ctx && PyContextVar_Reset(tb_var, token) < 0) {
-        if (PyErr_ExceptionMatches(PyExc_ValueError) || PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+        if (PyErr_ExceptionMatches(PyExc_ValueError)
+            || PyErr_ExceptionMatches(PyExc_RuntimeError)) {
             PyErr_Clear(); /* a token of another contextvars.Context */
         }
         else {
@@ -2865,7 +2880,7 @@ ts_checked_in(PyObject *observer, PyObject *lease, int late, int discarded)
     PyObject *state = SLOT(lease, lease_off[L_OTEL]), *t0 = SLOT(lease, lease_off[L_T0]);
     PyObject *t_in = SLOT(lease, lease_off[L_T_IN]);
     if (t_in == NULL || t0 == NULL || state == NULL
-        || ts_get(dict, s_ts_metering, TM_METERING) != Py_False) {
+        || ts_get(dict, s_ts_metering, TM_OWN(TM_METERING)) != Py_False) {
         PyErr_Clear();
         goto out; /* metrics to record: the method's */
     }
