@@ -43,8 +43,10 @@ PATHS = bench_cost.PATHS
 SETTINGS: dict[str, dict[str, Any]] = {"default": {}, "no_stack": {"capture_stack": False}}
 #: Counted only when asked for (``--settings otel_sdk``): against the same span made by hand in
 #: each cycle, as ``bench_cost.py`` measures it, so the bare run of that row is the hand-spanned
-#: cycle, not the default's bare one.
-OPTIONAL = ("otel_sdk",)
+#: cycle, not the default's bare one. ``otel_off``: the same with a tracer provider whose sampler
+#: records nothing (``ALWAYS_OFF``), on both sides: pgleak's observer work without the SDK's
+#: recording, which ``otel_sdk``'s figure would otherwise hide it among.
+OPTIONAL = ("otel_sdk", "otel_off")
 N1, N2 = 1000, 6000
 _REFS = re.compile(r"(?:I\s+refs|Collected)\s*:\s*([\d,]+)")
 
@@ -90,6 +92,15 @@ def _settings(setting: str) -> dict[str, Any]:
         if otel is None:
             raise SystemExit("opentelemetry-sdk not installed: otel_sdk cannot be counted")
         return otel
+    if setting == "otel_off":
+        try:
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+        except ImportError:
+            raise SystemExit(
+                "opentelemetry-sdk not installed: otel_off cannot be counted"
+            ) from None
+        return {"otel": True, "tracer_provider": TracerProvider(sampler=ALWAYS_OFF)}
     return SETTINGS[setting]
 
 

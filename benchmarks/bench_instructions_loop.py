@@ -15,7 +15,9 @@ the sync ones (``--paths psycopg2``) run their loop the same way, inside ``sys.c
 ``--settings otel_sdk`` counts pgleak's own share as ``bench_instructions.py`` does, against the
 same span made by hand in each cycle (the bare run of that row is the hand-spanned cycle); the
 batch processor's export thread is not counted on either side, the span's own work in the
-loop's thread is. Needs ``valgrind`` on ``PATH``.
+loop's thread is; ``--settings otel_off`` the same with a provider whose sampler records
+nothing, on both sides: pgleak's own observer work without the SDK's recording. Needs
+``valgrind`` on ``PATH``.
 """
 
 from __future__ import annotations
