@@ -10,7 +10,7 @@ dict insert and pop (atomic under the GIL, and per-dict locked on free-threaded 
 monotonic clock read, the raw stack, one weak reference. Everything else - formatting stacks,
 finding where a holder is now, naming pools, calling sinks - happens on the watchdog thread or
 at the rare moments (pool exhausted, pool closed, exit) when the user is about to need it.
-Where the C extension is built, the same two methods run in C (``pgleak/_speedups.c``, bound
+Where the C extension is built, the same two methods run in C (``pgleak/_c/ledger.c``, bound
 to each Core in ``__init__``), on the same Lease objects, falling back to the Python methods
 below for every rare case; the Python methods stay the definition.
 
@@ -351,7 +351,7 @@ class Core:
 
     # A slot of its own keeps the attributes in ``__dict__`` on 3.13 too (not inline in the
     # object, where no dict watcher sees them change), so the C ledger can keep its answers
-    # to "anything rare?" between checkouts there (``calm`` in _speedups.c). Never set.
+    # to "anything rare?" between checkouts there (``calm`` in _c/calm.c). Never set.
     __slots__ = ("__dict__", "__weakref__", "_in_dict")
 
     def __init__(self) -> None:
@@ -397,7 +397,7 @@ class Core:
         #: The watchdog's index of :attr:`leases` by deadline (its passes cost O(new + due)).
         self.deadlines = Deadlines(self.leases)
         if _fast_ledger is not None:
-            # The same two methods in C (pgleak/_speedups.c), bound to this core; the Python
+            # The same two methods in C (pgleak/_c/ledger.c), bound to this core; the Python
             # ones stay on the class, and the C ones fall back to them for anything rare.
             self.checkout = types.MethodType(_fast_ledger.checkout, self)  # type: ignore[method-assign]
             self.checkin = types.MethodType(_fast_ledger.checkin, self)  # type: ignore[method-assign]

@@ -1,4 +1,4 @@
-"""The C half of Telemetry's hot methods (``trace_checkout``, ``ts_*`` in ``pgleak/_speedups.c``).
+"""The C half of Telemetry's hot methods (``trace_checkout``, ``ts_*`` in ``pgleak/_c/otel_*.c``).
 
 A traced checkout's observer call was a Python frame (~3,500 instructions) that, in its common
 case, only makes the checkout's :class:`pgleak._otel._Trace`. The C ledger makes it itself once
