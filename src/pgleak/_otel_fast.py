@@ -31,7 +31,9 @@ _log = logging.getLogger("pgleak")
 def bind() -> bool:
     """Hand the C ledger what it needs to make ``_Trace`` itself; ``False`` where it cannot
     (no extension, ``PGLEAK_NO_SPEEDUPS=1``, the Python ledger running, another runtime
-    context than the API's context variable): then the Python method runs, to the same end."""
+    context than the API's context variable, ``Telemetry.checked_out`` not ``_otel``'s own:
+    a wrapper in its place must not be taken for it): then the Python method runs, to the same
+    end."""
     fast = _stack._fast
     var = _otel._CONTEXT
     if fast is None or not hasattr(fast, "trace_bind") or var is None:

@@ -188,3 +188,38 @@ class _Instruments:
 
     def later(self, instrument: Any, value: float, attributes: Any) -> None:
         pass
+
+
+def test_a_method_replaced_before_install_is_not_taken_for_the_original(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``trace_bind`` keeps ``Telemetry.checked_out`` to tell when it was replaced: bound while
+    a wrapper stood in its place, the C path took the wrapper for the original and never called
+    it. Only the method ``pgleak._otel`` defines is bound; the wrapper runs at every checkout."""
+    told: list[Any] = []
+    original = _otel.Telemetry.checked_out
+
+    def wrapper(self: _otel.Telemetry, lease: Lease, since: float | None) -> None:
+        told.append(lease)
+        original(self, lease, since)
+
+    monkeypatch.setattr(_otel.Telemetry, "checked_out", wrapper)
+    assert _otel_fast.bind() is False
+    provider = TracerProvider()
+    pgleak.install(leak_threshold=60, report_interval=60, tracer_provider=provider)
+    try:
+        handle = core.pool(Pool(), "test")
+        conn = Conn()
+        leases = []
+        for _ in range(3):  # the first describes the pool; the others are the C path's case
+            lease = core.checkout(handle, conn, True, None)
+            assert lease is not None
+            assert type(lease.otel) is _otel._Trace
+            core.checkin(lease)
+            leases.append(lease)
+        assert told == leases
+    finally:
+        pgleak.uninstall()
+        provider.shutdown()
+    monkeypatch.undo()
+    assert _otel_fast.bind() is True

@@ -157,6 +157,30 @@ trace_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         return NULL;
     }
+    /* Only the method the class's own module defines under the class's name, as
+     * trace_span_bind() checks: one replaced before install() (a test's wrapper) must not be
+     * taken for the original, which trace_checkout() stands in for without calling it. */
+    PyObject *owner = PyObject_GetAttrString(args[0], "__module__");
+    PyObject *qualname = PyObject_GetAttrString(args[0], "__qualname__");
+    PyObject *expected = qualname == NULL ? NULL : PyUnicode_FromFormat("%U.checked_out", qualname);
+    int own = -1;
+    if (owner != NULL && expected != NULL) {
+        own = PyObject_RichCompareBool(PyFunction_GET_MODULE(method), owner, Py_EQ);
+        if (own == 1) {
+            own = PyObject_RichCompareBool(((PyFunctionObject *)method)->func_qualname, expected,
+                                           Py_EQ);
+        }
+    }
+    Py_XDECREF(owner);
+    Py_XDECREF(qualname);
+    Py_XDECREF(expected);
+    if (own != 1) {
+        if (own == 0) {
+            PyErr_SetString(PyExc_TypeError,
+                            "trace_bind(): Telemetry.checked_out is not pgleak._otel's own");
+        }
+        return NULL;
+    }
     if (s_dormant == NULL) {
         s_dormant = PyUnicode_InternFromString("dormant");
         s_tracing = PyUnicode_InternFromString("tracing");
