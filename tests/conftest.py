@@ -117,3 +117,32 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "internal_errors: the test injects faults into pgleak on purpose"
     )
+    stale = _stale_extension()
+    if stale is not None:
+        raise pytest.UsageError(stale)
+
+
+def _stale_extension() -> str | None:
+    """Why the C extension next to the sources is older than one of them, if it is.
+
+    The extension is optional, so a build that fails to compile (``pip install -e .`` after
+    an edit to ``src/pgleak/_c/*.c``) says nothing and leaves the last good ``.so`` in place:
+    the suite would then test the old C and pass. Only an in-tree build is checked (an
+    editable install); an installed wheel has no sources beside it."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("pgleak._speedups")
+    if spec is None or spec.origin is None:
+        return None
+    built = Path(spec.origin)
+    here = built.parent
+    sources = [here / "_speedups.c", *sorted((here / "_c").glob("*.c"))]
+    newer = [p for p in sources if p.exists() and p.stat().st_mtime > built.stat().st_mtime]
+    if not newer:
+        return None
+    return (
+        f"{built.name} is older than {newer[0].relative_to(here.parent.parent)}: its last build "
+        "failed or did not run, and the suite would test the old C. Rebuild (a compile error "
+        "shows with -v): .venv/bin/pip install -v --no-deps -e ."
+    )
