@@ -393,6 +393,8 @@ class _Told(BlockObserver):
         return self.last is not None and record.__dict__.get(sa_adapter._KEY) is self.last
 
 
+# Run once, with the direct hooks: what it compares does not depend on how checkout is hooked.
+@pytest.mark.parametrize("hooks", ["direct"], indirect=True)
 @pytest.mark.internal_errors
 @pytest.mark.skipif(
     not hasattr(_stack._fast, "ablock_wrapper"), reason="pgleak._speedups is not in use here"
@@ -404,8 +406,6 @@ def test_the_c_and_python_blocks_tell_the_observer_the_same(
     ``Connection.__enter__`` / ``__exit__`` (pgleak._speedups.Tracked) tell it what the Python
     functions tell it, in the same thread, with the block's own lease, and report its faults at
     the same site."""
-    if hooks != "direct":
-        pytest.skip("the block's wrappers do not depend on how checkout is hooked: run once")
 
     def body(engine: sa.Engine, told: _Told) -> None:
         with engine.connect() as conn:
@@ -483,6 +483,8 @@ def test_the_c_and_python_blocks_tell_the_observer_the_same(
     ]
 
 
+# Run once, with the direct hooks: what it compares does not depend on how checkout is hooked.
+@pytest.mark.parametrize("hooks", ["direct"], indirect=True)
 @pytest.mark.internal_errors
 def test_a_fairy_class_changed_or_subclassed_is_read_as_python_reads_it(
     pg: Server, monkeypatch: pytest.MonkeyPatch, hooks: str
@@ -492,8 +494,6 @@ def test_a_fairy_class_changed_or_subclassed_is_read_as_python_reads_it(
     since, or a subclass whose ``_connection_record`` is one, and it reads by name, as the
     Python template does (the lease on the record the property gives, the property read as
     often)."""
-    if hooks != "direct":
-        pytest.skip("the C and the Python checkout are compared inside: run once")
     from sqlalchemy.pool import base
 
     slot = base._ConnectionFairy.__dict__["_connection_record"]
