@@ -35,6 +35,15 @@ the same loop without it; their difference is what pgleak adds beyond the SDK's 
 alone in a tight loop is printed beside it: it runs with hot caches, so it understates what the
 span costs inside a cycle, and subtracting it overstated pgleak's share.
 
+``--split`` adds, per row, the same median paired difference of the thread's user time and of
+its system time (``getrusage(RUSAGE_THREAD)``; the kernel splits the thread's exact CPU time
+between the two by its tick samples, so each is good to a tick or so per block): on the
+asyncio paths the kernel's share moves with what the machine's other core is doing (docs/
+performance.md). ``--control`` runs every row as an A/A comparison: both blocks of a pair run
+the bare cycle (for ``otel_sdk``, both with the span made by hand) and nothing is installed,
+so the figures show what the method reads when there is nothing to find, on this machine,
+now.
+
 ``--held`` measures the watchdog with 10,000 checkouts held at once (its thread's CPU per second
 of wall time, and memory per held checkout), and memory over 1,000,000 checkout + checkin
 cycles; through the core directly, since no server takes 10,000 connections.
@@ -93,6 +102,9 @@ class Row:
     #: 95% confidence interval of the median added cost (order statistics of the rounds).
     added_lo_ns: float = float("nan")
     added_hi_ns: float = float("nan")
+    #: ``--split``: the median paired difference of user and of system time, per cycle.
+    user_ns: float = float("nan")
+    sys_ns: float = float("nan")
 
     @property
     def own_ns(self) -> float:
@@ -227,38 +239,80 @@ async def _adeep(depth: int, fn: Callable[[], Awaitable[Any]]) -> Any:
     return await fn() if depth == 0 else await _adeep(depth - 1, fn)
 
 
-#: (median added, median bare, the added median's 95% interval low and high), ns per cycle.
-Result = tuple[float, float, float, float]
+#: (median added, median bare, the added median's 95% interval low and high, median added user
+#: time, median added system time), ns per cycle; the last two NaN without ``--split``.
+Result = tuple[float, float, float, float, float, float]
+#: One block's cost per cycle: (thread CPU, user, system), ns; user and system NaN unsplit.
+Spent = tuple[float, float, float]
+_NAN = float("nan")
+
+
+class _Clock:
+    """Times one block: thread CPU time always; user and system time apart with ``split``.
+
+    ``getrusage`` runs outside the thread-CPU window, so asking for the split does not change
+    the figure it splits.
+    """
+
+    def __init__(self, split: bool) -> None:
+        self._usage: Callable[[], Any] | None = None
+        if split:  # Linux only; not imported otherwise (no ``resource`` on Windows)
+            import resource
+
+            self._usage = functools.partial(resource.getrusage, resource.RUSAGE_THREAD)
+
+    def start(self) -> tuple[int, Any]:
+        usage = self._usage() if self._usage is not None else None
+        return time.thread_time_ns(), usage
+
+    def stop(self, started: tuple[int, Any], cycles: int) -> Spent:
+        spent = time.thread_time_ns() - started[0]
+        before = started[1]
+        if before is None:
+            return spent / cycles, _NAN, _NAN
+        assert self._usage is not None
+        after = self._usage()
+        user = (after.ru_utime - before.ru_utime) * 1e9 / cycles
+        system = (after.ru_stime - before.ru_stime) * 1e9 / cycles
+        return spent / cycles, user, system
 
 
 class Bench:
     """Alternating bare and instrumented blocks of one path, in the thread that runs it."""
 
-    def __init__(self, rounds: int, cycles: int) -> None:
+    def __init__(
+        self, rounds: int, cycles: int, split: bool = False, control: bool = False
+    ) -> None:
         self.rounds = rounds
         self.cycles = cycles
+        self.clock = _Clock(split)
+        #: A/A: the "installed" block runs the bare one's cycle and installs nothing.
+        self.control = control
 
     def sync(self, run: Cycle, settings: dict[str, Any], path: str) -> Result:
         """``settings`` with a tracer provider: against the span made by hand (module doc)."""
         runs = {False: run, True: run}
         if "tracer_provider" in settings:
             runs = {False: _hand_spanned(run, settings, path), True: _one_by_one(run)}
+        if self.control:
+            runs[True] = runs[False]
 
-        def block(installed: bool) -> float:
+        def block(installed: bool) -> Spent:
             cycle = runs[installed]
-            if installed:
+            install = installed and not self.control
+            if install:
                 pgleak.install(**settings)
             try:
                 cycle(20)
                 gc.disable()
-                t = time.thread_time_ns()
+                started = self.clock.start()
                 _deep(DEPTH, lambda: cycle(self.cycles))
-                spent = time.thread_time_ns() - t
+                spent = self.clock.stop(started, self.cycles)
                 gc.enable()
             finally:
-                if installed:
+                if install:
                     pgleak.uninstall()
-            return spent / self.cycles
+            return spent
 
         return self._pairs(block)
 
@@ -271,40 +325,53 @@ class Bench:
                 False: _ahand_spanned(run, settings, path),
                 True: _ahand_spanned(run, None, path),
             }
-        results: list[tuple[float, float]] = []
+        if self.control:
+            runs[True] = runs[False]
+        pairs: list[dict[bool, Spent]] = []
         for i in range(self.rounds):
-            pair: dict[bool, float] = {}
+            pair: dict[bool, Spent] = {}
             for installed in (False, True) if i % 2 == 0 else (True, False):
                 cycle = runs[installed]
-                if installed:
+                install = installed and not self.control
+                if install:
                     pgleak.install(**settings)
                 try:
                     await cycle(20)
                     gc.disable()
-                    t = time.thread_time_ns()
+                    started = self.clock.start()
                     await _adeep(DEPTH, functools.partial(cycle, self.cycles))
-                    spent = time.thread_time_ns() - t
+                    pair[installed] = self.clock.stop(started, self.cycles)
                     gc.enable()
                 finally:
-                    if installed:
+                    if install:
                         pgleak.uninstall()
-                pair[installed] = spent / self.cycles
-            results.append((pair[True] - pair[False], pair[False]))
-        return _medians(results)
+            pairs.append(pair)
+        return _medians(pairs)
 
-    def _pairs(self, block: Callable[[bool], float]) -> Result:
-        results = []
+    def _pairs(self, block: Callable[[bool], Spent]) -> Result:
+        pairs = []
         for i in range(self.rounds):
             order = (False, True) if i % 2 == 0 else (True, False)
-            pair = {installed: block(installed) for installed in order}
-            results.append((pair[True] - pair[False], pair[False]))
-        return _medians(results)
+            pairs.append({installed: block(installed) for installed in order})
+        return _medians(pairs)
 
 
-def _medians(results: list[tuple[float, float]]) -> Result:
-    lo, hi = _median_ci([r[0] for r in results])
-    added = statistics.median(r[0] for r in results)
-    return added, statistics.median(r[1] for r in results), lo, hi
+def _medians(pairs: list[dict[bool, Spent]]) -> Result:
+    """Medians of the paired differences: thread CPU (with its interval), user, system."""
+
+    def added(part: int) -> list[float]:
+        return [pair[True][part] - pair[False][part] for pair in pairs]
+
+    lo, hi = _median_ci(added(0))
+    bare = statistics.median(pair[False][0] for pair in pairs)
+    return (
+        statistics.median(added(0)),
+        bare,
+        lo,
+        hi,
+        statistics.median(added(1)),
+        statistics.median(added(2)),
+    )
 
 
 def _median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -500,8 +567,10 @@ def measure(
         bare(200)
         query_ns = _wall_ns(query, 500)
         for name, kwargs in settings.items():
-            added, bare_ns, lo, hi = bench.sync(bare, kwargs, path)
-            rows.append(Row(path, name, added, bare_ns, query_ns, spans.get(name), lo, hi))
+            added, bare_ns, lo, hi, user, system = bench.sync(bare, kwargs, path)
+            rows.append(
+                Row(path, name, added, bare_ns, query_ns, spans.get(name), lo, hi, user, system)
+            )
             _log(rows[-1])
         close()
 
@@ -515,8 +584,10 @@ def measure(
             await bare(200)
             query_ns = await _awall_ns(query, 300)
             for name, kwargs in settings.items():
-                added, bare_ns, lo, hi = await bench.asyncio(bare, kwargs, path)
-                rows.append(Row(path, name, added, bare_ns, query_ns, spans.get(name), lo, hi))
+                added, bare_ns, lo, hi, user, system = await bench.asyncio(bare, kwargs, path)
+                rows.append(
+                    Row(path, name, added, bare_ns, query_ns, spans.get(name), lo, hi, user, system)
+                )
                 _log(rows[-1])
             await close()
 
@@ -526,10 +597,13 @@ def measure(
 
 
 def _log(row: Row) -> None:
+    split = ""
+    if not math.isnan(row.user_ns):
+        split = f" (user {row.user_ns / 1000:+.2f}, system {row.sys_ns / 1000:+.2f})"
     print(
         f"  {row.path:20s} {row.setting:9s} +{row.added_ns / 1000:6.2f} µs "
         f"[{row.added_lo_ns / 1000:.2f}, {row.added_hi_ns / 1000:.2f}] over "
-        f"{row.bare_ns / 1000:6.2f} µs",
+        f"{row.bare_ns / 1000:6.2f} µs{split}",
         file=sys.stderr,
         flush=True,
     )
@@ -597,14 +671,15 @@ def held(count: int, cycles: int) -> dict[str, float]:
 # -- output -------------------------------------------------------------------------------------
 
 
-def print_table(rows: list[Row]) -> None:
+def print_table(rows: list[Row], control: bool = False) -> None:
+    split = any(not math.isnan(row.user_ns) for row in rows)
     print(
         "| path | setting | added per checkout + checkin | 95% CI of the median | bare cycle "
-        "| share of a SELECT 1 cycle | target |"
+        "| share of a SELECT 1 cycle | target |" + (" user | system |" if split else "")
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|" + ("---:|---:|" if split else ""))
     for row in rows:
-        target = TARGETS_US.get(row.setting)
+        target = None if control else TARGETS_US.get(row.setting)
         own = row.own_ns / 1000
         added = f"+{row.added_ns / 1000:.2f} µs"
         if row.sdk_span_ns is not None:
@@ -613,12 +688,15 @@ def print_table(rows: list[Row]) -> None:
                 f" (the span alone, tight loop: {row.sdk_span_ns / 1000:.2f} µs)"
             )
         verdict = "" if target is None else ("met" if own <= target else f"NOT met (≤ {target} µs)")
+        if control:
+            verdict = "A/A: nothing installed"
+        parts = f" {row.user_ns / 1000:+.2f} µs | {row.sys_ns / 1000:+.2f} µs |" if split else ""
         share = 100 * row.added_ns / row.query_ns if row.query_ns else float("nan")
         print(
             f"| {row.path} | {row.setting} | {added} | "
             f"{row.added_lo_ns / 1000:.2f} to {row.added_hi_ns / 1000:.2f} µs | "
             f"{row.bare_ns / 1000:.2f} µs | "
-            f"{share:+.1f}% of {row.query_ns / 1000:.0f} µs | {verdict} |"
+            f"{share:+.1f}% of {row.query_ns / 1000:.0f} µs | {verdict} |{parts}"
         )
 
 
@@ -630,7 +708,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held", action="store_true", help="also 10,000 held and 1M cycles")
     parser.add_argument("--rounds", type=int, help="bare/pgleak block pairs per row (21)")
     parser.add_argument("--cycles", type=int, help="checkout + checkin cycles per block (3000)")
+    parser.add_argument(
+        "--split", action="store_true", help="also user and system time apart (Linux)"
+    )
+    parser.add_argument(
+        "--control", action="store_true", help="A/A: both blocks bare, nothing installed"
+    )
     args = parser.parse_args(argv)
+    if args.split:
+        try:
+            import resource
+
+            resource.RUSAGE_THREAD  # noqa: B018 - Linux only
+        except (ImportError, AttributeError):
+            parser.error("--split needs getrusage(RUSAGE_THREAD) (Linux)")
     paths = [p for p in args.paths.split(",") if p]
     unknown = set(paths) - set(PATHS)
     if unknown:
@@ -650,11 +741,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unknown setting {name!r}")
     rounds, cycles = (3, 300) if args.quick else (21, 3000)
-    bench = Bench(rounds=args.rounds or rounds, cycles=args.cycles or cycles)
+    bench = Bench(
+        rounds=args.rounds or rounds,
+        cycles=args.cycles or cycles,
+        split=args.split,
+        control=args.control,
+    )
     with EmbeddedPostgres(max_connections=20) as server:
         rows = measure(server, paths, settings, bench)
     print()
-    print_table(rows)
+    print_table(rows, control=args.control)
     if args.held:
         count, cycles = (1000, 10_000) if args.quick else (10_000, 1_000_000)
         result = held(count, cycles)
