@@ -25,7 +25,9 @@ The method, chosen for shared, noisy machines (wall-time ratios of separate proc
 
 Settings: ``default`` (stack on; OpenTelemetry API present, no SDK; tags and retry on),
 ``no_stack`` (``capture_stack=False``), and ``otel_sdk`` (an SDK tracer provider with a batch
-processor whose exporter drops every span: a span per checkout). For ``otel_sdk`` pgleak's own
+processor whose exporter drops every span: a span per checkout); on request ``otel_off`` (an
+SDK provider whose sampler records nothing, measured as ``otel_sdk`` is: pgleak's observer work
+without the SDK's recording and without its export thread). For ``otel_sdk`` pgleak's own
 share is measured against the same span made by hand in the same cycle: the uninstalled block
 runs each checkout + checkin inside a span started with the same attributes, made current
 where pgleak makes its span current (around the user's block: not on psycopg2's bare
@@ -111,8 +113,20 @@ class Row:
         return self.added_ns
 
 
-def _otel_settings() -> dict[str, Any] | None:
-    """An SDK tracer provider with a batch processor that drops every span; no metrics."""
+def _otel_settings(sampled: bool = True) -> dict[str, Any] | None:
+    """An SDK tracer provider with a batch processor that drops every span; no metrics.
+
+    ``sampled=False`` (setting ``otel_off``): a provider whose sampler records nothing, for
+    both blocks alike: what is left is pgleak's own observer work, without the SDK's
+    recording and its export thread (the same setting as ``bench_instructions.py``'s).
+    """
+    if not sampled:
+        try:
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+        except ImportError:
+            return None
+        return {"otel": True, "tracer_provider": TracerProvider(sampler=ALWAYS_OFF)}
     sdk = common._otel_sdk()
     return None if sdk is None else {"otel": True, "tracer_provider": sdk["tracer_provider"]}
 
@@ -732,10 +746,10 @@ def main(argv: list[str] | None = None) -> int:
             settings[name] = {}
         elif name == "no_stack":
             settings[name] = {"capture_stack": False}
-        elif name == "otel_sdk":
-            otel = _otel_settings()
+        elif name in ("otel_sdk", "otel_off"):
+            otel = _otel_settings(sampled=name == "otel_sdk")
             if otel is None:
-                print("opentelemetry-sdk not installed: otel_sdk skipped", file=sys.stderr)
+                print(f"opentelemetry-sdk not installed: {name} skipped", file=sys.stderr)
                 continue
             settings[name] = otel
         else:

@@ -87,20 +87,11 @@ def child(path: str, setting: str, installed: bool, n: int, where: dict[str, Any
 
 
 def _settings(setting: str) -> dict[str, Any]:
-    if setting == "otel_sdk":
-        otel = bench_cost._otel_settings()
+    if setting in ("otel_sdk", "otel_off"):
+        otel = bench_cost._otel_settings(sampled=setting == "otel_sdk")
         if otel is None:
-            raise SystemExit("opentelemetry-sdk not installed: otel_sdk cannot be counted")
+            raise SystemExit(f"opentelemetry-sdk not installed: {setting} cannot be counted")
         return otel
-    if setting == "otel_off":
-        try:
-            from opentelemetry.sdk.trace import TracerProvider
-            from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-        except ImportError:
-            raise SystemExit(
-                "opentelemetry-sdk not installed: otel_off cannot be counted"
-            ) from None
-        return {"otel": True, "tracer_provider": TracerProvider(sampler=ALWAYS_OFF)}
     return SETTINGS[setting]
 
 
