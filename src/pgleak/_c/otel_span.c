@@ -126,6 +126,20 @@ ts_mine(PyObject *observer, int which)
 static PyObject *
 ts_ns(PyObject *base, PyObject *mono, int negate)
 {
+    /* Nanoseconds since the epoch (~1.8e18) and the monotonic clock's in 64 bits: ``int(x)``
+     * of a float truncates toward zero, as the C cast does, and the sum of two values under
+     * 2**62 cannot overflow; no int made for ``int(mono * 1e9)``, none for the sum but the
+     * result. Anything larger (or a NaN, which no comparison lets through) is Python's. */
+    if (PyFloat_CheckExact(mono) && PyLong_CheckExact(base)) {
+        double scaled = PyFloat_AS_DOUBLE(mono) * 1e9;
+        int overflow;
+        long long b = PyLong_AsLongLongAndOverflow(base, &overflow);
+        const long long limit = (long long)1 << 62;
+        if (!overflow && b > -limit && b < limit && scaled > -4.6e18 && scaled < 4.6e18) {
+            long long ns = (long long)scaled;
+            return PyLong_FromLongLong(negate ? b - ns : b + ns);
+        }
+    }
     PyObject *scaled;
     if (PyFloat_CheckExact(mono)) {
         scaled = PyLong_FromDouble(PyFloat_AS_DOUBLE(mono) * 1e9);
