@@ -281,6 +281,25 @@ def test_a_site_whose_attributes_changed_is_copied_as_it_is_now(traced: Traced) 
     assert list(spans[2].attributes or {}) == list(spans[3].attributes or {})
 
 
+@pytest.mark.parametrize("mono", [1e12, -1e12, 7])
+def test_times_beyond_64_bits_or_of_another_type_are_pythons_arithmetic(
+    traced: Traced, monkeypatch: pytest.MonkeyPatch, mono: float
+) -> None:
+    """The C path adds nanoseconds in 64 bits while they are far from its limits: a clock
+    that puts the offset beyond them (or an int clock) gives the times Python's ints give."""
+    handle = core.pool(Pool(), "test")
+    _cycle(handle, None, None)
+    _cycle(handle, 1.0, None)
+    monkeypatch.setattr(_otel, "_monotonic", lambda: mono)
+    offset = NOW_NS - int(mono * 1e9)
+    traced.clear()
+    made = _both_ways(lambda: _cycle(handle, 1.0, None))
+    for span, seen in zip(traced.spans(), made, strict=True):
+        lease = seen["lease"]
+        assert span.start_time == offset + int(1.0 * 1e9)
+        assert span.end_time == offset + int(lease.t_in * 1e9)
+
+
 def test_in_a_task_too(traced: Traced) -> None:
     handle = core.pool(Pool(), "test")
 
