@@ -40,7 +40,7 @@ ablock_told(Tracked *w, PyObject *proxy, int entering)
         Py_DECREF(con);
         return 0;
     }
-    PyObject *key = PyLong_FromVoidPtr(con);
+    PyObject *key = conn_key(con); /* the ledger's own int for it: found by identity */
     if (key == NULL) {
         goto fault;
     }
