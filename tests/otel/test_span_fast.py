@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 import pgleak
 from pgleak import _core, _otel, _otel_fast, _stack
 from pgleak._core import Lease, core
+from pgleak._otel_metrics import _PoolInfo
+from pgleak._otel_names import CODE_LINE_NUMBER
 from tests.conftest import Server
 from tests.integrations.kits import all_kits
 from tests.otel.conftest import SpanCollector
@@ -235,6 +238,66 @@ def test_the_c_span_is_the_python_one(traced: Traced, waited: bool, label: str |
         holder = "thread 'MainThread'" + (f" during {label}" if label else "")
         assert attrs["pgleak.holder"] == holder
         assert attrs.get("pgleak.context") == label
+
+
+@pytest.mark.parametrize("waited", [False, True])
+@pytest.mark.parametrize("label", [None, "nightly export"])
+def test_the_c_spans_attributes_come_in_the_python_order(
+    traced: Traced, waited: bool, label: str | None
+) -> None:
+    """The C path copies the site's attributes with the checkout's keys already in place (a
+    dict of the right size): the span's attributes are the same keys in the same order."""
+    handle = core.pool(Pool(), "test")
+    _cycle(handle, None, None)
+    _cycle(handle, 1.0, None)
+    traced.clear()
+    since = time.monotonic() - 0.25 if waited else None
+    _both_ways(lambda: _cycle(handle, since, label))
+    c, python = (list(span.attributes or {}) for span in traced.spans())
+    assert c == python
+    assert c[-2:] == ["pgleak.held_s", "pgleak.outcome"]
+    assert ("pgleak.waited_s" in c) is waited
+    assert ("pgleak.context" in c) is (label is not None)
+
+
+def test_a_site_whose_attributes_changed_is_copied_as_it_is_now(traced: Traced) -> None:
+    handle = core.pool(Pool(), "test")
+    for since in (None, 1.0, None, 1.0):  # both of the C path's copies made
+        _cycle(handle, since, None)
+    info = handle.observed
+    assert type(info) is _PoolInfo
+    for _code, kept in info.sites.values():
+        kept["app.tier"] = "gold"
+        kept.pop(CODE_LINE_NUMBER, None)
+    traced.clear()
+    for since in (None, 1.0):
+        _both_ways(functools.partial(_cycle, handle, since, None))
+    spans = traced.spans()
+    assert len(spans) == 4
+    for span in spans:
+        assert (span.attributes or {})["app.tier"] == "gold"
+        assert CODE_LINE_NUMBER not in (span.attributes or {})
+    assert list(spans[0].attributes or {}) == list(spans[1].attributes or {})
+    assert list(spans[2].attributes or {}) == list(spans[3].attributes or {})
+
+
+@pytest.mark.parametrize("mono", [1e12, -1e12, 7])
+def test_times_beyond_64_bits_or_of_another_type_are_pythons_arithmetic(
+    traced: Traced, monkeypatch: pytest.MonkeyPatch, mono: float
+) -> None:
+    """The C path adds nanoseconds in 64 bits while they are far from its limits: a clock
+    that puts the offset beyond them (or an int clock) gives the times Python's ints give."""
+    handle = core.pool(Pool(), "test")
+    _cycle(handle, None, None)
+    _cycle(handle, 1.0, None)
+    monkeypatch.setattr(_otel, "_monotonic", lambda: mono)
+    offset = NOW_NS - int(mono * 1e9)
+    traced.clear()
+    made = _both_ways(lambda: _cycle(handle, 1.0, None))
+    for span, seen in zip(traced.spans(), made, strict=True):
+        lease = seen["lease"]
+        assert span.start_time == offset + int(1.0 * 1e9)
+        assert span.end_time == offset + int(lease.t_in * 1e9)
 
 
 def test_in_a_task_too(traced: Traced) -> None:

@@ -13,6 +13,73 @@
 
 static PyObject *s_pending_deque, *s_pop; /* "pending", "pop" */
 
+/* ``handle.pending``: PoolHandle keeps it in a slot, read there while the handle's class is
+ * the one whose member descriptor was found and unchanged since (its version tag) and reads
+ * attributes as ``object`` does, else by name. A new reference, or NULL with an error set. */
+static struct {
+    PyTypeObject *type; /* borrowed: an address, with its version tag */
+    unsigned int tag;
+    Py_ssize_t offset;
+} pending_slot;
+
+static PyObject *
+handle_pending(PyObject *handle)
+{
+    PyTypeObject *type = Py_TYPE(handle);
+    if (type == pending_slot.type && type->tp_version_tag == pending_slot.tag
+        && pending_slot.tag != 0 && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
+        PyObject *pending = *(PyObject **)((char *)handle + pending_slot.offset);
+        if (pending != NULL) {
+            return Py_NewRef(pending);
+        }
+    }
+    else if (type->tp_getattro == PyObject_GenericGetAttr) {
+        PyObject *descr = _PyType_Lookup(type, s_pending_deque); /* borrowed; tags type */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX
+            && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)
+            && type->tp_version_tag != 0) {
+            pending_slot.type = type;
+            pending_slot.tag = type->tp_version_tag;
+            pending_slot.offset = ((PyMemberDescrObject *)descr)->d_member->offset;
+        }
+    }
+    return PyObject_GetAttr(handle, s_pending_deque);
+}
+
+/* ``pending.append(None)`` (``append``) or ``pending.pop()``: on a ``collections.deque``
+ * (a builtin type: its methods cannot be replaced) its method descriptors called directly,
+ * without the lookup by name; on anything else, the call by name. */
+static PyTypeObject *pending_deque; /* collections.deque, once looked up */
+static PyObject *pending_append, *pending_pop;
+
+static PyObject *
+pending_call(PyObject *pending, int append)
+{
+    if (pending_deque == NULL && strcmp(Py_TYPE(pending)->tp_name, "collections.deque") == 0) {
+        PyObject *type = (PyObject *)Py_TYPE(pending);
+        PyObject *add = PyObject_GetAttrString(type, "append");
+        PyObject *pop = add == NULL ? NULL : PyObject_GetAttrString(type, "pop");
+        if (pop != NULL && Py_IS_TYPE(add, &PyMethodDescr_Type)
+            && Py_IS_TYPE(pop, &PyMethodDescr_Type)
+            && PyType_HasFeature(Py_TYPE(pending), Py_TPFLAGS_IMMUTABLETYPE)) {
+            pending_append = Py_NewRef(add);
+            pending_pop = Py_NewRef(pop);
+            pending_deque = (PyTypeObject *)Py_NewRef(type); /* last: it switches it on */
+        }
+        Py_XDECREF(add);
+        Py_XDECREF(pop);
+        PyErr_Clear();
+    }
+    if (pending_deque != NULL && Py_IS_TYPE(pending, pending_deque)) {
+        PyObject *args[2] = {pending, Py_None};
+        return PyObject_Vectorcall(append ? pending_append : pending_pop, args, append ? 2 : 1,
+                                   NULL);
+    }
+    return append ? PyObject_CallMethodOneArg(pending, s_append, Py_None)
+                  : PyObject_CallMethodNoArgs(pending, s_pop);
+}
+
 /* ``waiting(pool)`` (``sa`` false) or ``_wait_started(pool)`` (true): ``*handle`` and
  * ``*since`` set to new references or left NULL (the templates' ``None``); never raises. */
 static void
@@ -33,8 +100,8 @@ observed_wait(Tracked *w, PyObject *pool, int sa, PyObject **handle, PyObject **
         }
         return;
     }
-    PyObject *pending = PyObject_GetAttr(*handle, s_pending_deque);
-    PyObject *done = pending == NULL ? NULL : PyObject_CallMethodOneArg(pending, s_append, Py_None);
+    PyObject *pending = handle_pending(*handle);
+    PyObject *done = pending == NULL ? NULL : pending_call(pending, 1);
     Py_XDECREF(pending);
     if (done == NULL) {
         goto fault;
@@ -58,8 +125,8 @@ observed_wait_end(Tracked *w, PyObject *handle)
 {
     saved_error e;
     error_save(&e);
-    PyObject *pending = PyObject_GetAttr(handle, s_pending_deque);
-    PyObject *done = pending == NULL ? NULL : PyObject_CallMethodNoArgs(pending, s_pop);
+    PyObject *pending = handle_pending(handle);
+    PyObject *done = pending == NULL ? NULL : pending_call(pending, 0);
     Py_XDECREF(pending);
     if (done != NULL) {
         Py_DECREF(done);

@@ -126,6 +126,20 @@ ts_mine(PyObject *observer, int which)
 static PyObject *
 ts_ns(PyObject *base, PyObject *mono, int negate)
 {
+    /* Nanoseconds since the epoch (~1.8e18) and the monotonic clock's in 64 bits: ``int(x)``
+     * of a float truncates toward zero, as the C cast does, and the sum of two values under
+     * 2**62 cannot overflow; no int made for ``int(mono * 1e9)``, none for the sum but the
+     * result. Anything larger (or a NaN, which no comparison lets through) is Python's. */
+    if (PyFloat_CheckExact(mono) && PyLong_CheckExact(base)) {
+        double scaled = PyFloat_AS_DOUBLE(mono) * 1e9;
+        int overflow;
+        long long b = PyLong_AsLongLongAndOverflow(base, &overflow);
+        const long long limit = (long long)1 << 62;
+        if (!overflow && b > -limit && b < limit && scaled > -4.6e18 && scaled < 4.6e18) {
+            long long ns = (long long)scaled;
+            return PyLong_FromLongLong(negate ? b - ns : b + ns);
+        }
+    }
     PyObject *scaled;
     if (PyFloat_CheckExact(mono)) {
         scaled = PyLong_FromDouble(PyFloat_AS_DOUBLE(mono) * 1e9);
@@ -180,6 +194,53 @@ ts_holder_of(PyObject *task, PyObject *thread)
         Py_XSETREF(ts_last_holder, Py_NewRef(holder));
     }
     return holder;
+}
+
+/* ts_attributes()'s copies of the site's attributes with the keys a checkout adds already in
+ * place, in the order it adds them (``pgleak.checkout_id``, ``pgleak.holder``, then
+ * ``pgleak.waited_s`` for [1]; [0] without it): the copy of the site's dict had one key too
+ * many for its size and grew (a new table, every key placed again) on every traced checkout;
+ * the copy of one of these is the right size already, and the checkout's values replace the
+ * placeholders where they stand, so the keys and their order are those the insertions gave.
+ * Made for the site entry last seen (``hit``, held) while its dict is unchanged. */
+static struct {
+    PyObject *hit;      /* the ``sites`` entry, a (code, attrs) tuple, strong */
+    uint64_t tag;       /* its attrs' version tag when the copies were made */
+    PyObject *made[2];  /* strong; NULL: not made yet */
+} ts_presized;
+
+/* A new dict of the site's attributes (``hit[1]``); ``with``: 0 the plain copy, 1 with the
+ * checkout's two keys in place, 2 with the wait's too. NULL with an error set. */
+static PyObject *
+ts_attributes_copy(PyObject *hit, int with)
+{
+    PyObject *base = PyTuple_GET_ITEM(hit, 1);
+#ifdef PGLEAK_VERDICT_TABLE
+    if (with == 0) {
+        return PyDict_Copy(base);
+    }
+    if (ts_presized.hit != hit || ts_presized.tag != dict_version(base)) {
+        Py_CLEAR(ts_presized.made[0]);
+        Py_CLEAR(ts_presized.made[1]);
+        Py_XSETREF(ts_presized.hit, Py_NewRef(hit));
+        ts_presized.tag = dict_version(base);
+    }
+    PyObject *made = ts_presized.made[with - 1];
+    if (made == NULL) {
+        made = PyDict_Copy(base);
+        if (made == NULL || PyDict_SetItem(made, s_ts_checkout_id, Py_None) < 0
+            || PyDict_SetItem(made, s_ts_holder, Py_None) < 0
+            || (with == 2 && PyDict_SetItem(made, s_ts_waited, Py_None) < 0)) {
+            Py_XDECREF(made);
+            return NULL;
+        }
+        ts_presized.made[with - 1] = made;
+    }
+    return PyDict_Copy(made);
+#else
+    (void)with;
+    return PyDict_Copy(base);
+#endif
 }
 
 /* The span's start attributes as ``Telemetry._start`` makes them from a kept site: a new
@@ -252,7 +313,8 @@ ts_attributes(PyObject *lease, PyObject *state, PyObject **start)
         || PyTuple_GET_ITEM(hit, 0) != code || !PyDict_CheckExact(PyTuple_GET_ITEM(hit, 1))) {
         return NULL; /* not kept (the method's _base()), or an id reused */
     }
-    PyObject *attrs = PyDict_Copy(PyTuple_GET_ITEM(hit, 1));
+    int plain = context == Py_None || PyUnicode_GET_LENGTH(context) == 0;
+    PyObject *attrs = ts_attributes_copy(hit, plain ? (since != Py_None) + 1 : 0);
     if (attrs == NULL) {
         return NULL;
     }
@@ -264,7 +326,7 @@ ts_attributes(PyObject *lease, PyObject *state, PyObject **start)
     if (holder == NULL) {
         goto fail;
     }
-    if (context != Py_None && PyUnicode_GET_LENGTH(context) > 0) {
+    if (!plain) {
         Py_SETREF(holder, PyUnicode_FromFormat("%U during %U", holder, context));
         if (holder == NULL || PyDict_SetItem(attrs, s_ts_holder, holder) < 0
             || PyDict_SetItem(attrs, s_ts_context, context) < 0) {

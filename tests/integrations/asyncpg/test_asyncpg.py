@@ -13,6 +13,7 @@ wait rather than sleeping.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import io
 import socket
@@ -22,7 +23,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from asyncpg.pool import Pool, PoolAcquireContext, PoolConnectionHolder
+from asyncpg.pool import Pool, PoolAcquireContext, PoolConnectionHolder, PoolConnectionProxy
 
 import pgleak
 from pgleak import _adapter, _guard, _stack
@@ -330,6 +331,115 @@ def test_the_c_and_python_blocks_tell_the_observer_the_same(
         ("inside, faulty observer",),
         ("faults", [fault, fault]),  # the block's enter and exit
     ]
+
+
+class _Counted(collections.deque):  # type: ignore[type-arg]
+    """A pool's ``pending`` whose appends and pops are written down (``calls``)."""
+
+    calls: list[str]
+
+    def append(self, item: Any) -> None:
+        self.calls.append("append")
+        super().append(item)
+
+    def pop(self, *index: int) -> Any:
+        self.calls.append("pop")
+        return super().pop(*index)
+
+
+@pytest.mark.skipif(
+    not hasattr(_stack._fast, "ablock_wrapper"), reason="pgleak._speedups is not in use here"
+)
+def test_an_observed_wait_is_counted_by_the_pools_pending_whatever_its_class(
+    pg: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C checkout calls a plain deque's ``append`` / ``pop`` without looking them up by
+    name; any other ``pending`` (a subclass here) is called by name, as the Python one is."""
+
+    def run(c: bool) -> tuple[list[str], list[int]]:
+        with monkeypatch.context() as patched:
+            patched.setattr(_adapter, "use_c_wrappers", c)
+            pgleak.install(leak_threshold=60, report_interval=60)
+            try:
+                patched.setattr(core, "observer", _Told())
+                core.observer_started()
+                wrapper = PoolAcquireContext.__dict__["__aenter__"]
+                assert (type(wrapper) is _stack._fast.Tracked) is c
+
+                async def main() -> tuple[list[str], list[int]]:
+                    pool = await _open(pg)
+                    try:
+                        async with pool.acquire():
+                            pass
+                        [handle] = [h for h in core._pools.values() if h.ref() is pool]
+                        lengths = [len(handle.pending)]
+                        counted = _Counted()
+                        counted.calls = []
+                        handle.pending = counted
+                        async with pool.acquire():
+                            lengths.append(len(handle.pending))
+                        await pool.release(await pool.acquire())
+                        lengths.append(len(handle.pending))
+                        return counted.calls, lengths
+                    finally:
+                        pool.terminate()
+
+                return asyncio.run(main())
+            finally:
+                pgleak.uninstall()
+                _guard.reset()
+
+    python, c = run(False), run(True)
+    assert c == python == (["append", "pop"] * 2, [0, 0, 0])
+
+
+@pytest.mark.skipif(
+    not hasattr(_stack._fast, "ablock_wrapper"), reason="pgleak._speedups is not in use here"
+)
+def test_the_c_blocks_read_a_replaced_proxy_con_as_python_does(
+    pg: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C blocks read the proxy's ``_con`` from its slot only while it is the slot's member
+    descriptor; a property in its place is read by name, as many times as in Python."""
+    slot = PoolConnectionProxy.__dict__["_con"]
+    reads: list[bool] = []
+
+    def get(proxy: Any) -> Any:
+        reads.append(True)
+        return slot.__get__(proxy)
+
+    def run(c: bool) -> tuple[list[Any], int]:
+        reads.clear()
+        with monkeypatch.context() as patched:
+            patched.setattr(_adapter, "use_c_wrappers", c)
+            pgleak.install(leak_threshold=60, report_interval=60)
+            try:
+                told = _Told()
+                patched.setattr(core, "observer", told)
+                core.observer_started()
+                patched.setattr(PoolConnectionProxy, "_con", property(get, slot.__set__))
+
+                async def block(pool: Pool) -> None:
+                    async with pool.acquire():
+                        pass
+
+                async def main() -> None:
+                    pool = await _open(pg)
+                    try:
+                        await asyncio.create_task(block(pool), name="the-task")
+                    finally:
+                        pool.terminate()
+
+                asyncio.run(main())
+            finally:
+                pgleak.uninstall()
+                _guard.reset()
+        return told.seen, len(reads)
+
+    python, c = run(False), run(True)
+    assert c == python
+    assert python[0] == [("enter", "the-task", [True]), ("exit", "the-task", [True])]
+    assert python[1] > 2  # the checkout's read and the block's two, at least
 
 
 def test_release_to_another_pool_raises_and_leaves_the_ledger_alone(
