@@ -79,7 +79,7 @@ error_drop(saved_error *e)
 }
 
 /* The current exception, handed to ``handler(site, exc)`` (internal_error) and cleared. */
-static void
+static PGLEAK_COLD void
 report_fault(Tracked *w)
 {
     saved_error e;

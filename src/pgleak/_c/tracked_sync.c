@@ -1,6 +1,26 @@
 /* pgleak._speedups, part: the sync wrappers' calls, the Tracked type and its constructors.
  * Included by ../_speedups.c, in order, after the parts before it (one translation unit). */
 
+/* The template's ``except BaseException`` after a failed checkout call (the error is set):
+ * gave_up() says whether the wait ran out; the error propagates as it came. */
+static PGLEAK_COLD void
+acquire_failed(Tracked *w, PyObject *pool, PyObject *const *args, Py_ssize_t nargs,
+               PyObject *kwnames)
+{
+    saved_error e;
+    PyObject *rest, *kwargs;
+    error_save(&e);
+    if (e.value != NULL && split_args(args, nargs, kwnames, &rest, &kwargs) == 0) {
+        PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, rest,
+                                                      kwargs, NULL);
+        Py_XDECREF(done);
+        Py_DECREF(rest);
+        Py_DECREF(kwargs);
+    }
+    PyErr_Clear();
+    error_restore(&e);
+}
+
 static PyObject *
 acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -34,20 +54,8 @@ acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
     PyObject *pool = args[0];
     Py_INCREF(pool); /* the arguments are the caller's; the pool must outlive the call */
     PyObject *conn = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
-    if (conn == NULL) {
-        /* the template's ``except BaseException``: gave_up() says whether the wait ran out */
-        saved_error e;
-        PyObject *rest, *kwargs;
-        error_save(&e);
-        if (e.value != NULL && split_args(args, nargs, kwnames, &rest, &kwargs) == 0) {
-            PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, rest,
-                                                          kwargs, NULL);
-            Py_XDECREF(done);
-            Py_DECREF(rest);
-            Py_DECREF(kwargs);
-        }
-        PyErr_Clear();
-        error_restore(&e);
+    if (PGLEAK_UNLIKELY(conn == NULL)) {
+        acquire_failed(w, pool, args, nargs, kwnames);
         Py_DECREF(pool);
         return NULL;
     }
@@ -108,6 +116,20 @@ conn_argument(Tracked *w, PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
     return conn;
 }
 
+/* A failed checkin call (the error is set, and propagates as it came): unless the pool
+ * refused the connection, it is back all the same, the user let go of it (the template's
+ * checked_in()). */
+static PGLEAK_COLD void
+release_failed(Tracked *w, PyObject *lease)
+{
+    if (lease != NULL && !PyErr_ExceptionMatches(w->refused)) {
+        saved_error e;
+        error_save(&e);
+        tracked_released(w, lease);
+        error_restore(&e);
+    }
+}
+
 static PyObject *
 release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -141,14 +163,8 @@ release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
         Py_XINCREF(lease);
     }
     PyObject *result = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
-    if (result == NULL) {
-        if (lease != NULL && !PyErr_ExceptionMatches(w->refused)) {
-            /* back all the same: the user let go of it (the template's checked_in()) */
-            saved_error e;
-            error_save(&e);
-            tracked_released(w, lease);
-            error_restore(&e);
-        }
+    if (PGLEAK_UNLIKELY(result == NULL)) {
+        release_failed(w, lease);
         Py_XDECREF(lease);
         return NULL;
     }
@@ -163,6 +179,21 @@ release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
  * pgleak.integrations.sqlalchemy._make_checkout, the template): a nested checkout (``fairy=``),
  * an observer or call-site tags are the template's. The lease goes into the record's
  * ``__dict__`` under ``conn_name``; a ``refused`` error (TimeoutError) goes to ``gave_up``. */
+/* ``_checkout`` failed (the error is set, and propagates as it came): a ``refused`` error
+ * (TimeoutError) goes to ``gave_up``. */
+static PGLEAK_COLD void
+sa_checkout_failed(Tracked *w, PyObject *pool)
+{
+    if (PyErr_ExceptionMatches(w->refused)) {
+        saved_error e;
+        error_save(&e);
+        PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, NULL);
+        Py_XDECREF(done);
+        PyErr_Clear();
+        error_restore(&e);
+    }
+}
+
 static PyObject *
 sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -188,15 +219,8 @@ sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
     PyObject *pool = args[1];
     Py_INCREF(pool);
     PyObject *fairy = PyObject_Vectorcall(w->original, args, nargsf, NULL);
-    if (fairy == NULL) {
-        if (PyErr_ExceptionMatches(w->refused)) {
-            saved_error e;
-            error_save(&e);
-            PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, NULL);
-            Py_XDECREF(done);
-            PyErr_Clear();
-            error_restore(&e);
-        }
+    if (PGLEAK_UNLIKELY(fairy == NULL)) {
+        sa_checkout_failed(w, pool);
         Py_DECREF(pool);
         return NULL;
     }
