@@ -395,6 +395,35 @@ done:
 
 PyDoc_STRVAR(checkin_doc, "checkin(core, lease) -> None\n\nCore.checkin.");
 
+/* ``dict.pop(key)`` in one probe: 1 and the value (a new reference) in ``*value``, 0 if the key
+ * is missing, -1 on error. */
+static inline int
+dict_pop(PyObject *dict, PyObject *key, PyObject **value)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyDict_Pop(dict, key, value);
+#else
+    static PyObject *missing = NULL; /* a default no dict of pgleak's holds */
+    if (PGLEAK_UNLIKELY(missing == NULL)) {
+        missing = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
+        if (missing == NULL) {
+            *value = NULL;
+            return -1;
+        }
+    }
+    *value = _PyDict_Pop(dict, key, missing);
+    if (*value == NULL) {
+        return -1;
+    }
+    if (*value == missing) {
+        Py_DECREF(missing);
+        *value = NULL;
+        return 0;
+    }
+    return 1;
+#endif
+}
+
 /* The collected user-facing object's lease: Core.on_collected. */
 static PGLEAK_COLD PyObject *
 checkin_collected(PyObject *core, PyObject *ref)
@@ -502,11 +531,17 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
             return NULL;
         }
         if (PyDict_Check(by_conn)) {
-            PyObject *filed = PyDict_GetItemWithError(by_conn, key);
-            if (filed == lease && PyDict_DelItem(by_conn, key) < 0) {
-                PyErr_Clear(); /* another thread took it first: the same end */
+            /* ``if by_conn.get(key) is lease: del by_conn[key]`` in one probe: taken out, and
+             * put back in the rare case it is another lease's (nothing in between runs Python
+             * code: the value is held; nothing reads by_conn's order) */
+            PyObject *filed = NULL;
+            int found = dict_pop(by_conn, key, &filed);
+            if (PGLEAK_UNLIKELY(found > 0 && filed != lease)
+                && PyDict_SetItem(by_conn, key, filed) < 0) {
+                found = -1;
             }
-            else if (filed == NULL && PyErr_Occurred()) {
+            Py_XDECREF(filed);
+            if (PGLEAK_UNLIKELY(found < 0)) {
                 Py_DECREF(by_conn);
                 Py_DECREF(now);
                 return NULL;
