@@ -33,12 +33,8 @@ acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
         PyErr_Clear();
         goto python;
     }
-    if (w->tags_dict != NULL) {
-        PyObject *call_site = PyDict_GetItemWithError(w->tags_dict, s_call_site);
-        if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
-            PyErr_Clear();
-            goto python;
-        }
+    if (w->tags_dict != NULL && !call_site_off(w)) {
+        goto python;
     }
     if (w->keyed) { /* psycopg2's getconn(key): a key may be a re-lend, which the template sees */
         Py_ssize_t total = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
@@ -208,9 +204,7 @@ sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
         PyErr_Clear();
         goto python;
     }
-    PyObject *call_site = PyDict_GetItemWithError(w->tags_dict, s_call_site);
-    if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
-        PyErr_Clear();
+    if (!call_site_off(w)) {
         goto python;
     }
     if (observer != Py_None) {
@@ -293,9 +287,7 @@ retry_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
     if (nargs < 1) {
         goto python;
     }
-    PyObject *call_site = PyDict_GetItemWithError(w->tags_dict, s_call_site);
-    if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
-        PyErr_Clear();
+    if (!call_site_off(w)) {
         goto python;
     }
     PyObject *conn = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
