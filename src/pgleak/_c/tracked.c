@@ -101,7 +101,8 @@ report_fault(Tracked *w)
  * to the dict), on 3.12 until a dict watcher hears of any change to it. Not from 3.13, where
  * the instance's attributes are stored in the object itself (its type has no slot for its
  * dict; see calm.c) and no watcher hears of those stores: read every time, as before. */
-static PyObject *tags_kept; /* the dict whose call_site was off (borrowed: compared only), or NULL */
+/* the dict whose call_site was off (borrowed: only compared), or NULL */
+static PyObject *tags_kept;
 #if PY_VERSION_HEX < 0x030C0000
 static uint64_t tags_kept_tag;
 #elif PY_VERSION_HEX < 0x030D0000

@@ -21,7 +21,7 @@ acquire_failed(Tracked *w, PyObject *pool, PyObject *const *args, Py_ssize_t nar
     error_restore(&e);
 }
 
-static PyObject *
+static PGLEAK_NOINLINE PyObject *
 acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -126,7 +126,7 @@ release_failed(Tracked *w, PyObject *lease)
     }
 }
 
-static PyObject *
+static PGLEAK_NOINLINE PyObject *
 release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -190,7 +190,7 @@ sa_checkout_failed(Tracked *w, PyObject *pool)
     }
 }
 
-static PyObject *
+static PGLEAK_NOINLINE PyObject *
 sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -237,7 +237,7 @@ python:
 
 /* SQLAlchemy's ``Pool._return_conn(self, record)``: the record's lease, if any, is checked in
  * before the pool has the connection back (the template: _make_return_conn). */
-static PyObject *
+static PGLEAK_NOINLINE PyObject *
 sa_return_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     if (kwnames != NULL || PyVectorcall_NARGS(nargsf) != 2) {
@@ -280,7 +280,7 @@ sa_return_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnam
  * propagates as it came, with no frame of pgleak's. A success makes the budget's deposit
  * (``succeeded()``) unless the budget is full, as the template's inlined test. Call-site tags
  * are the template's. */
-static PyObject *
+static PGLEAK_NOINLINE PyObject *
 retry_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -335,19 +335,21 @@ python:
 }
 
 /* The asyncio modes' calls (below, after the constructors). */
-static PyObject *aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf,
-                               PyObject *kwnames);
-static PyObject *arelease_call(Tracked *w, PyObject *const *args, size_t nargsf,
-                               PyObject *kwnames);
-static PyObject *holder_release_call(Tracked *w, PyObject *const *args, size_t nargsf,
-                                     PyObject *kwnames);
-static PyObject *ablock_call(Tracked *w, PyObject *const *args, size_t nargsf,
-                             PyObject *kwnames);
-static PyObject *scope_open_call(Tracked *w, PyObject *const *args, size_t nargsf,
-                                 PyObject *kwnames);
-static PyObject *sblock_call(Tracked *w, PyObject *const *args, size_t nargsf,
-                             PyObject *kwnames);
+static PGLEAK_NOINLINE PyObject *
+aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+static PGLEAK_NOINLINE PyObject *
+arelease_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+static PGLEAK_NOINLINE PyObject *
+holder_release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+static PGLEAK_NOINLINE PyObject *
+ablock_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+static PGLEAK_NOINLINE PyObject *
+scope_open_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+static PGLEAK_NOINLINE PyObject *
+sblock_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames);
 
+/* Each mode's call is a function of its own (not inlined here): a call touches only its own
+ * mode's code, on lines of its own, and saves only the registers that mode needs. */
 static PyObject *
 tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
