@@ -162,6 +162,23 @@ def test_lent_again_forgets_the_unseen_checkin(installed: pgleak.Settings) -> No
     assert not core.leases
 
 
+def test_a_late_checkin_leaves_the_connections_new_lease_filed(
+    installed: pgleak.Settings,
+) -> None:
+    # The C checkin takes its lease out of by_conn in one probe and must put back what it
+    # took if that is another lease's: here the checkout that lent the connection again.
+    handle = core.pool(Pool(), "test")
+    conn = Conn()
+    first = _out(handle, conn, True)
+    second = _out(handle, conn, True)
+    core.checkin(first)
+    assert core.by_conn[id(conn)] is second
+    assert core.leases == {second.id: second}
+    core.checkin(second)
+    assert id(conn) not in core.by_conn
+    assert not core.leases
+
+
 def test_collected_before_checkin_is_queued_not_returned(installed: pgleak.Settings) -> None:
     handle = core.pool(Pool(), "test")
     conn = Conn()

@@ -150,3 +150,26 @@ def test_call_site_tags_through_pgbouncer(client: str, via_bouncer: Endpoint) ->
     match = re.fullmatch(r"svc:(appname_clients\.py:\d+)", seen)
     assert match, seen
     assert match.group(1) in checkout_sites()
+
+
+def test_call_site_tags_switched_on_while_installed_tag_the_next_checkout(pg: Server) -> None:
+    """The C wrappers keep the answer "call-site tags off" between checkouts; switching them
+    on (a second ``install()``: the same wrappers) must reach the very next checkout."""
+    from psycopg_pool import ConnectionPool
+
+    pgleak.install(service_name="svc")
+    try:
+        kwargs = {"autocommit": True}
+        with ConnectionPool(pg.dsn, min_size=1, max_size=1, kwargs=kwargs, open=True) as pool:
+            for _ in range(3):  # off, and kept so
+                with pool.connection() as conn:
+                    seen = conn.execute("select current_setting('application_name')").fetchone()
+                    assert seen is not None
+                    assert seen[0] == tags.base
+            pgleak.install(service_name="svc", app_name_call_site=True)
+            with pool.connection() as conn:
+                seen = conn.execute("select current_setting('application_name')").fetchone()
+    finally:
+        pgleak.uninstall()
+    assert seen is not None
+    assert re.fullmatch(r"svc:test_application_name\.py:\d+", seen[0]), seen

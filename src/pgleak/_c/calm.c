@@ -189,11 +189,17 @@ kept(PyObject *module, PyObject *unused)
  * the public PyTime_Monotonic; before it, Linux's clock_gettime(CLOCK_MONOTONIC) is what
  * time.monotonic() reads; anywhere else, or if ``_core._monotonic`` is not time.monotonic, the
  * call. */
+static PGLEAK_COLD PyObject *
+clock_called(void)
+{
+    return PyObject_CallNoArgs(b_monotonic);
+}
+
 static PyObject *
 clock_now(void)
 {
 #if PY_VERSION_HEX >= 0x030D0000
-    if (own_clock) {
+    if (PGLEAK_LIKELY(own_clock)) {
         PyTime_t t;
         if (PyTime_Monotonic(&t) < 0) {
             return NULL;
@@ -201,12 +207,12 @@ clock_now(void)
         return PyFloat_FromDouble(PyTime_AsSecondsDouble(t));
     }
 #elif defined(__linux__) && defined(CLOCK_MONOTONIC)
-    if (own_clock) {
+    if (PGLEAK_LIKELY(own_clock)) {
         struct timespec ts;
-        if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0) {
+        if (PGLEAK_LIKELY(clock_gettime(CLOCK_MONOTONIC, &ts) == 0)) {
             long long ns = (long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec;
             volatile double d; /* as CPython: no rounding changed by optimisation */
-            if (ns % 1000000000LL == 0) {
+            if (PGLEAK_UNLIKELY(ns % 1000000000LL == 0)) {
                 d = (double)(ns / 1000000000LL);
             }
             else {
@@ -217,5 +223,5 @@ clock_now(void)
         }
     }
 #endif
-    return PyObject_CallNoArgs(b_monotonic);
+    return clock_called();
 }

@@ -5,32 +5,151 @@ PyDoc_STRVAR(checkout_doc,
 "checkout(core, pool, conn=None, index=False, since=None) -> Lease | None\n\n"
 "Core.checkout, positional arguments only (anything else goes to the Python method).");
 
+/* Core.checkout itself, for every call the C path leaves to it (a call of another shape, the
+ * bound reached, a ledger Core.__init__ did not make). */
+static PGLEAK_COLD PyObject *
+checkout_py(PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    return PyObject_Vectorcall(b_checkout_py, args, nargsf, kwnames);
+}
+
+/* The settings read afresh (their values kept in ``set_*``): a new reference, NULL on error.
+ * Apart from the common path: only after a change, or with an observer (no answers kept). */
+static PGLEAK_NOINLINE PyObject *
+checkout_settings(PyObject *core)
+{
+    PyObject *settings = live(core, s_settings);
+    if (settings != NULL && read_settings(settings) < 0) {
+        Py_CLEAR(settings);
+    }
+    return settings;
+}
+
+/* ``_ConnRef(conn, collected)`` called as any class is: a _ConnRef with an __init__ of its own
+ * (never pgleak's). A new reference, NULL on error. */
+static PGLEAK_COLD PyObject *
+connref_called(PyObject *conn, PyObject *collected)
+{
+    PyObject *cargs[2] = {conn, collected};
+    return PyObject_Vectorcall((PyObject *)connref_type, cargs, 2, NULL);
+}
+
+/* ``by_conn`` already held ``stale`` under this connection's key: if the pool lent the same
+ * connection again, it had it back, and that lease's checkin went unseen (a path the adapter
+ * does not hook): forgotten. 0, or -1 on error. */
+static PGLEAK_COLD int
+checkout_stale(PyObject *core, PyObject *conn, PyObject *stale)
+{
+    PyObject *stale_ref = SLOT(stale, lease_off[L_REF]);
+    PyObject *target = (stale_ref != NULL && PyWeakref_Check(stale_ref))
+                           ? ref_target(stale_ref) : NULL;
+    int failed = 0;
+    if (target == conn) {
+        Py_INCREF(stale);
+        PyObject *gone = PyObject_CallMethodOneArg(core, s_forget, stale);
+        Py_DECREF(stale);
+        failed = gone == NULL ? -1 : 0;
+        Py_XDECREF(gone);
+    }
+    Py_XDECREF(target);
+    return failed;
+}
+
+/* The rest of a checkout after its lease is filed, when the answers kept do not say "nothing
+ * rare" (the watchdog's first start, an observer, one waiting to wake): one attribute check
+ * each decides whether Python is called. 0, or -1 on error. Apart from the common path, where
+ * calm() says there is none of it. */
+static PGLEAK_NOINLINE int
+checkout_after(PyObject *core, PyObject *lease, PyObject *since)
+{
+    PyObject *value = NULL, *observed = NULL;
+    int later = watchdog_idle(core);
+    if (later < 0) {
+        return -1;
+    }
+    if (!later) {
+        value = live(core, s_observer);
+        if (value == NULL) {
+            return -1;
+        }
+        later = value != Py_None;
+        if (later) {
+            observed = value; /* the observer, told here (the watchdog is running) */
+            value = NULL;
+        }
+        Py_CLEAR(value);
+    }
+    if (!later) {
+        value = live(core, s_waker);
+        if (value == NULL) {
+            return -1;
+        }
+        later = value != Py_None;
+        Py_CLEAR(value);
+        if (later) {
+            later = wake_due(core);
+            if (later < 0) {
+                return -1;
+            }
+        }
+    }
+    if (later && observed) {
+        /* _after_checkout()'s common case: the watchdog running, an observer to tell */
+        if (observe_names() < 0) {
+            Py_DECREF(observed);
+            return -1;
+        }
+        int failed = trace_checkout(observed, lease, since);
+        if (failed == 0) {
+            PyObject *oargs[3] = {observed, lease, since};
+            failed = observe(s_checked_out, s_site_out, oargs, 3);
+        }
+        else {
+            failed = failed < 0 ? observe_fault(s_site_out) : 0;
+        }
+        Py_DECREF(observed);
+        return failed < 0 ? -1 : 0;
+    }
+    Py_XDECREF(observed);
+    if (later) {
+        value = PyObject_CallMethodObjArgs(core, s_after_checkout, lease, since, NULL);
+        if (value == NULL) {
+            return -1;
+        }
+        Py_DECREF(value);
+    }
+    else {
+        calm_now(core);
+    }
+    return 0;
+}
+
 static PyObject *
 ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (!bound || kwnames != NULL || nargs < 2 || nargs > 5) {
-        return PyObject_Vectorcall(b_checkout_py, args, nargsf, kwnames);
+    if (PGLEAK_UNLIKELY(!bound || kwnames != NULL || nargs < 2 || nargs > 5)) {
+        return checkout_py(args, nargsf, kwnames);
     }
     PyObject *core = args[0], *pool = args[1];
     PyObject *conn = nargs > 2 ? args[2] : Py_None;
     int index = nargs > 3 ? PyObject_IsTrue(args[3]) : 0;
     PyObject *since = nargs > 4 ? args[4] : Py_None;
-    if (index < 0) {
+    if (PGLEAK_UNLIKELY(index < 0)) {
         return NULL;
     }
     PyObject *settings = NULL, *leases = NULL, *value = NULL, *lease = NULL, *task = Py_None;
-    PyObject *loop = NULL, *result = NULL, *observed = NULL;
+    PyObject *loop = NULL, *result = NULL;
     Py_INCREF(task);
 
     int quiet = calm(core); /* the settings seen last are this core's, nothing rare to do */
     if (!quiet) {
-        settings = live(core, s_settings);
-        if (settings == NULL || read_settings(settings) < 0) {
+        settings = checkout_settings(core);
+        if (settings == NULL) {
             goto done;
         }
     }
-    if (!set_enabled) {
+    if (PGLEAK_UNLIKELY(!set_enabled)) {
         result = Py_NewRef(Py_None);
         goto done;
     }
@@ -40,21 +159,21 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
     }
     int truth = PyObject_IsTrue(value);
     Py_CLEAR(value);
-    if (truth != 0) {
+    if (PGLEAK_UNLIKELY(truth != 0)) {
         result = truth < 0 ? NULL : Py_NewRef(Py_None);
         goto done;
     }
     leases = held(core, a_leases, s_leases);
-    if (leases == NULL || !PyDict_CheckExact(leases)) {
+    if (PGLEAK_UNLIKELY(leases == NULL || !PyDict_CheckExact(leases))) {
         /* not the ledger Core.__init__ made: let the Python method deal with it */
         Py_CLEAR(leases);
         PyErr_Clear();
-        result = PyObject_Vectorcall(b_checkout_py, args, nargsf, kwnames);
+        result = checkout_py(args, nargsf, kwnames);
         goto done;
     }
-    if (PyDict_GET_SIZE(leases) >= set_max_tracked) {
+    if (PGLEAK_UNLIKELY(PyDict_GET_SIZE(leases) >= set_max_tracked)) {
         /* the bound: the Python method warns and counts */
-        result = PyObject_Vectorcall(b_checkout_py, args, nargsf, kwnames);
+        result = checkout_py(args, nargsf, kwnames);
         goto done;
     }
     double threshold = set_leak_threshold;
@@ -64,7 +183,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
     }
     double extra = PyFloat_AsDouble(value);
     Py_CLEAR(value);
-    if (extra == -1.0 && PyErr_Occurred()) {
+    if (PGLEAK_UNLIKELY(extra == -1.0 && PyErr_Occurred())) {
         goto done;
     }
     if (extra > threshold) {
@@ -120,8 +239,8 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
     SLOT_FILL(lease, lease_off[L_SELF_RETURNING], Py_NewRef(extra == Py_HUGE_VAL ? Py_True : Py_False));
     SLOT_FILL(lease, lease_off[L_CLOSED], Py_NewRef(Py_None));
     SLOT_FILL(lease, lease_off[L_UNSEEN_CLOSE], Py_NewRef(Py_False));
-    if (generation == NULL || SLOT(lease, lease_off[L_DEADLINE]) == NULL
-        || SLOT(lease, lease_off[L_RAW]) == NULL) {
+    if (PGLEAK_UNLIKELY(generation == NULL || SLOT(lease, lease_off[L_DEADLINE]) == NULL
+                        || SLOT(lease, lease_off[L_RAW]) == NULL)) {
         if (!PyErr_Occurred()) {
             PyErr_SetString(PyExc_RuntimeError, "pgleak._core._generation is missing");
         }
@@ -133,7 +252,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
     }
     PyObject *lease_id = PyIter_Next(ids);
     Py_DECREF(ids);
-    if (lease_id == NULL) {
+    if (PGLEAK_UNLIKELY(lease_id == NULL)) {
         if (!PyErr_Occurred()) {
             PyErr_SetString(PyExc_RuntimeError, "the lease ids ran out");
         }
@@ -175,7 +294,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
              * reference to it, runs no Python code), made anew only if something kept it;
              * untracked, so that the collector never hands it, empty, to Python code. */
             static PyObject *pair = NULL;
-            if (pair == NULL || Py_REFCNT(pair) != 1) {
+            if (PGLEAK_UNLIKELY(pair == NULL || Py_REFCNT(pair) != 1)) {
                 Py_XSETREF(pair, PyTuple_New(2));
                 if (pair != NULL && PyObject_GC_IsTracked(pair)) {
                     PyObject_GC_UnTrack(pair);
@@ -197,17 +316,16 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
             }
         }
         else {
-            PyObject *cargs[2] = {conn, collected};
-            ref = PyObject_Vectorcall((PyObject *)connref_type, cargs, 2, NULL);
+            ref = connref_called(conn, collected);
         }
         Py_DECREF(collected);
-        if (ref == NULL) {
+        if (PGLEAK_UNLIKELY(ref == NULL)) {
             if (!PyErr_ExceptionMatches(PyExc_TypeError)) {
                 goto done;
             }
             PyErr_Clear(); /* not weak-referenceable: "collected" cannot happen to it anyway */
         }
-        else if (!PyObject_TypeCheck(ref, connref_type)) {
+        else if (PGLEAK_UNLIKELY(!PyObject_TypeCheck(ref, connref_type))) {
             Py_DECREF(ref);
             PyErr_SetString(PyExc_TypeError, "_ConnRef() made something else");
             goto done;
@@ -224,7 +342,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
             if (index) {
                 slot_set(lease, lease_off[L_KEY], Py_NewRef(key));
                 PyObject *by_conn = held(core, a_by_conn, s_by_conn);
-                if (by_conn == NULL || !PyDict_Check(by_conn)) {
+                if (PGLEAK_UNLIKELY(by_conn == NULL || !PyDict_Check(by_conn))) {
                     Py_XDECREF(by_conn);
                     Py_DECREF(key);
                     if (!PyErr_Occurred()) {
@@ -240,25 +358,11 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
                     Py_DECREF(key);
                     goto done;
                 }
-                if (stale != lease && Py_IS_TYPE(stale, lease_type)) {
-                    PyObject *stale_ref = SLOT(stale, lease_off[L_REF]);
-                    PyObject *target = (stale_ref != NULL && PyWeakref_Check(stale_ref))
-                                           ? ref_target(stale_ref) : NULL;
-                    if (target == conn) {
-                        /* The pool lent this connection again, so it had it back; the old
-                         * lease's checkin went unseen (a path the adapter does not hook). */
-                        Py_INCREF(stale);
-                        PyObject *gone = PyObject_CallMethodOneArg(core, s_forget, stale);
-                        Py_DECREF(stale);
-                        if (gone == NULL) {
-                            Py_DECREF(target);
-                            Py_DECREF(by_conn);
-                            Py_DECREF(key);
-                            goto done;
-                        }
-                        Py_DECREF(gone);
-                    }
-                    Py_XDECREF(target);
+                if (PGLEAK_UNLIKELY(stale != lease && Py_IS_TYPE(stale, lease_type))
+                    && checkout_stale(core, conn, stale) < 0) {
+                    Py_DECREF(by_conn);
+                    Py_DECREF(key);
+                    goto done;
                 }
                 int failed = stale == lease ? 0 : PyDict_SetItem(by_conn, key, lease);
                 Py_DECREF(by_conn);
@@ -270,73 +374,14 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
             Py_DECREF(key);
         }
     }
-    if (PyDict_SetItem(leases, SLOT(lease, lease_off[L_ID]), lease) < 0) {
+    if (PGLEAK_UNLIKELY(PyDict_SetItem(leases, SLOT(lease, lease_off[L_ID]), lease) < 0)) {
         goto done;
     }
     /* The rest (the watchdog's first start, an observer, one waiting to wake) is Python's:
      * one attribute check each decides whether to call it; while the answers kept say there
      * is nothing (checked again: Python code may have run since), none. */
-    if (calm(core)) {
-        result = Py_NewRef(lease);
+    if (!calm(core) && checkout_after(core, lease, since) < 0) {
         goto done;
-    }
-    int later = watchdog_idle(core);
-    if (later < 0) {
-        goto done;
-    }
-    if (!later) {
-        value = live(core, s_observer);
-        if (value == NULL) {
-            goto done;
-        }
-        later = value != Py_None;
-        if (later) {
-            observed = value; /* the observer, told here (the watchdog is running) */
-            value = NULL;
-        }
-        Py_CLEAR(value);
-    }
-    if (!later) {
-        value = live(core, s_waker);
-        if (value == NULL) {
-            goto done;
-        }
-        later = value != Py_None;
-        Py_CLEAR(value);
-        if (later) {
-            later = wake_due(core);
-            if (later < 0) {
-                goto done;
-            }
-        }
-    }
-    if (later && observed) {
-        /* _after_checkout()'s common case: the watchdog running, an observer to tell */
-        if (observe_names() < 0) {
-            goto done;
-        }
-        int failed = trace_checkout(observed, lease, since);
-        if (failed == 0) {
-            PyObject *oargs[3] = {observed, lease, since};
-            failed = observe(s_checked_out, s_site_out, oargs, 3);
-        }
-        else {
-            failed = failed < 0 ? observe_fault(s_site_out) : 0;
-        }
-        Py_CLEAR(observed);
-        if (failed < 0) {
-            goto done;
-        }
-    }
-    else if (later) {
-        value = PyObject_CallMethodObjArgs(core, s_after_checkout, lease, since, NULL);
-        if (value == NULL) {
-            goto done;
-        }
-        Py_CLEAR(value);
-    }
-    else {
-        calm_now(core);
     }
     result = Py_NewRef(lease);
 done:
@@ -345,27 +390,115 @@ done:
     Py_XDECREF(loop);
     Py_XDECREF(task);
     Py_XDECREF(lease);
-    Py_XDECREF(observed);
     return result;
 }
 
 PyDoc_STRVAR(checkin_doc, "checkin(core, lease) -> None\n\nCore.checkin.");
 
+/* ``dict.pop(key)`` in one probe: 1 and the value (a new reference) in ``*value``, 0 if the key
+ * is missing, -1 on error. */
+static inline int
+dict_pop(PyObject *dict, PyObject *key, PyObject **value)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyDict_Pop(dict, key, value);
+#else
+    static PyObject *missing = NULL; /* a default no dict of pgleak's holds */
+    if (PGLEAK_UNLIKELY(missing == NULL)) {
+        missing = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
+        if (missing == NULL) {
+            *value = NULL;
+            return -1;
+        }
+    }
+    *value = _PyDict_Pop(dict, key, missing);
+    if (*value == NULL) {
+        return -1;
+    }
+    if (*value == missing) {
+        Py_DECREF(missing);
+        *value = NULL;
+        return 0;
+    }
+    return 1;
+#endif
+}
+
+/* The collected user-facing object's lease: Core.on_collected. */
+static PGLEAK_COLD PyObject *
+checkin_collected(PyObject *core, PyObject *ref)
+{
+    return PyObject_CallMethodOneArg(core, s_on_collected, ref);
+}
+
+/* Core.checkin itself, for every call the C path leaves to it. */
+static PGLEAK_COLD PyObject *
+checkin_py(PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    return PyObject_Vectorcall(b_checkin_py, args, nargsf, kwnames);
+}
+
+/* The lease was flagged (reported as held too long) before it came back: the watchdog's queue
+ * is told of the return. 0, or -1 on error. */
+static PGLEAK_COLD int
+checkin_late(PyObject *core, PyObject *lease, PyObject *now)
+{
+    PyObject *pending = held(core, a_pending, s_pending);
+    if (pending == NULL) {
+        return -1;
+    }
+    PyObject *entry = PyTuple_Pack(3, b_returned, lease, now);
+    PyObject *done = entry == NULL ? NULL : PyObject_CallMethodOneArg(pending, s_append, entry);
+    Py_XDECREF(entry);
+    Py_DECREF(pending);
+    if (done == NULL) {
+        return -1;
+    }
+    Py_DECREF(done);
+    return 0;
+}
+
+/* The observer told of a checkin (_observe_checkin()), when calm() does not say there is none:
+ * apart from the common path without one. 0, or -1 on error. */
+static PGLEAK_NOINLINE int
+checkin_observed(PyObject *core, PyObject *lease, int late)
+{
+    PyObject *observer = live(core, s_observer);
+    if (observer == NULL) {
+        return -1;
+    }
+    if (observer == Py_None) {
+        Py_DECREF(observer);
+        return 0;
+    }
+    if (observe_names() < 0) {
+        Py_DECREF(observer);
+        return -1;
+    }
+    PyObject *oargs[4] = {observer, lease, late ? Py_True : Py_False, Py_False};
+    int fast = ts_checked_in(observer, lease, late, 0); /* the method's common case, in C */
+    int failed = fast == 0 ? observe(s_checked_in, s_site_in, oargs, 4)
+                           : fast < 0 ? observe_fault(s_site_in) : 0;
+    Py_DECREF(observer);
+    return failed < 0 ? -1 : 0;
+}
+
 static PyObject *
 ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (!bound || kwnames != NULL || nargs != 2 || !Py_IS_TYPE(args[1], lease_type)) {
-        return PyObject_Vectorcall(b_checkin_py, args, nargsf, kwnames);
+    if (PGLEAK_UNLIKELY(!bound || kwnames != NULL || nargs != 2
+                        || !Py_IS_TYPE(args[1], lease_type))) {
+        return checkin_py(args, nargsf, kwnames);
     }
     PyObject *core = args[0], *lease = args[1];
     PyObject *ref = SLOT(lease, lease_off[L_REF]);
     if (ref != NULL && ref != Py_None) {
         PyObject *target = PyWeakref_Check(ref) ? ref_target(ref) : NULL;
-        if (target == NULL) {
+        if (PGLEAK_UNLIKELY(target == NULL)) {
             /* The pool is returning a connection whose user-facing object was collected:
              * a leak the pool papered over, not a return (see Core.checkin). */
-            return PyObject_CallMethodOneArg(core, s_on_collected, ref);
+            return checkin_collected(core, ref);
         }
         Py_DECREF(target);
     }
@@ -373,10 +506,10 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
     PyObject *generation = quiet ? calm_generation
                                  : PyDict_GetItemWithError(b_core_globals, s_generation);
     PyObject *mine = SLOT(lease, lease_off[L_GENERATION]);
-    if (generation == NULL || mine == NULL) {
-        return PyErr_Occurred() ? NULL : PyObject_Vectorcall(b_checkin_py, args, nargsf, NULL);
+    if (PGLEAK_UNLIKELY(generation == NULL || mine == NULL)) {
+        return PyErr_Occurred() ? NULL : checkin_py(args, nargsf, NULL);
     }
-    if (mine != generation) {
+    if (PGLEAK_UNLIKELY(mine != generation)) {
         int same = PyObject_RichCompareBool(mine, generation, Py_EQ);
         if (same < 0) {
             return NULL;
@@ -398,11 +531,17 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
             return NULL;
         }
         if (PyDict_Check(by_conn)) {
-            PyObject *filed = PyDict_GetItemWithError(by_conn, key);
-            if (filed == lease && PyDict_DelItem(by_conn, key) < 0) {
-                PyErr_Clear(); /* another thread took it first: the same end */
+            /* ``if by_conn.get(key) is lease: del by_conn[key]`` in one probe: taken out, and
+             * put back in the rare case it is another lease's (nothing in between runs Python
+             * code: the value is held; nothing reads by_conn's order) */
+            PyObject *filed = NULL;
+            int found = dict_pop(by_conn, key, &filed);
+            if (PGLEAK_UNLIKELY(found > 0 && filed != lease)
+                && PyDict_SetItem(by_conn, key, filed) < 0) {
+                found = -1;
             }
-            else if (filed == NULL && PyErr_Occurred()) {
+            Py_XDECREF(filed);
+            if (PGLEAK_UNLIKELY(found < 0)) {
                 Py_DECREF(by_conn);
                 Py_DECREF(now);
                 return NULL;
@@ -429,45 +568,13 @@ ledger_checkin(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyObj
     Py_DECREF(leases);
     PyObject *flagged = SLOT(lease, lease_off[L_FLAGGED]);
     int late = flagged != NULL && PyObject_IsTrue(flagged) > 0;
-    if (late) {
-        PyObject *pending = held(core, a_pending, s_pending);
-        if (pending == NULL) {
-            Py_DECREF(now);
-            return NULL;
-        }
-        PyObject *entry = PyTuple_Pack(3, b_returned, lease, now);
-        PyObject *done = entry == NULL ? NULL : PyObject_CallMethodOneArg(pending, s_append, entry);
-        Py_XDECREF(entry);
-        Py_DECREF(pending);
-        if (done == NULL) {
-            Py_DECREF(now);
-            return NULL;
-        }
-        Py_DECREF(done);
+    if (PGLEAK_UNLIKELY(late) && checkin_late(core, lease, now) < 0) {
+        Py_DECREF(now);
+        return NULL;
     }
     Py_DECREF(now);
-    if (calm(core)) {
-        Py_RETURN_NONE; /* no observer (checked again: Python code may have run since) */
-    }
-    PyObject *observer = live(core, s_observer);
-    if (observer == NULL) {
-        return NULL;
-    }
-    if (observer == Py_None) {
-        Py_DECREF(observer);
-        Py_RETURN_NONE;
-    }
-    /* _observe_checkin(), every traced checkin */
-    if (observe_names() < 0) {
-        Py_DECREF(observer);
-        return NULL;
-    }
-    PyObject *oargs[4] = {observer, lease, late ? Py_True : Py_False, Py_False};
-    int fast = ts_checked_in(observer, lease, late, 0); /* the method's common case, in C */
-    int failed = fast == 0 ? observe(s_checked_in, s_site_in, oargs, 4)
-                           : fast < 0 ? observe_fault(s_site_in) : 0;
-    Py_DECREF(observer);
-    if (failed < 0) {
+    /* no observer to tell while calm() says so (checked again: Python code may have run since) */
+    if (!calm(core) && checkin_observed(core, lease, late) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;

@@ -415,8 +415,10 @@ capture_iframes(iframe *f, PyObject *depth, PyObject *cache, PyObject *pseudo)
 }
 #endif
 
-/* The raw stack for a checkout made by the caller's caller (the adapter's wrapper). */
-static PyObject *
+/* The raw stack for a checkout made by the caller's caller (the adapter's wrapper). Not inlined
+ * into the checkout: without the stack (``capture_stack=False``) its code stays off the lines
+ * the checkout's common path touches. */
+static PGLEAK_NOINLINE PyObject *
 checkout_stack(PyObject *task)
 {
     PyObject *depth = set_stack_depth;

@@ -79,7 +79,7 @@ error_drop(saved_error *e)
 }
 
 /* The current exception, handed to ``handler(site, exc)`` (internal_error) and cleared. */
-static void
+static PGLEAK_COLD void
 report_fault(Tracked *w)
 {
     saved_error e;
@@ -90,6 +90,71 @@ report_fault(Tracked *w)
         PyErr_Clear(); /* internal_error never raises; if it did, the call must still go on */
     }
     error_drop(&e);
+}
+
+/* ---- "Call-site tags off?", kept ---------------------------------------------------------
+ *
+ * Every checkout wrapper reads ``tags.call_site`` (on: the template tags the connection with
+ * its line): a dict lookup of the tags' instance dict per checkout, whose answer changes only
+ * when pgleak is configured. The answer "off" (None or False) is kept for that dict while it is
+ * unchanged: up to 3.11 while its version tag is (tags are unique and change with every change
+ * to the dict), on 3.12 until a dict watcher hears of any change to it. Not from 3.13, where
+ * the instance's attributes are stored in the object itself (its type has no slot for its
+ * dict; see calm.c) and no watcher hears of those stores: read every time, as before. */
+/* the dict whose call_site was off (borrowed: only compared), or NULL */
+static PyObject *tags_kept;
+#if PY_VERSION_HEX < 0x030C0000
+static uint64_t tags_kept_tag;
+#elif PY_VERSION_HEX < 0x030D0000
+static int tags_watcher = -1;
+
+static int
+tags_changed(PyDict_WatchEvent event, PyObject *dict, PyObject *key, PyObject *new_value)
+{
+    (void)event, (void)key, (void)new_value;
+    if (dict == tags_kept) {
+        tags_kept = NULL;
+    }
+    return 0;
+}
+#endif
+
+/* Whether ``w``'s call-site tags are off: 1, or 0 (on, or not readable: the template's). */
+static inline int
+call_site_off(Tracked *w)
+{
+    PyObject *dict = w->tags_dict;
+#if PY_VERSION_HEX < 0x030C0000
+    if (dict == tags_kept && ((PyDictObject *)dict)->ma_version_tag == tags_kept_tag) {
+        return 1;
+    }
+#elif PY_VERSION_HEX < 0x030D0000
+    if (dict == tags_kept) {
+        return 1;
+    }
+#endif
+    PyObject *call_site = PyDict_GetItemWithError(dict, s_call_site);
+    if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
+        PyErr_Clear();
+        return 0;
+    }
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyDict_CheckExact(dict)) {
+        tags_kept = dict;
+        tags_kept_tag = ((PyDictObject *)dict)->ma_version_tag;
+    }
+#elif PY_VERSION_HEX < 0x030D0000
+    if (PyDict_CheckExact(dict)) {
+        if (tags_watcher < 0) {
+            tags_watcher = PyDict_AddWatcher(tags_changed);
+        }
+        if (tags_watcher >= 0 && PyDict_Watch(tags_watcher, dict) == 0) {
+            tags_kept = dict;
+        }
+        PyErr_Clear();
+    }
+#endif
+    return 1;
 }
 
 /* The positional arguments after the first, as a tuple, and the keywords, as a dict. */

@@ -298,7 +298,7 @@ fault:
 }
 
 /* The wait failed, the error set: ``gave_up(pool, err, args, kwargs)``, the error kept. */
-static void
+static PGLEAK_COLD void
 tracked_gave_up(Awaiting *self, Tracked *w)
 {
     saved_error e;
@@ -465,12 +465,8 @@ aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwname
         PyErr_Clear();
         goto python;
     }
-    if (w->tags_dict != NULL) {
-        PyObject *call_site = PyDict_GetItemWithError(w->tags_dict, s_call_site);
-        if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
-            PyErr_Clear();
-            goto python;
-        }
+    if (w->tags_dict != NULL && !call_site_off(w)) {
+        goto python;
     }
     /* an observer's wait starts at the first send, where the template's body begins */
     int mode = observer == Py_None ? AW_T_ACQUIRE : AW_T_OBSERVED;

@@ -1,7 +1,27 @@
 /* pgleak._speedups, part: the sync wrappers' calls, the Tracked type and its constructors.
  * Included by ../_speedups.c, in order, after the parts before it (one translation unit). */
 
-static PyObject *
+/* The template's ``except BaseException`` after a failed checkout call (the error is set):
+ * gave_up() says whether the wait ran out; the error propagates as it came. */
+static PGLEAK_COLD void
+acquire_failed(Tracked *w, PyObject *pool, PyObject *const *args, Py_ssize_t nargs,
+               PyObject *kwnames)
+{
+    saved_error e;
+    PyObject *rest, *kwargs;
+    error_save(&e);
+    if (e.value != NULL && split_args(args, nargs, kwnames, &rest, &kwargs) == 0) {
+        PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, rest,
+                                                      kwargs, NULL);
+        Py_XDECREF(done);
+        Py_DECREF(rest);
+        Py_DECREF(kwargs);
+    }
+    PyErr_Clear();
+    error_restore(&e);
+}
+
+static PGLEAK_NOINLINE PyObject *
 acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -13,12 +33,8 @@ acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
         PyErr_Clear();
         goto python;
     }
-    if (w->tags_dict != NULL) {
-        PyObject *call_site = PyDict_GetItemWithError(w->tags_dict, s_call_site);
-        if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
-            PyErr_Clear();
-            goto python;
-        }
+    if (w->tags_dict != NULL && !call_site_off(w)) {
+        goto python;
     }
     if (w->keyed) { /* psycopg2's getconn(key): a key may be a re-lend, which the template sees */
         Py_ssize_t total = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
@@ -34,20 +50,8 @@ acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
     PyObject *pool = args[0];
     Py_INCREF(pool); /* the arguments are the caller's; the pool must outlive the call */
     PyObject *conn = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
-    if (conn == NULL) {
-        /* the template's ``except BaseException``: gave_up() says whether the wait ran out */
-        saved_error e;
-        PyObject *rest, *kwargs;
-        error_save(&e);
-        if (e.value != NULL && split_args(args, nargs, kwnames, &rest, &kwargs) == 0) {
-            PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, rest,
-                                                          kwargs, NULL);
-            Py_XDECREF(done);
-            Py_DECREF(rest);
-            Py_DECREF(kwargs);
-        }
-        PyErr_Clear();
-        error_restore(&e);
+    if (PGLEAK_UNLIKELY(conn == NULL)) {
+        acquire_failed(w, pool, args, nargs, kwnames);
         Py_DECREF(pool);
         return NULL;
     }
@@ -108,7 +112,21 @@ conn_argument(Tracked *w, PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
     return conn;
 }
 
-static PyObject *
+/* A failed checkin call (the error is set, and propagates as it came): unless the pool
+ * refused the connection, it is back all the same, the user let go of it (the template's
+ * checked_in()). */
+static PGLEAK_COLD void
+release_failed(Tracked *w, PyObject *lease)
+{
+    if (lease != NULL && !PyErr_ExceptionMatches(w->refused)) {
+        saved_error e;
+        error_save(&e);
+        tracked_released(w, lease);
+        error_restore(&e);
+    }
+}
+
+static PGLEAK_NOINLINE PyObject *
 release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -141,14 +159,8 @@ release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
         Py_XINCREF(lease);
     }
     PyObject *result = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
-    if (result == NULL) {
-        if (lease != NULL && !PyErr_ExceptionMatches(w->refused)) {
-            /* back all the same: the user let go of it (the template's checked_in()) */
-            saved_error e;
-            error_save(&e);
-            tracked_released(w, lease);
-            error_restore(&e);
-        }
+    if (PGLEAK_UNLIKELY(result == NULL)) {
+        release_failed(w, lease);
         Py_XDECREF(lease);
         return NULL;
     }
@@ -163,7 +175,22 @@ release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
  * pgleak.integrations.sqlalchemy._make_checkout, the template): a nested checkout (``fairy=``),
  * an observer or call-site tags are the template's. The lease goes into the record's
  * ``__dict__`` under ``conn_name``; a ``refused`` error (TimeoutError) goes to ``gave_up``. */
-static PyObject *
+/* ``_checkout`` failed (the error is set, and propagates as it came): a ``refused`` error
+ * (TimeoutError) goes to ``gave_up``. */
+static PGLEAK_COLD void
+sa_checkout_failed(Tracked *w, PyObject *pool)
+{
+    if (PyErr_ExceptionMatches(w->refused)) {
+        saved_error e;
+        error_save(&e);
+        PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, NULL);
+        Py_XDECREF(done);
+        PyErr_Clear();
+        error_restore(&e);
+    }
+}
+
+static PGLEAK_NOINLINE PyObject *
 sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -177,9 +204,7 @@ sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
         PyErr_Clear();
         goto python;
     }
-    PyObject *call_site = PyDict_GetItemWithError(w->tags_dict, s_call_site);
-    if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
-        PyErr_Clear();
+    if (!call_site_off(w)) {
         goto python;
     }
     if (observer != Py_None) {
@@ -188,15 +213,8 @@ sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
     PyObject *pool = args[1];
     Py_INCREF(pool);
     PyObject *fairy = PyObject_Vectorcall(w->original, args, nargsf, NULL);
-    if (fairy == NULL) {
-        if (PyErr_ExceptionMatches(w->refused)) {
-            saved_error e;
-            error_save(&e);
-            PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, NULL);
-            Py_XDECREF(done);
-            PyErr_Clear();
-            error_restore(&e);
-        }
+    if (PGLEAK_UNLIKELY(fairy == NULL)) {
+        sa_checkout_failed(w, pool);
         Py_DECREF(pool);
         return NULL;
     }
@@ -219,7 +237,7 @@ python:
 
 /* SQLAlchemy's ``Pool._return_conn(self, record)``: the record's lease, if any, is checked in
  * before the pool has the connection back (the template: _make_return_conn). */
-static PyObject *
+static PGLEAK_NOINLINE PyObject *
 sa_return_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     if (kwnames != NULL || PyVectorcall_NARGS(nargsf) != 2) {
@@ -262,16 +280,14 @@ sa_return_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnam
  * propagates as it came, with no frame of pgleak's. A success makes the budget's deposit
  * (``succeeded()``) unless the budget is full, as the template's inlined test. Call-site tags
  * are the template's. */
-static PyObject *
+static PGLEAK_NOINLINE PyObject *
 retry_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs < 1) {
         goto python;
     }
-    PyObject *call_site = PyDict_GetItemWithError(w->tags_dict, s_call_site);
-    if (call_site == NULL || (call_site != Py_None && call_site != Py_False)) {
-        PyErr_Clear();
+    if (!call_site_off(w)) {
         goto python;
     }
     PyObject *conn = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
@@ -319,19 +335,21 @@ python:
 }
 
 /* The asyncio modes' calls (below, after the constructors). */
-static PyObject *aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf,
-                               PyObject *kwnames);
-static PyObject *arelease_call(Tracked *w, PyObject *const *args, size_t nargsf,
-                               PyObject *kwnames);
-static PyObject *holder_release_call(Tracked *w, PyObject *const *args, size_t nargsf,
-                                     PyObject *kwnames);
-static PyObject *ablock_call(Tracked *w, PyObject *const *args, size_t nargsf,
-                             PyObject *kwnames);
-static PyObject *scope_open_call(Tracked *w, PyObject *const *args, size_t nargsf,
-                                 PyObject *kwnames);
-static PyObject *sblock_call(Tracked *w, PyObject *const *args, size_t nargsf,
-                             PyObject *kwnames);
+static PGLEAK_NOINLINE PyObject *
+aacquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+static PGLEAK_NOINLINE PyObject *
+arelease_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+static PGLEAK_NOINLINE PyObject *
+holder_release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+static PGLEAK_NOINLINE PyObject *
+ablock_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+static PGLEAK_NOINLINE PyObject *
+scope_open_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+static PGLEAK_NOINLINE PyObject *
+sblock_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames);
 
+/* Each mode's call is a function of its own (not inlined here): a call touches only its own
+ * mode's code, on lines of its own, and saves only the registers that mode needs. */
 static PyObject *
 tracked_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
