@@ -175,21 +175,10 @@ observed_acquire(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
     observed_wait(w, pool, 0, &handle, &since);
     PyObject *conn = PyObject_Vectorcall(w->original, args, nargsf, kwnames);
     if (conn == NULL) {
-        saved_error e;
-        PyObject *rest, *kwargs;
         if (handle != NULL) {
             observed_wait_end(w, handle);
         }
-        error_save(&e);
-        if (e.value != NULL && split_args(args, nargs, kwnames, &rest, &kwargs) == 0) {
-            PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, rest,
-                                                          kwargs, NULL);
-            Py_XDECREF(done);
-            Py_DECREF(rest);
-            Py_DECREF(kwargs);
-        }
-        PyErr_Clear();
-        error_restore(&e);
+        acquire_failed(w, pool, args, nargs, kwnames);
         Py_XDECREF(handle);
         Py_XDECREF(since);
         Py_DECREF(pool);

@@ -1,26 +1,6 @@
 /* pgleak._speedups, part: the sync wrappers' calls, the Tracked type and its constructors.
  * Included by ../_speedups.c, in order, after the parts before it (one translation unit). */
 
-/* The template's ``except BaseException`` after a failed checkout call (the error is set):
- * gave_up() says whether the wait ran out; the error propagates as it came. */
-static PGLEAK_COLD void
-acquire_failed(Tracked *w, PyObject *pool, PyObject *const *args, Py_ssize_t nargs,
-               PyObject *kwnames)
-{
-    saved_error e;
-    PyObject *rest, *kwargs;
-    error_save(&e);
-    if (e.value != NULL && split_args(args, nargs, kwnames, &rest, &kwargs) == 0) {
-        PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, rest,
-                                                      kwargs, NULL);
-        Py_XDECREF(done);
-        Py_DECREF(rest);
-        Py_DECREF(kwargs);
-    }
-    PyErr_Clear();
-    error_restore(&e);
-}
-
 static PGLEAK_NOINLINE PyObject *
 acquire_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
