@@ -13,36 +13,57 @@
 
 static PyObject *s_pending_deque, *s_pop; /* "pending", "pop" */
 
-/* ``handle.pending``: PoolHandle keeps it in a slot, read there while the handle's class is
- * the one whose member descriptor was found and unchanged since (its version tag) and reads
- * attributes as ``object`` does, else by name. A new reference, or NULL with an error set. */
-static struct {
+/* An attribute kept in a slot (a ``__slots__`` member), read there directly while the object's
+ * class is the one whose member descriptor was found and unchanged since (its version tag: any
+ * attribute set on it or a base drops that), else by name: the lookup by name costs a few
+ * hundred instructions and the type's lookup cache lines on the hot path. The caller checks
+ * that the class reads attributes as ``object`` does before it learns the slot. */
+typedef struct {
     PyTypeObject *type; /* borrowed: an address, with its version tag */
     unsigned int tag;
     Py_ssize_t offset;
-} pending_slot;
+} kept_slot;
+
+/* The slot's value (a new reference) where it can be read there, else NULL, no error set. */
+static inline PyObject *
+kept_slot_get(const kept_slot *k, PyObject *obj)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (type == k->type && k->tag != 0 && type->tp_version_tag == k->tag
+        && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
+        return Py_XNewRef(*(PyObject **)((char *)obj + k->offset));
+    }
+    return NULL;
+}
+
+/* Keep ``type``'s slot for ``name`` if ``name`` is a slot member there (the lookup tags the
+ * type); else leave ``k`` as it was. */
+static void
+kept_slot_learn(kept_slot *k, PyTypeObject *type, PyObject *name)
+{
+    PyObject *descr = _PyType_Lookup(type, name); /* borrowed */
+    if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+        && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX
+        && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG) && type->tp_version_tag != 0) {
+        k->type = type;
+        k->tag = type->tp_version_tag;
+        k->offset = ((PyMemberDescrObject *)descr)->d_member->offset;
+    }
+}
+
+/* ``handle.pending`` (PoolHandle keeps it in a slot). A new reference, or NULL with an error
+ * set, as PyObject_GetAttr. */
+static kept_slot pending_slot;
 
 static PyObject *
 handle_pending(PyObject *handle)
 {
-    PyTypeObject *type = Py_TYPE(handle);
-    if (type == pending_slot.type && type->tp_version_tag == pending_slot.tag
-        && pending_slot.tag != 0 && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
-        PyObject *pending = *(PyObject **)((char *)handle + pending_slot.offset);
-        if (pending != NULL) {
-            return Py_NewRef(pending);
-        }
+    PyObject *pending = kept_slot_get(&pending_slot, handle);
+    if (pending != NULL) {
+        return pending;
     }
-    else if (type->tp_getattro == PyObject_GenericGetAttr) {
-        PyObject *descr = _PyType_Lookup(type, s_pending_deque); /* borrowed; tags type */
-        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
-            && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX
-            && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)
-            && type->tp_version_tag != 0) {
-            pending_slot.type = type;
-            pending_slot.tag = type->tp_version_tag;
-            pending_slot.offset = ((PyMemberDescrObject *)descr)->d_member->offset;
-        }
+    if (Py_TYPE(handle)->tp_getattro == PyObject_GenericGetAttr) {
+        kept_slot_learn(&pending_slot, Py_TYPE(handle), s_pending_deque);
     }
     return PyObject_GetAttr(handle, s_pending_deque);
 }
@@ -202,16 +223,9 @@ observed_acquire(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwn
     return conn;
 }
 
-/* ``fairy._connection_record``: SQLAlchemy's fairy keeps it in a slot, read there directly
- * while the fairy's class is the one whose member descriptor was found and unchanged since
- * (its version tag: any attribute set on it or a base drops that), else by name (~270
- * instructions a checkout, and the type's lookup cache lines). A new reference, or NULL with
- * an error set, as PyObject_GetAttr. */
-static struct {
-    PyTypeObject *type; /* borrowed: an address, with its version tag */
-    unsigned int tag;
-    Py_ssize_t offset;
-} fairy_record;
+/* ``fairy._connection_record``: SQLAlchemy's fairy keeps it in a slot (by name: ~270
+ * instructions a checkout). */
+static kept_slot fairy_record;
 
 /* Whether ``type`` reads attributes as ``object.__getattribute__`` does (a data descriptor of
  * the class first): SQLAlchemy's fairy has a ``__getattr__`` (the DBAPI connection's
@@ -235,13 +249,7 @@ sa_generic_getattribute(PyTypeObject *type)
 static inline PyObject *
 sa_record_kept(PyObject *fairy)
 {
-    PyTypeObject *type = Py_TYPE(fairy);
-    if (type == fairy_record.type && type->tp_version_tag == fairy_record.tag
-        && fairy_record.tag != 0 && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
-        PyObject *record = *(PyObject **)((char *)fairy + fairy_record.offset);
-        return Py_XNewRef(record);
-    }
-    return NULL;
+    return kept_slot_get(&fairy_record, fairy);
 }
 
 static PyObject *
@@ -253,15 +261,7 @@ sa_record(PyObject *fairy)
         return record;
     }
     if (sa_generic_getattribute(type)) {
-        PyObject *descr = _PyType_Lookup(type, s_connection_record); /* borrowed; tags type */
-        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
-            && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX
-            && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)
-            && type->tp_version_tag != 0) {
-            fairy_record.type = type;
-            fairy_record.tag = type->tp_version_tag;
-            fairy_record.offset = ((PyMemberDescrObject *)descr)->d_member->offset;
-        }
+        kept_slot_learn(&fairy_record, type, s_connection_record);
     }
     return PyObject_GetAttr(fairy, s_connection_record);
 }
@@ -276,14 +276,7 @@ observed_sa_checkout(Tracked *w, PyObject *const *args, size_t nargsf)
     observed_wait(w, pool, 1, &waited, &since);
     PyObject *fairy = PyObject_Vectorcall(w->original, args, nargsf, NULL);
     if (fairy == NULL) {
-        if (PyErr_ExceptionMatches(w->refused)) {
-            saved_error e;
-            error_save(&e);
-            PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, NULL);
-            Py_XDECREF(done);
-            PyErr_Clear();
-            error_restore(&e);
-        }
+        sa_checkout_failed(w, pool);
         if (waited != NULL) {
             observed_wait_end(w, waited);
         }

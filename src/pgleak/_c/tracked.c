@@ -203,6 +203,21 @@ acquire_failed(Tracked *w, PyObject *pool, PyObject *const *args, Py_ssize_t nar
     error_restore(&e);
 }
 
+/* SQLAlchemy's ``_checkout`` failed (the error is set, and propagates as it came): a
+ * ``refused`` error (TimeoutError) goes to ``gave_up``. */
+static PGLEAK_COLD void
+sa_checkout_failed(Tracked *w, PyObject *pool)
+{
+    if (PyErr_ExceptionMatches(w->refused)) {
+        saved_error e;
+        error_save(&e);
+        PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, NULL);
+        Py_XDECREF(done);
+        PyErr_Clear();
+        error_restore(&e);
+    }
+}
+
 /* ``core.checkout`` / ``core.checkin`` as it is now: the C ledger itself (NULL: call it
  * directly) or whatever was put there instead (a new reference). */
 static int

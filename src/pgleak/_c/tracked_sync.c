@@ -155,21 +155,6 @@ release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames
  * pgleak.integrations.sqlalchemy._make_checkout, the template): a nested checkout (``fairy=``),
  * an observer or call-site tags are the template's. The lease goes into the record's
  * ``__dict__`` under ``conn_name``; a ``refused`` error (TimeoutError) goes to ``gave_up``. */
-/* ``_checkout`` failed (the error is set, and propagates as it came): a ``refused`` error
- * (TimeoutError) goes to ``gave_up``. */
-static PGLEAK_COLD void
-sa_checkout_failed(Tracked *w, PyObject *pool)
-{
-    if (PyErr_ExceptionMatches(w->refused)) {
-        saved_error e;
-        error_save(&e);
-        PyObject *done = PyObject_CallFunctionObjArgs(w->gave_up, pool, e.value, NULL);
-        Py_XDECREF(done);
-        PyErr_Clear();
-        error_restore(&e);
-    }
-}
-
 static PGLEAK_NOINLINE PyObject *
 sa_checkout_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {

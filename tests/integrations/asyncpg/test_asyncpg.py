@@ -259,7 +259,8 @@ class _Told(BlockObserver):
 
 @pytest.mark.internal_errors
 @pytest.mark.skipif(
-    not hasattr(_stack._fast, "ablock_wrapper"), reason="pgleak._speedups is not in use here"
+    not hasattr(_stack._fast, "ablock_wrapper"),
+    reason="compares the C blocks with Python's reads; without pgleak._speedups only Python runs",
 )
 def test_the_c_and_python_blocks_tell_the_observer_the_same(
     pg: Server, monkeypatch: pytest.MonkeyPatch
@@ -348,7 +349,8 @@ class _Counted(collections.deque):  # type: ignore[type-arg]
 
 
 @pytest.mark.skipif(
-    not hasattr(_stack._fast, "ablock_wrapper"), reason="pgleak._speedups is not in use here"
+    not hasattr(_stack._fast, "ablock_wrapper"),
+    reason="compares the C blocks with Python's reads; without pgleak._speedups only Python runs",
 )
 def test_an_observed_wait_is_counted_by_the_pools_pending_whatever_its_class(
     pg: Server, monkeypatch: pytest.MonkeyPatch
@@ -394,7 +396,8 @@ def test_an_observed_wait_is_counted_by_the_pools_pending_whatever_its_class(
 
 
 @pytest.mark.skipif(
-    not hasattr(_stack._fast, "ablock_wrapper"), reason="pgleak._speedups is not in use here"
+    not hasattr(_stack._fast, "ablock_wrapper"),
+    reason="compares the C blocks with Python's reads; without pgleak._speedups only Python runs",
 )
 def test_the_c_blocks_read_a_replaced_proxy_con_as_python_does(
     pg: Server, monkeypatch: pytest.MonkeyPatch
