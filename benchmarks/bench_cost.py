@@ -33,7 +33,10 @@ runs each checkout + checkin inside a span started with the same attributes, mad
 where pgleak makes its span current (around the user's block: not on psycopg2's bare
 ``putconn(getconn())``), given two more at the end and ended, on the same provider (what an
 instrumentation that reported the same span would pay the SDK), and the installed block runs
-the same loop without it; their difference is what pgleak adds beyond the SDK's span. The span
+the same loop without it; their difference is what pgleak adds beyond the SDK's span. On
+SQLAlchemy asyncio the span is started and ended where pgleak's is, in the pool's ``checkout``
+and ``checkin`` events inside SQLAlchemy's greenlets (``_PoolSpan``): made in the coroutine
+instead, the same span cost less, and the difference was read as pgleak's. The span
 alone in a tight loop is printed beside it: it runs with hot caches, so it understates what the
 span costs inside a cycle, and subtracting it overstated pgleak's share.
 
@@ -64,7 +67,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,6 +217,84 @@ def _hand_spanned(run: Cycle, settings: dict[str, Any], path: str) -> Cycle:
     return cycles
 
 
+class _PoolSpan:
+    """The span made by hand inside the pool, where pgleak makes its own: SQLAlchemy asyncio.
+
+    SQLAlchemy's asyncio engine runs its pool's checkout and checkin in a greenlet of their
+    own (``greenlet_spawn``), and pgleak starts and ends its span there (right after
+    ``_ConnectionFairy._checkout`` returns, right before ``Pool._return_conn``). Made in the
+    coroutine around the block instead, the same span cost the bare side several µs less
+    (docs/performance.md, session 13), and that difference, where the SDK ran rather than
+    anything pgleak does, was read as pgleak's. So on this path the span is made in the pool's
+    ``checkout`` and ``checkin`` events (which fire next to pgleak's hooks, in the same
+    greenlets) and made current inside the user's block, as pgleak's is. The listeners are
+    there for both blocks of a pair (on pgleak's side they make nothing), so SQLAlchemy's event
+    dispatch costs both sides alike.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.pool = engine.sync_engine.pool
+        self.connect = engine.connect
+        self.tracer: Any = None
+        self.span: Any = None
+        self.ended = 0
+        self.listening = False
+
+    def _checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if self.tracer is not None:
+            self.span = self.tracer.start_span(
+                "pgleak.checkout", start_time=time.time_ns(), attributes=_SPAN_ATTRIBUTES
+            )
+
+    def _checkin(self, dbapi_connection: Any, record: Any) -> None:
+        span, self.span = self.span, None
+        if span is not None:
+            span.set_attributes({"pgleak.held_s": 0.001, "pgleak.outcome": "returned"})
+            span.end(end_time=time.time_ns())
+            self.ended += 1
+
+    def listen(self) -> None:
+        from sqlalchemy import event
+
+        if not self.listening:
+            event.listen(self.pool, "checkout", self._checkout)
+            event.listen(self.pool, "checkin", self._checkin)
+            self.listening = True
+
+    def remove(self) -> None:
+        from sqlalchemy import event
+
+        if self.listening:
+            event.remove(self.pool, "checkout", self._checkout)
+            event.remove(self.pool, "checkin", self._checkin)
+            self.listening = False
+
+    def cycles(self, tracer: Any) -> Callable[[int], Awaitable[None]]:
+        """The bare cycle, with the span made by hand when ``tracer`` is given."""
+        from opentelemetry import context, trace
+
+        attach, detach, current = context.attach, context.detach, trace.set_span_in_context
+        connect = self.connect
+        self.listen()
+
+        async def cycles(n: int) -> None:
+            self.tracer, ended = tracer, self.ended
+            for _ in range(n):
+                async with connect():
+                    if tracer is not None:  # current inside the block, as pgleak's is
+                        detach(attach(current(self.span)))
+            if tracer is not None and self.ended - ended != n:
+                # Events that stopped firing (another SQLAlchemy) would leave the bare side
+                # without its span, and the whole span would be read as pgleak's share.
+                raise RuntimeError(f"{self.ended - ended} spans made by hand for {n} cycles")
+
+        return cycles
+
+
+#: Bare cycles whose span made by hand is made inside the pool (:class:`_PoolSpan`).
+_POOL_SPANS: dict[Callable[[int], Awaitable[Any]], _PoolSpan] = {}
+
+
 def _ahand_spanned(
     run: Callable[[int], Awaitable[Any]], settings: dict[str, Any] | None, path: str
 ) -> Callable[[int], Awaitable[Any]]:
@@ -221,6 +302,8 @@ def _ahand_spanned(
     from opentelemetry import context, trace
 
     tracer = None if settings is None else settings["tracer_provider"].get_tracer("bench")
+    if run in _POOL_SPANS:
+        return _POOL_SPANS[run].cycles(tracer)
     attach, detach, current = context.attach, context.detach, trace.set_span_in_context
     now = time.time_ns
     made_current = path not in _NEVER_CURRENT
@@ -243,6 +326,26 @@ def _ahand_spanned(
             span.end(end_time=now())
 
     return cycles
+
+
+def cells(result: Result) -> str:
+    """A diagnosis row's measured cells in Markdown: added (its interval), bare, user, system."""
+    added, bare, lo, hi, user, system = (value / 1000 for value in result)
+    return (
+        f"{added:+.2f} µs | {lo:.2f} to {hi:.2f} µs | {bare:.2f} µs | {user:+.2f} µs | "
+        f"{system:+.2f} µs |"
+    )
+
+
+def rounds_main(
+    doc: str | None, run: Callable[[int], Coroutine[Any, Any, None]], argv: list[str] | None
+) -> int:
+    """A diagnosis script's command line: ``--rounds`` block pairs per row, then ``run``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+    parser.add_argument("--rounds", type=int, default=21, help="block pairs per row (21)")
+    args = parser.parse_args(argv)
+    asyncio.run(run(args.rounds))
+    return 0
 
 
 def _deep(depth: int, fn: Callable[[], Any]) -> Any:
@@ -341,6 +444,15 @@ class Bench:
             }
         if self.control:
             runs[True] = runs[False]
+        try:
+            return await self._async_pairs(runs, settings)
+        finally:
+            if run in _POOL_SPANS:  # the next row's cycles run without the listeners
+                _POOL_SPANS[run].remove()
+
+    async def _async_pairs(
+        self, runs: dict[bool, Callable[[int], Awaitable[Any]]], settings: dict[str, Any]
+    ) -> Result:
         pairs: list[dict[bool, Spent]] = []
         for i in range(self.rounds):
             pair: dict[bool, Spent] = {}
@@ -520,6 +632,7 @@ async def async_paths(
                 await conn.execute(select)
 
     out["sqlalchemy_async"] = (engine, sa_bare, sa_query, engine.dispose)
+    _POOL_SPANS[sa_bare] = _PoolSpan(engine)
 
     pool = psycopg_pool.AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False)
     await pool.open(wait=True)

@@ -23,8 +23,6 @@ instructions.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import mmap
 import sys
 from collections.abc import Awaitable, Callable
@@ -83,22 +81,13 @@ async def run(rounds: int) -> None:
         for label, cycle in cycles.items():
             await cycle(200)
             for name, kwargs in settings.items():
-                added, bare_ns, lo, hi, user, system = await bench.asyncio(cycle, kwargs, "asyncpg")
-                print(
-                    f"| {label} | {name} | +{added / 1000:.2f} µs | {lo / 1000:.2f} to "
-                    f"{hi / 1000:.2f} µs | {bare_ns / 1000:.2f} µs | {user / 1000:+.2f} µs | "
-                    f"{system / 1000:+.2f} µs |",
-                    flush=True,
-                )
+                result = await bench.asyncio(cycle, kwargs, "asyncpg")
+                print(f"| {label} | {name} | {bench_cost.cells(result)}", flush=True)
         await close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--rounds", type=int, default=21, help="block pairs per row (21)")
-    args = parser.parse_args(argv)
-    asyncio.run(run(args.rounds))
-    return 0
+    return bench_cost.rounds_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":
