@@ -558,6 +558,33 @@ optional_attr(PyObject *obj, PyObject *name, PyObject **result)
     return PyObject_GetOptionalAttr(obj, name, result);
 }
 
+/* The holder's ``_in_use`` and ``_con`` slots, kept (see kept_slot, in observed.c): while the
+ * holder's class is the one whose member descriptors were found, unchanged since, each read is
+ * the slot's load, not optional_attr()'s type lookup (whose cache lines and, when its entry
+ * was taken by another type's name, its walk of the class's MRO cost 70 to 200 instructions a
+ * read, twice a checkin). */
+static kept_slot holder_in_use, holder_con;
+
+/* optional_attr() for one of the holder's kept slots: 1 with the value (a new reference), 0
+ * absent, -1 on error. An empty slot is read by name (optional_attr: absent, or __getattr__). */
+static inline int
+holder_attr(kept_slot *k, PyObject *holder, PyObject *name, PyObject **result)
+{
+    *result = kept_slot_get(k, holder);
+    if (*result != NULL) {
+        return 1;
+    }
+    PyTypeObject *type = Py_TYPE(holder);
+    if (type->tp_getattro == PyObject_GenericGetAttr) {
+        PyObject *descr = _PyType_Lookup(type, name); /* borrowed */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            && PyType_IsSubtype(type, PyDescr_TYPE(descr))) {
+            kept_slot_learn(k, type, name);
+        }
+    }
+    return optional_attr(holder, name, result);
+}
+
 static PyObject *
 holder_release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -566,11 +593,11 @@ holder_release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *
     }
     PyObject *holder = args[0], *in_use = NULL, *con = NULL, *lease = NULL;
     /* the template's ``getattr(holder, "_in_use", None)``, ``getattr(holder, "_con", None)`` */
-    if (optional_attr(holder, s_in_use, &in_use) < 0) {
+    if (holder_attr(&holder_in_use, holder, s_in_use, &in_use) < 0) {
         report_fault(w);
     }
     else if (in_use != NULL && in_use != Py_None) {
-        if (optional_attr(holder, s_con, &con) < 0) {
+        if (holder_attr(&holder_con, holder, s_con, &con) < 0) {
             report_fault(w);
         }
         else if (con != NULL && con != Py_None) {
