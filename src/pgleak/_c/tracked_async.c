@@ -218,28 +218,25 @@ handle_of(Tracked *w, PyObject *pool)
 }
 
 /* ``proxy._con``: read from its slot where the proxy's type is the wrapper's own and its
- * ``_con`` is still the slot's member descriptor seen before (asyncpg's PoolConnectionProxy:
- * its ``__getattr__`` hook makes the generic read ~300 instructions), else the generic read.
+ * ``_con`` is a slot's member descriptor (asyncpg's PoolConnectionProxy: its ``__getattr__``
+ * hook makes the generic read ~300 instructions), kept while the class is unchanged since it
+ * was found (kept_slot, in observed.c: no type lookup a checkout); else the generic read.
  * A new reference, or NULL with an error. */
+static kept_slot proxy_con_slot;
+
 static PyObject *
 proxy_con(Tracked *w, PyObject *proxy)
 {
-    static PyObject *con_descr = NULL; /* the member descriptor whose offset is kept (strong) */
-    static Py_ssize_t con_off = 0;
     PyTypeObject *type = Py_TYPE(proxy);
     if ((PyObject *)type == w->proxy_type) {
-        PyObject *descr = _PyType_Lookup(type, s_con); /* borrowed */
-        if (descr != NULL && descr != con_descr && Py_IS_TYPE(descr, &PyMemberDescr_Type)
-            && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX
-            && PyType_IsSubtype(type, PyDescr_TYPE(descr))) {
-            con_off = ((PyMemberDescrObject *)descr)->d_member->offset;
-            Py_XSETREF(con_descr, Py_NewRef(descr));
+        PyObject *con = kept_slot_get(&proxy_con_slot, proxy);
+        if (con != NULL) {
+            return con;
         }
-        if (descr != NULL && descr == con_descr) {
-            PyObject *con = SLOT(proxy, con_off);
-            if (con != NULL) {
-                return Py_NewRef(con);
-            }
+        PyObject *descr = _PyType_Lookup(type, s_con); /* borrowed */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            && PyType_IsSubtype(type, PyDescr_TYPE(descr))) {
+            kept_slot_learn(&proxy_con_slot, type, s_con);
         }
     }
     return PyObject_GetAttr(proxy, s_con);
