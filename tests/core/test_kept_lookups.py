@@ -234,3 +234,35 @@ def test_the_holder_is_read_as_getattr_reads_it(
     installed: pgleak.Settings, make: Any, in_use: Any, con_set: bool, back: bool
 ) -> None:
     assert _checked_in(make, in_use, con_set) is back
+
+
+def test_a_holder_class_changed_after_its_slots_were_kept_is_read_anew(
+    installed: pgleak.Settings,
+) -> None:
+    """The holder's ``_in_use`` and ``_con`` slots are read there while its class is unchanged
+    since they were found; a property put in the slot's place (or one taken away) is read as
+    ``getattr`` reads it, as often, from the next checkin on."""
+
+    class KeptHolder:
+        __slots__ = ("_con", "_in_use")
+
+    slot = KeptHolder.__dict__["_in_use"]
+    assert _checked_in(KeptHolder, object(), True) is True
+    assert _checked_in(KeptHolder, object(), True) is True  # the kept slots
+    reads: list[str] = []
+
+    def not_in_use(self: Any) -> Any:
+        reads.append("_in_use")
+        return None
+
+    def in_use_in_the_slot() -> KeptHolder:
+        holder = KeptHolder()
+        slot.__set__(holder, object())  # what a read of the slot would find
+        return holder
+
+    KeptHolder._in_use = property(not_in_use)  # type: ignore[assignment]
+    assert _checked_in(in_use_in_the_slot, None, True) is False
+    assert reads == ["_in_use"]
+    KeptHolder._in_use = slot  # type: ignore[misc]
+    assert _checked_in(KeptHolder, object(), True) is True
+    assert _checked_in(KeptHolder, None, True) is False  # the slot unset: absent

@@ -674,3 +674,51 @@ def test_the_variables_are_read_once_anything_set_them() -> None:
             (True, (None, False, 3600)),
         ]
     )
+
+
+def test_a_freed_lease_is_kept_and_comes_back_as_new(installed: pgleak.Settings) -> None:
+    """The C ledger keeps the last few freed Leases for the next checkouts (no allocation and
+    no free a cycle): a kept one comes back with every slot as a new lease's, nothing of its
+    last use; a subclass's instance is freed, never kept."""
+    from pgleak import _stack
+
+    fast = _stack._fast
+    handle = core.pool(Pool(), "test")
+    conns = [Conn() for _ in range(8)]
+    held = [_out(handle, conn) for conn in conns]  # whatever was kept is taken
+    assert fast.leases_kept() == 0
+    conn = Conn()
+    first = _out(handle, conn)
+    first.probe = first.closed = lambda *_: None  # type: ignore[assignment]
+    first.otel, first.reported, first.unseen_close = object(), True, True
+    address = id(first)
+    core.checkin(first)
+    del first
+    assert fast.leases_kept() == 1
+    again = _out(handle, conn)
+    assert id(again) == address
+    assert fast.leases_kept() == 0
+    fresh = Core.checkout(core, handle, Conn(), True, None)
+    assert fresh is not None
+    c, py = _slots(again), _slots(fresh)
+    for name in Lease.__slots__:
+        if name not in _PER_CHECKOUT:
+            assert c[name] == py[name], name
+    assert cast(Any, again.ref)() is conn
+    assert again.t_in is None
+    assert core.leases[again.id] is again
+    assert core.by_conn[id(conn)] is again
+    for lease in [*held, again, fresh]:
+        core.checkin(lease)
+    del held, again, fresh, lease
+    last = _out(handle, conn)  # one taken: there is room for another
+    kept = fast.leases_kept()
+    assert kept < 4
+
+    class MoreLease(Lease):
+        __slots__ = ("extra",)
+
+    more = MoreLease(1, handle, 0.0, 1.0, _core._thread_identity(), (), None)
+    del more
+    assert fast.leases_kept() == kept
+    core.checkin(last)

@@ -209,7 +209,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
         Py_DECREF(t0);
         goto done;
     }
-    lease = PyType_GenericAlloc(lease_type, 0);
+    lease = lease_alloc();
     if (lease == NULL) {
         Py_DECREF(t0);
         Py_DECREF(thread);

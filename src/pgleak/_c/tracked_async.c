@@ -218,28 +218,25 @@ handle_of(Tracked *w, PyObject *pool)
 }
 
 /* ``proxy._con``: read from its slot where the proxy's type is the wrapper's own and its
- * ``_con`` is still the slot's member descriptor seen before (asyncpg's PoolConnectionProxy:
- * its ``__getattr__`` hook makes the generic read ~300 instructions), else the generic read.
+ * ``_con`` is a slot's member descriptor (asyncpg's PoolConnectionProxy: its ``__getattr__``
+ * hook makes the generic read ~300 instructions), kept while the class is unchanged since it
+ * was found (kept_slot, in observed.c: no type lookup a checkout); else the generic read.
  * A new reference, or NULL with an error. */
+static kept_slot proxy_con_slot;
+
 static PyObject *
 proxy_con(Tracked *w, PyObject *proxy)
 {
-    static PyObject *con_descr = NULL; /* the member descriptor whose offset is kept (strong) */
-    static Py_ssize_t con_off = 0;
     PyTypeObject *type = Py_TYPE(proxy);
     if ((PyObject *)type == w->proxy_type) {
-        PyObject *descr = _PyType_Lookup(type, s_con); /* borrowed */
-        if (descr != NULL && descr != con_descr && Py_IS_TYPE(descr, &PyMemberDescr_Type)
-            && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX
-            && PyType_IsSubtype(type, PyDescr_TYPE(descr))) {
-            con_off = ((PyMemberDescrObject *)descr)->d_member->offset;
-            Py_XSETREF(con_descr, Py_NewRef(descr));
+        PyObject *con = kept_slot_get(&proxy_con_slot, proxy);
+        if (con != NULL) {
+            return con;
         }
-        if (descr != NULL && descr == con_descr) {
-            PyObject *con = SLOT(proxy, con_off);
-            if (con != NULL) {
-                return Py_NewRef(con);
-            }
+        PyObject *descr = _PyType_Lookup(type, s_con); /* borrowed */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            && PyType_IsSubtype(type, PyDescr_TYPE(descr))) {
+            kept_slot_learn(&proxy_con_slot, type, s_con);
         }
     }
     return PyObject_GetAttr(proxy, s_con);
@@ -558,6 +555,33 @@ optional_attr(PyObject *obj, PyObject *name, PyObject **result)
     return PyObject_GetOptionalAttr(obj, name, result);
 }
 
+/* The holder's ``_in_use`` and ``_con`` slots, kept (see kept_slot, in observed.c): while the
+ * holder's class is the one whose member descriptors were found, unchanged since, each read is
+ * the slot's load, not optional_attr()'s type lookup (whose cache lines and, when its entry
+ * was taken by another type's name, its walk of the class's MRO cost 70 to 200 instructions a
+ * read, twice a checkin). */
+static kept_slot holder_in_use, holder_con;
+
+/* optional_attr() for one of the holder's kept slots: 1 with the value (a new reference), 0
+ * absent, -1 on error. An empty slot is read by name (optional_attr: absent, or __getattr__). */
+static inline int
+holder_attr(kept_slot *k, PyObject *holder, PyObject *name, PyObject **result)
+{
+    *result = kept_slot_get(k, holder);
+    if (*result != NULL) {
+        return 1;
+    }
+    PyTypeObject *type = Py_TYPE(holder);
+    if (type->tp_getattro == PyObject_GenericGetAttr) {
+        PyObject *descr = _PyType_Lookup(type, name); /* borrowed */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            && PyType_IsSubtype(type, PyDescr_TYPE(descr))) {
+            kept_slot_learn(k, type, name);
+        }
+    }
+    return optional_attr(holder, name, result);
+}
+
 static PyObject *
 holder_release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -566,11 +590,11 @@ holder_release_call(Tracked *w, PyObject *const *args, size_t nargsf, PyObject *
     }
     PyObject *holder = args[0], *in_use = NULL, *con = NULL, *lease = NULL;
     /* the template's ``getattr(holder, "_in_use", None)``, ``getattr(holder, "_con", None)`` */
-    if (optional_attr(holder, s_in_use, &in_use) < 0) {
+    if (holder_attr(&holder_in_use, holder, s_in_use, &in_use) < 0) {
         report_fault(w);
     }
     else if (in_use != NULL && in_use != Py_None) {
-        if (optional_attr(holder, s_con, &con) < 0) {
+        if (holder_attr(&holder_con, holder, s_con, &con) < 0) {
             report_fault(w);
         }
         else if (con != NULL && con != Py_None) {

@@ -445,6 +445,56 @@ def test_the_c_blocks_read_a_replaced_proxy_con_as_python_does(
     assert python[1] > 2  # the checkout's read and the block's two, at least
 
 
+@pytest.mark.skipif(
+    not hasattr(_stack._fast, "aacquire_wrapper"),
+    reason="compares the C checkout with Python's reads; without pgleak._speedups only Python runs",
+)
+def test_the_c_checkout_reads_a_proxy_con_replaced_after_it_was_kept_as_python_does(
+    pg: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C checkout keeps the proxy's ``_con`` slot while the proxy's class is unchanged
+    since it found it; a property put in its place afterwards is read by name, as many times
+    as in Python, and the lease filed under the connection it gives."""
+    slot = PoolConnectionProxy.__dict__["_con"]
+    reads: list[bool] = []
+
+    def get(proxy: Any) -> Any:
+        reads.append(True)
+        return slot.__get__(proxy)
+
+    def run(c: bool) -> tuple[int, bool]:
+        with monkeypatch.context() as patched:
+            patched.setattr(_adapter, "use_c_wrappers", c)
+            pgleak.install(leak_threshold=60, report_interval=60)
+            try:
+
+                async def main() -> tuple[int, bool]:
+                    pool = await _open(pg)
+                    try:
+                        async with pool.acquire():
+                            pass  # the C checkout finds the slot, and keeps it
+                        reads.clear()
+                        patched.setattr(PoolConnectionProxy, "_con", property(get, slot.__set__))
+                        async with pool.acquire() as proxy:
+                            con = slot.__get__(proxy)
+                            lease = core.by_conn.get(id(con))
+                            filed = lease is not None and lease.ref is not None
+                            filed = filed and lease.ref() is con
+                            return len(reads), filed
+                    finally:
+                        pool.terminate()
+
+                return asyncio.run(main())
+            finally:
+                pgleak.uninstall()
+                _guard.reset()
+
+    python, c = run(False), run(True)
+    assert c == python
+    assert python[0] >= 1
+    assert python[1]
+
+
 def test_release_to_another_pool_raises_and_leaves_the_ledger_alone(
     pg: Server, events: EventCapture
 ) -> None:
