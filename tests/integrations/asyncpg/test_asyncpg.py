@@ -478,8 +478,8 @@ def test_the_c_checkout_reads_a_proxy_con_replaced_after_it_was_kept_as_python_d
                         async with pool.acquire() as proxy:
                             con = slot.__get__(proxy)
                             lease = core.by_conn.get(id(con))
-                            filed = lease is not None and lease.ref is not None
-                            filed = filed and lease.ref() is con
+                            ref = None if lease is None else lease.ref
+                            filed = ref is not None and ref() is con
                             return len(reads), filed
                     finally:
                         pool.terminate()
