@@ -63,6 +63,7 @@ static PyMethodDef methods[] = {
     {"vars_read", vars_read, METH_NOARGS, vars_read_doc},
     {"kept", kept, METH_NOARGS, kept_doc},
     {"leases_kept", leases_kept, METH_NOARGS, leases_kept_doc},
+    {"connrefs_kept", connrefs_kept, METH_NOARGS, connrefs_kept_doc},
     {"checkout", (PyCFunction)(void (*)(void))ledger_checkout, METH_FASTCALL | METH_KEYWORDS,
      checkout_doc},
     {"checkin", (PyCFunction)(void (*)(void))ledger_checkin, METH_FASTCALL | METH_KEYWORDS,

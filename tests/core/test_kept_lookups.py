@@ -260,9 +260,9 @@ def test_a_holder_class_changed_after_its_slots_were_kept_is_read_anew(
         slot.__set__(holder, object())  # what a read of the slot would find
         return holder
 
-    KeptHolder._in_use = property(not_in_use)  # type: ignore[assignment]
+    setattr(KeptHolder, "_in_use", property(not_in_use))  # noqa: B010 - a slot's name
     assert _checked_in(in_use_in_the_slot, None, True) is False
     assert reads == ["_in_use"]
-    KeptHolder._in_use = slot  # type: ignore[misc]
+    setattr(KeptHolder, "_in_use", slot)  # noqa: B010
     assert _checked_in(KeptHolder, object(), True) is True
     assert _checked_in(KeptHolder, None, True) is False  # the slot unset: absent

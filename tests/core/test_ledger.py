@@ -722,3 +722,57 @@ def test_a_freed_lease_is_kept_and_comes_back_as_new(installed: pgleak.Settings)
     del more
     assert fast.leases_kept() == kept
     core.checkin(last)
+
+
+def test_a_freed_leases_reference_serves_the_connections_next_checkout(
+    events: Any,
+) -> None:
+    """A lease filed by its connection leaves its weak reference, once freed with nothing else
+    holding it, to the same connection's next checkout (the C ledger keeps it): the new lease
+    then names itself in it. A lease still held keeps its own; and a kept one whose connection
+    is collected meanwhile tells of no leak."""
+    import gc
+
+    from pgleak import _stack
+    from pgleak.testing import run_watchdog
+
+    fast = _stack._fast
+
+    def kept(ref_id: int) -> bool:
+        return any(id(ref) == ref_id for ref in fast.connrefs_kept())
+
+    handle = core.pool(Pool(), "test")
+    conn = Conn()
+    first = _out(handle, conn)
+    ref_id = id(first.ref)  # not held: only the lease may hold it
+    core.checkin(first)
+    del first
+    assert kept(ref_id)
+    again = _out(handle, conn)
+    ref: Any = again.ref
+    assert id(ref) == ref_id
+    assert (ref(), ref.lease_id, ref.key) == (conn, again.id, id(conn))
+    assert not kept(ref_id)
+    core.checkin(again)
+    held = again  # held by more than its lease when the lease is freed: stays its own
+    del again
+    other = _out(handle, conn)
+    assert other.ref is not ref
+    assert (ref.lease_id, held.ref) == (held.id, ref)
+    core.checkin(other)
+    del other
+    del held  # freed while something else holds its reference: not kept
+    assert not kept(id(ref))
+    del ref
+    unfiled = _out(handle, conn, index=False)  # not filed by its connection: never kept
+    unfiled_id = id(unfiled.ref)
+    core.checkin(unfiled)
+    del unfiled
+    assert not kept(unfiled_id)
+    assert any(ref() is conn for ref in fast.connrefs_kept())
+    del conn
+    gc.collect()
+    run_watchdog()
+    assert events.events == []
+    assert not core.leases
+    assert not core.by_conn

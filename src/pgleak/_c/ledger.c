@@ -286,8 +286,10 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
         if (collected == NULL) {
             goto done;
         }
-        PyObject *ref;
-        if (connref_plain) {
+        /* a freed lease's reference to this connection, kept (see connref_spare): its
+         * slots are set below */
+        PyObject *ref = connref_plain && index ? connref_spare(conn, collected) : NULL;
+        if (ref == NULL && connref_plain) {
             /* _ConnRef(conn, collected) without type_call around it: weakref's tp_init only
              * checks the arguments its tp_new has taken already. Its arguments' tuple is
              * the same one each time, emptied after the call (weakref's tp_new keeps no
@@ -300,10 +302,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
                     PyObject_GC_UnTrack(pair);
                 }
             }
-            if (pair == NULL) {
-                ref = NULL;
-            }
-            else {
+            if (pair != NULL) {
                 PyTuple_SET_ITEM(pair, 0, Py_NewRef(conn));
                 PyTuple_SET_ITEM(pair, 1, Py_NewRef(collected));
                 ref = connref_type->tp_new(connref_type, pair, NULL);
@@ -315,7 +314,7 @@ ledger_checkout(PyObject *module, PyObject *const *args, Py_ssize_t nargsf, PyOb
                 Py_DECREF(held_callback);
             }
         }
-        else {
+        else if (ref == NULL) {
             ref = connref_called(conn, collected);
         }
         Py_DECREF(collected);

@@ -142,6 +142,62 @@ conn_key(PyObject *conn)
     return key;
 }
 
+/* The weak references of freed leases to connections still alive, kept by the connection's
+ * address for its next checkout: a pool lends the same few connection objects again and
+ * again (psycopg's, psycopg2's, asyncpg's Connection: the leases filed by connection), and
+ * a _ConnRef made and freed each cycle cost ~480 instructions (weakref's __new__, its
+ * dealloc). One is kept only when nothing but the freed lease held it (no other lease, no
+ * report, no observer can read its ``lease_id`` again), and handed out only to a checkout of
+ * the same connection with the same callback, with nothing else holding it; the checkout sets
+ * its ``lease_id`` and ``key``. While kept, it is what it was: if the connection is collected
+ * meanwhile, its callback queues its old lease id, which the watchdog finds in no ledger and
+ * drops (as it drops a late one today). */
+#define SPARE_REFS 8
+static PyObject *spare_refs[SPARE_REFS]; /* strong, or NULL */
+
+/* The kept reference to ``conn`` with callback ``callback`` (handed over: a new reference),
+ * or NULL. */
+static inline PyObject *
+connref_spare(PyObject *conn, PyObject *callback)
+{
+    size_t i = ((uintptr_t)conn >> 4) % SPARE_REFS;
+    PyObject *ref = spare_refs[i];
+    if (ref != NULL && ((PyWeakReference *)ref)->wr_object == conn
+        && ((PyWeakReference *)ref)->wr_callback == callback && Py_REFCNT(ref) == 1) {
+        spare_refs[i] = NULL;
+        return ref;
+    }
+    return NULL;
+}
+
+/* Keep ``ref`` (stolen), a freed lease's, if it can be handed out again; else drop it. */
+static void
+connref_keep(PyObject *ref)
+{
+    PyObject *target = ((PyWeakReference *)ref)->wr_object;
+    if (Py_IS_TYPE(ref, connref_type) && connref_plain && Py_REFCNT(ref) == 1
+        && target != NULL && target != Py_None) {
+        Py_XSETREF(spare_refs[((uintptr_t)target >> 4) % SPARE_REFS], ref);
+        return;
+    }
+    Py_DECREF(ref);
+}
+
+PyDoc_STRVAR(connrefs_kept_doc,
+"connrefs_kept() -> list\n\nThe freed leases' weak references kept for the next checkouts (tests).");
+
+static PyObject *
+connrefs_kept(PyObject *module, PyObject *unused)
+{
+    PyObject *out = PyList_New(0);
+    for (int i = 0; out != NULL && i < SPARE_REFS; i++) {
+        if (spare_refs[i] != NULL && PyList_Append(out, spare_refs[i]) < 0) {
+            Py_CLEAR(out);
+        }
+    }
+    return out;
+}
+
 /* Lease's tp_dealloc. A slotted Python class is freed by the generic subtype_dealloc, which
  * looks for finalizers, weak references and a __dict__ the class does not have and clears the
  * slots by walking their member definitions: ~300 instructions a lease on the hot path. This
@@ -163,6 +219,12 @@ lease_dealloc(PyObject *self)
 {
     PyTypeObject *type = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
+    PyObject *ref = SLOT(self, lease_off[L_REF]);
+    PyObject *key = SLOT(self, lease_off[L_KEY]);
+    if (ref != NULL && Py_REFCNT(ref) == 1 && key != NULL && key != Py_None) {
+        SLOT(self, lease_off[L_REF]) = NULL;
+        connref_keep(ref); /* a lease filed by its connection: the connection comes back */
+    }
     for (int i = 0; i < L_COUNT; i++) {
         Py_CLEAR(SLOT(self, lease_off[i]));
     }

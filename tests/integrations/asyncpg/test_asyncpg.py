@@ -19,7 +19,7 @@ import io
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -348,6 +348,37 @@ class _Counted(collections.deque):  # type: ignore[type-arg]
         return super().pop(*index)
 
 
+_T = TypeVar("_T")
+
+
+def _either_way(
+    pg: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    c: bool,
+    body: Callable[[Pool, pytest.MonkeyPatch], Awaitable[_T]],
+    before: Callable[[pytest.MonkeyPatch], None] = lambda patched: None,
+) -> _T:
+    """``body(pool, patched)`` on a fresh pool, pgleak installed with the C wrappers (``c``)
+    or the Python ones; ``before(patched)`` after the install."""
+    with monkeypatch.context() as patched:
+        patched.setattr(_adapter, "use_c_wrappers", c)
+        pgleak.install(leak_threshold=60, report_interval=60)
+        try:
+            before(patched)
+
+            async def main() -> _T:
+                pool = await _open(pg)
+                try:
+                    return await body(pool, patched)
+                finally:
+                    pool.terminate()
+
+            return asyncio.run(main())
+        finally:
+            pgleak.uninstall()
+            _guard.reset()
+
+
 @pytest.mark.skipif(
     not hasattr(_stack._fast, "ablock_wrapper"),
     reason="compares the C blocks with Python's reads; without pgleak._speedups only Python runs",
@@ -359,37 +390,27 @@ def test_an_observed_wait_is_counted_by_the_pools_pending_whatever_its_class(
     name; any other ``pending`` (a subclass here) is called by name, as the Python one is."""
 
     def run(c: bool) -> tuple[list[str], list[int]]:
-        with monkeypatch.context() as patched:
-            patched.setattr(_adapter, "use_c_wrappers", c)
-            pgleak.install(leak_threshold=60, report_interval=60)
-            try:
-                patched.setattr(core, "observer", _Told())
-                core.observer_started()
-                wrapper = PoolAcquireContext.__dict__["__aenter__"]
-                assert (type(wrapper) is _stack._fast.Tracked) is c
+        def before(patched: pytest.MonkeyPatch) -> None:
+            patched.setattr(core, "observer", _Told())
+            core.observer_started()
+            wrapper = PoolAcquireContext.__dict__["__aenter__"]
+            assert (type(wrapper) is _stack._fast.Tracked) is c
 
-                async def main() -> tuple[list[str], list[int]]:
-                    pool = await _open(pg)
-                    try:
-                        async with pool.acquire():
-                            pass
-                        [handle] = [h for h in core._pools.values() if h.ref() is pool]
-                        lengths = [len(handle.pending)]
-                        counted = _Counted()
-                        counted.calls = []
-                        handle.pending = counted
-                        async with pool.acquire():
-                            lengths.append(len(handle.pending))
-                        await pool.release(await pool.acquire())
-                        lengths.append(len(handle.pending))
-                        return counted.calls, lengths
-                    finally:
-                        pool.terminate()
+        async def body(pool: Pool, patched: pytest.MonkeyPatch) -> tuple[list[str], list[int]]:
+            async with pool.acquire():
+                pass
+            [handle] = [h for h in core._pools.values() if h.ref() is pool]
+            lengths = [len(handle.pending)]
+            counted = _Counted()
+            counted.calls = []
+            handle.pending = counted
+            async with pool.acquire():
+                lengths.append(len(handle.pending))
+            await pool.release(await pool.acquire())
+            lengths.append(len(handle.pending))
+            return counted.calls, lengths
 
-                return asyncio.run(main())
-            finally:
-                pgleak.uninstall()
-                _guard.reset()
+        return _either_way(pg, monkeypatch, c, body, before)
 
     python, c = run(False), run(True)
     assert c == python == (["append", "pop"] * 2, [0, 0, 0])
@@ -462,32 +483,19 @@ def test_the_c_checkout_reads_a_proxy_con_replaced_after_it_was_kept_as_python_d
         reads.append(True)
         return slot.__get__(proxy)
 
+    async def body(pool: Pool, patched: pytest.MonkeyPatch) -> tuple[int, bool]:
+        async with pool.acquire():
+            pass  # the C checkout finds the slot, and keeps it
+        reads.clear()
+        patched.setattr(PoolConnectionProxy, "_con", property(get, slot.__set__))
+        async with pool.acquire() as proxy:
+            con = slot.__get__(proxy)
+            lease = core.by_conn.get(id(con))
+            ref = None if lease is None else lease.ref
+            return len(reads), ref is not None and ref() is con
+
     def run(c: bool) -> tuple[int, bool]:
-        with monkeypatch.context() as patched:
-            patched.setattr(_adapter, "use_c_wrappers", c)
-            pgleak.install(leak_threshold=60, report_interval=60)
-            try:
-
-                async def main() -> tuple[int, bool]:
-                    pool = await _open(pg)
-                    try:
-                        async with pool.acquire():
-                            pass  # the C checkout finds the slot, and keeps it
-                        reads.clear()
-                        patched.setattr(PoolConnectionProxy, "_con", property(get, slot.__set__))
-                        async with pool.acquire() as proxy:
-                            con = slot.__get__(proxy)
-                            lease = core.by_conn.get(id(con))
-                            filed = lease is not None and lease.ref is not None
-                            filed = filed and lease.ref() is con
-                            return len(reads), filed
-                    finally:
-                        pool.terminate()
-
-                return asyncio.run(main())
-            finally:
-                pgleak.uninstall()
-                _guard.reset()
+        return _either_way(pg, monkeypatch, c, body)
 
     python, c = run(False), run(True)
     assert c == python
