@@ -64,8 +64,8 @@ ablock_told(Tracked *w, PyObject *proxy, int entering)
         ref = Py_NewRef(Py_None);
     }
     PyObject *target = NULL;
-    if (PyWeakref_CheckRefExact(ref)) {
-        target = ref_target(ref);
+    if (PyWeakref_CheckRef(ref) && Py_TYPE(ref)->tp_call == _PyWeakref_RefType.tp_call) {
+        target = ref_target(ref); /* the ledger's _ConnRef too: calling it is this (~130) */
     }
     else if (ref != Py_None) {
         target = PyObject_CallNoArgs(ref);
