@@ -347,6 +347,61 @@ def test_times_own_clocks_are_read_in_c_and_a_clock_replaced_since_is_called(
     assert seen["lease"].otel.offset == OFFSET
 
 
+def test_a_dropped_spans_no_op_methods_are_not_called_and_any_other_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A span the sampler dropped is a ``NonRecordingSpan``, whose ``set_attributes`` and
+    ``end`` do nothing: the C checkin leaves those two calls out. A method put in their place,
+    on the class or on the span, is called with what the Python method passes it."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    assert len(_otel_fast._noops()) == 2
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    monkeypatch.setattr(_otel, "_time_ns", lambda: NOW_NS)
+    monkeypatch.setattr(_otel, "_monotonic", lambda: MONO)
+    pgleak.install(leak_threshold=60, report_interval=60, tracer_provider=provider)
+    try:
+        handle = core.pool(Pool(), "test")
+        _cycle(handle, None, None)
+        noops = {vars(trace.NonRecordingSpan)[name].__code__ for name in ("set_attributes", "end")}
+        called = [0]
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event == "call" and frame.f_code in noops:
+                called[0] += 1
+
+        sys.setprofile(profile)
+        try:
+            seen = _cycle(handle, 1.0, None)
+        finally:
+            sys.setprofile(None)
+        assert type(seen["lease"].otel.span) is trace.NonRecordingSpan
+        assert called == [0]
+        told: list[tuple[str, Any]] = []
+        monkeypatch.setattr(
+            trace.NonRecordingSpan, "end", lambda self, at=None: told.append(("end", at))
+        )
+        seen = _cycle(handle, 1.0, None)
+        lease = seen["lease"]
+        assert told == [("end", OFFSET + int(lease.t_in * 1e9))]
+        monkeypatch.undo()
+        monkeypatch.setattr(_otel, "_time_ns", lambda: NOW_NS)
+        monkeypatch.setattr(_otel, "_monotonic", lambda: MONO)
+        told.clear()
+        lease = _checkout(handle, None)
+        _tell(core.observer, lease, True)
+        span = lease.otel.span
+        span.set_attributes = lambda attrs: told.append(("set_attributes", attrs))
+        _tell(core.observer, lease, False)
+        core.checkin(lease)
+        assert lease.t_in is not None
+        held = lease.t_in - lease.t0 if lease.t_in > lease.t0 else 0.0
+        assert told == [("set_attributes", {"pgleak.held_s": held, "pgleak.outcome": "returned"})]
+    finally:
+        pgleak.uninstall()
+        provider.shutdown()
+
+
 def test_in_a_task_too(traced: Traced) -> None:
     handle = core.pool(Pool(), "test")
 

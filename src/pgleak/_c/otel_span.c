@@ -592,6 +592,50 @@ trace_told(PyObject *observer, PyObject *name, PyObject *lease, int entering)
     return PyObject_CallMethodOneArg(observer, name, lease);
 }
 
+/* NonRecordingSpan's ``set_attributes`` and ``end`` when their bodies do nothing (``pass``:
+ * pgleak._otel_fast checks), from trace_span_bind; NULL: called as any other. */
+static PyObject *ts_noops[2];
+
+/* ``span.<name>`` as a method call finds it: the function found on the type (``*unbound``
+ * 1: ``span`` goes first) or the attribute (0); a new reference, or NULL with an error set. */
+static PyObject *
+ts_method(PyObject *span, PyObject *name, int *unbound)
+{
+#if PY_VERSION_HEX < 0x030D0000
+    PyObject *method = NULL;
+    *unbound = _PyObject_GetMethod(span, name, &method);
+    return method;
+#else
+    *unbound = 0;
+    return PyObject_GetAttr(span, name);
+#endif
+}
+
+/* Whether calling ``method`` (from ts_method) calls ``noop`` on ``span``. */
+static inline int
+ts_is_noop(PyObject *method, int unbound, PyObject *span, PyObject *noop)
+{
+    if (noop == NULL) {
+        return 0;
+    }
+    if (unbound) {
+        return method == noop;
+    }
+    return PyMethod_Check(method) && PyMethod_GET_FUNCTION(method) == noop
+           && PyMethod_GET_SELF(method) == span;
+}
+
+/* ``method(arg)`` as found by ts_method for ``span``. */
+static PyObject *
+ts_call(PyObject *method, int unbound, PyObject *span, PyObject *arg)
+{
+    PyObject *args[3] = {NULL, span, arg};
+    if (unbound) {
+        return PyObject_Vectorcall(method, args + 1, 2, NULL);
+    }
+    return PyObject_Vectorcall(method, args + 2, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
 /* ``Telemetry.checked_in(lease, late, discarded)``, as ts_enter. */
 static int
 ts_checked_in(PyObject *observer, PyObject *lease, int late, int discarded)
@@ -605,6 +649,7 @@ ts_checked_in(PyObject *observer, PyObject *lease, int late, int discarded)
     }
     int result = 0;
     PyObject *end = NULL, *span = NULL, *attrs = NULL, *held = NULL, *at = NULL, *done = NULL;
+    PyObject *method = NULL;
     PyObject *state = SLOT(lease, lease_off[L_OTEL]), *t0 = SLOT(lease, lease_off[L_T0]);
     PyObject *t_in = SLOT(lease, lease_off[L_T_IN]);
     if (t_in == NULL || t0 == NULL || state == NULL
@@ -649,38 +694,58 @@ ts_checked_in(PyObject *observer, PyObject *lease, int late, int discarded)
         PyErr_SetString(PyExc_AttributeError, "t0");
         goto fail;
     }
-    if (PyFloat_CheckExact(end) && PyFloat_CheckExact(t0)) {
-        double a = PyFloat_AS_DOUBLE(end), b = PyFloat_AS_DOUBLE(t0);
-        held = PyFloat_FromDouble(a > b ? a - b : 0.0);
-    }
-    else {
-        int later = PyObject_RichCompareBool(end, t0, Py_GT);
-        held = later < 0 ? NULL : later ? PyNumber_Subtract(end, t0) : PyFloat_FromDouble(0.0);
-    }
-    attrs = held == NULL ? NULL : PyDict_New();
-    if (attrs == NULL || PyDict_SetItem(attrs, s_ts_held, held) < 0
-        || PyDict_SetItem(attrs, s_ts_outcome, SLOT(state, trace_off[T_OUTCOME])) < 0) {
+    /* ``span.set_attributes({...})`` then ``span.end(...)``, each method looked up first, as
+     * Python does; a method that is NonRecordingSpan's own no-op (ts_noops) is not called
+     * where making its argument could not raise or run code (exact floats, finite end). */
+    PyObject *offset = SLOT(state, trace_off[T_OFFSET]);
+    int plain = PyFloat_CheckExact(end) && PyFloat_CheckExact(t0) && PyLong_CheckExact(offset)
+                && isfinite(PyFloat_AS_DOUBLE(end));
+    int unbound;
+    method = ts_method(span, s_ts_set_attributes, &unbound);
+    if (method == NULL) {
         goto fail;
     }
-    PyObject *args[2] = {span, attrs};
-    done = PyObject_VectorcallMethod(s_ts_set_attributes, args, 2, NULL);
-    if (done == NULL) {
+    if (!plain || !ts_is_noop(method, unbound, span, ts_noops[0])) {
+        if (PyFloat_CheckExact(end) && PyFloat_CheckExact(t0)) {
+            double a = PyFloat_AS_DOUBLE(end), b = PyFloat_AS_DOUBLE(t0);
+            held = PyFloat_FromDouble(a > b ? a - b : 0.0);
+        }
+        else {
+            int later = PyObject_RichCompareBool(end, t0, Py_GT);
+            held = later < 0 ? NULL
+                   : later   ? PyNumber_Subtract(end, t0)
+                             : PyFloat_FromDouble(0.0);
+        }
+        attrs = held == NULL ? NULL : PyDict_New();
+        if (attrs == NULL || PyDict_SetItem(attrs, s_ts_held, held) < 0
+            || PyDict_SetItem(attrs, s_ts_outcome, SLOT(state, trace_off[T_OUTCOME])) < 0) {
+            goto fail;
+        }
+        done = ts_call(method, unbound, span, attrs);
+        if (done == NULL) {
+            goto fail;
+        }
+        Py_CLEAR(done);
+    }
+    Py_SETREF(method, ts_method(span, s_ts_end, &unbound));
+    if (method == NULL) {
         goto fail;
     }
-    Py_CLEAR(done);
-    at = ts_ns(SLOT(state, trace_off[T_OFFSET]), end, 0);
-    if (at == NULL) {
-        goto fail;
-    }
-    args[1] = at;
-    done = PyObject_VectorcallMethod(s_ts_end, args, 2, NULL);
-    if (done == NULL) {
-        goto fail;
+    if (!plain || !ts_is_noop(method, unbound, span, ts_noops[1])) {
+        at = ts_ns(SLOT(state, trace_off[T_OFFSET]), end, 0);
+        if (at == NULL) {
+            goto fail;
+        }
+        done = ts_call(method, unbound, span, at);
+        if (done == NULL) {
+            goto fail;
+        }
     }
     goto out;
 fail:
     result = -1;
 out:
+    Py_XDECREF(method);
     Py_XDECREF(end);
     Py_XDECREF(span);
     Py_XDECREF(attrs);
@@ -718,18 +783,28 @@ trace_block(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 PyDoc_STRVAR(trace_span_bind_doc,
-"trace_span_bind(Context, otel_globals) -> None\n\n"
+"trace_span_bind(Context, otel_globals, noops=()) -> None\n\n"
 "Let the C code start, enter, exit and end a traced checkout's span itself, after\n"
 "``trace_bind`` (``Context``: opentelemetry.context.Context; ``otel_globals``: the dict of\n"
-"pgleak._otel, whose ``_CONTEXT``, clocks and names it reads).");
+"pgleak._otel, whose ``_CONTEXT``, clocks and names it reads; ``noops``: NonRecordingSpan's\n"
+"``set_attributes`` and ``end`` functions if their bodies do nothing, which a checkin then\n"
+"does not call, or ``()``).");
 
 static PyObject *
 trace_span_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyType_Check(args[0])
-        || !PyType_IsSubtype((PyTypeObject *)args[0], &PyDict_Type) || !PyDict_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "trace_span_bind(Context: dict type, otel_globals: dict)");
+    if (nargs < 2 || nargs > 3 || !PyType_Check(args[0])
+        || !PyType_IsSubtype((PyTypeObject *)args[0], &PyDict_Type) || !PyDict_Check(args[1])
+        || (nargs == 3
+            && (!PyTuple_CheckExact(args[2])
+                || (PyTuple_GET_SIZE(args[2]) != 0 && PyTuple_GET_SIZE(args[2]) != 2)))) {
+        PyErr_SetString(PyExc_TypeError, "trace_span_bind(Context: dict type, otel_globals: dict"
+                                         ", noops: () or (set_attributes, end))");
         return NULL;
+    }
+    PyObject *noops = nargs == 3 ? args[2] : NULL;
+    if (noops != NULL && PyTuple_GET_SIZE(noops) == 0) {
+        noops = NULL;
     }
     if (tb_telemetry == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "trace_span_bind(): trace_bind() first");
@@ -829,6 +904,9 @@ trace_span_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         ts_clocks[0] = time_ns;
         ts_clocks[1] = monotonic;
+    }
+    for (int i = 0; i < 2; i++) {
+        Py_XSETREF(ts_noops[i], noops == NULL ? NULL : Py_NewRef(PyTuple_GET_ITEM(noops, i)));
     }
     Py_XSETREF(ts_globals, Py_NewRef(globals)); /* last: it switches it on */
     Py_RETURN_NONE;
