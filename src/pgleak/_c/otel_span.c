@@ -697,10 +697,7 @@ ts_checked_in(PyObject *observer, PyObject *lease, int late, int discarded)
     /* ``span.set_attributes({...})`` then ``span.end(...)``, each method looked up first, as
      * Python does; a method that is NonRecordingSpan's own no-op (ts_noops) is not called
      * where making its argument could not raise or run code (exact floats, finite end). */
-    PyObject *offset = SLOT(state, trace_off[T_OFFSET]);
-    int plain = PyFloat_CheckExact(end) && PyFloat_CheckExact(t0) && PyLong_CheckExact(offset)
-                && isfinite(PyFloat_AS_DOUBLE(end));
-    int unbound;
+    int plain = PyFloat_CheckExact(end) && PyFloat_CheckExact(t0), unbound;
     method = ts_method(span, s_ts_set_attributes, &unbound);
     if (method == NULL) {
         goto fail;
@@ -731,8 +728,16 @@ ts_checked_in(PyObject *observer, PyObject *lease, int late, int discarded)
     if (method == NULL) {
         goto fail;
     }
+    /* ``state.offset + int(end * 1e9)`` cannot raise (read after set_attributes ran) */
+    PyObject *offset = SLOT(state, trace_off[T_OFFSET]);
+    if (offset == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "offset");
+        goto fail;
+    }
+    plain = PyFloat_CheckExact(end) && isfinite(PyFloat_AS_DOUBLE(end) * 1e9)
+            && PyLong_CheckExact(offset);
     if (!plain || !ts_is_noop(method, unbound, span, ts_noops[1])) {
-        at = ts_ns(SLOT(state, trace_off[T_OFFSET]), end, 0);
+        at = ts_ns(offset, end, 0);
         if (at == NULL) {
             goto fail;
         }

@@ -210,6 +210,76 @@ class _Told(BlockObserver):
         return self.last is not None and record.__dict__.get("_pgleak_lease") is self.last
 
 
+@pytest.mark.skipif(
+    not hasattr(_stack._fast, "ablock_wrapper"), reason="pgleak._speedups is not in use here"
+)
+def test_a_changed_sync_connection_is_read_as_python_reads_it(
+    pg: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C block reads ``AsyncConnection.sync_connection`` from its slot while the class is
+    the one it found the slot on, unchanged: made a property since, it reads by name, as the
+    Python ``_scope`` does (the property read as often, the observer told the same)."""
+    pytest.importorskip("asyncpg")
+    slot = AsyncConnection.__dict__["sync_connection"]
+    reads = [0]
+
+    def read(conn: object) -> object:
+        reads[0] += 1
+        return slot.__get__(conn, type(conn))
+
+    counted = property(read, slot.__set__)
+
+    async def cycle(engine: AsyncEngine, told: _Told, what: str) -> None:
+        before = reads[0]
+        async with engine.connect():
+            told.seen.append((what, "inside"))
+        told.seen.append((what, reads[0] - before))
+
+    def run(c: bool) -> list[Any]:
+        told = _Told()
+        with monkeypatch.context() as patched:
+            patched.setattr(_adapter, "use_c_wrappers", c)
+            pgleak.install(leak_threshold=60, report_interval=60)
+            try:
+                patched.setattr(core, "observer", told)
+                core.observer_started()
+
+                async def body(engine: AsyncEngine) -> None:
+                    await cycle(engine, told, "plain")
+                    await cycle(engine, told, "plain again")
+                    with monkeypatch.context() as swapped:
+                        swapped.setattr(AsyncConnection, "sync_connection", counted)
+                        await cycle(engine, told, "a property")
+                    await cycle(engine, told, "the slot again")
+
+                async def main() -> None:
+                    engine = create_async_engine(pg.url("asyncpg"), pool_size=1, max_overflow=0)
+                    try:
+                        await asyncio.create_task(body(engine), name="the-task")
+                    finally:
+                        await engine.dispose()
+
+                asyncio.run(main())
+            finally:
+                pgleak.uninstall()
+        return told.seen
+
+    python, c = run(False), run(True)
+    assert c == python
+    enter, exit_ = (
+        ("enter", "the-task", "_ConnectionFairy"),
+        ("exit", "the-task", "_ConnectionFairy"),
+    )
+    counts = [entry[1] for entry in python if isinstance(entry[1], int)]
+    assert counts[0] == counts[1] == counts[3] == 0
+    assert counts[2] > 0
+    assert [entry for entry in python if not isinstance(entry[1], int)][:3] == [
+        enter,
+        ("plain", "inside"),
+        exit_,
+    ]
+
+
 @pytest.mark.internal_errors
 @pytest.mark.skipif(
     not hasattr(_stack._fast, "ablock_wrapper"), reason="pgleak._speedups is not in use here"
