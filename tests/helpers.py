@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import linecache
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 
 def site_of(marker: str, depth: int = 1) -> str:
@@ -73,3 +78,31 @@ class BlockObserver:
 
     def __getattr__(self, name: str) -> object:
         return lambda *args: None
+
+
+@contextlib.contextmanager
+def observed_by(
+    monkeypatch: pytest.MonkeyPatch, c: bool, observer: Any, blocks: Any, names: tuple[str, ...]
+) -> Iterator[list[tuple[str, str]]]:
+    """pgleak installed with ``observer`` as its observer and the C wrappers (``c``) or the
+    Python ones, checked on ``blocks``' methods ``names``; yields a list the faults swallowed
+    meanwhile are put in at the end (as ``(site, repr(exc))``)."""
+    import pgleak
+    from pgleak import _adapter, _guard, _stack
+    from pgleak._core import core
+
+    faults: list[tuple[str, str]] = []
+    with monkeypatch.context() as patched:
+        patched.setattr(_adapter, "use_c_wrappers", c)
+        pgleak.install(leak_threshold=60, report_interval=60)
+        try:
+            patched.setattr(core, "observer", observer)
+            core.observer_started()  # the block's wrappers go in with an observer
+            for name in names:
+                wrapper = vars(blocks)[name]
+                assert (type(wrapper) is _stack._fast.Tracked) is c
+            yield faults
+            faults.extend((site, repr(exc)) for site, exc in _guard.swallowed)
+        finally:
+            pgleak.uninstall()
+            _guard.reset()

@@ -300,6 +300,108 @@ def test_times_beyond_64_bits_or_of_another_type_are_pythons_arithmetic(
         assert span.end_time == offset + int(lease.t_in * 1e9)
 
 
+def test_times_own_clocks_are_read_in_c_and_a_clock_replaced_since_is_called(
+    traced: Traced, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``time.time_ns`` and ``time.monotonic`` as pgleak._otel's clocks, the C path reads
+    both clocks itself (no call): the span's offset is the one the calls would give, within
+    the time between readings. A clock put in their place afterwards is called at the next
+    span, as the method calls it."""
+    monkeypatch.setattr(_otel, "_time_ns", time.time_ns)
+    monkeypatch.setattr(_otel, "_monotonic", time.monotonic)
+    handle = core.pool(Pool(), "test")
+    _cycle(handle, None, None)
+    traced.clear()
+    before = time.time_ns() - int(time.monotonic() * 1e9)
+    ran, seen = _runs(lambda: _cycle(handle, 1.0, None))
+    after = time.time_ns() - int(time.monotonic() * 1e9)
+    assert ran == dict.fromkeys(METHODS, 0)
+    lease = seen["lease"]
+    offset = lease.otel.offset
+    assert type(offset) is int
+    # each reading is a wall clock minus a later monotonic one: at most the time between
+    assert min(before, after) - 50_000_000 <= offset <= max(before, after) + 50_000_000
+    (span,) = traced.spans()
+    assert span.start_time == offset + int(1.0 * 1e9)
+    assert span.end_time == offset + int(lease.t_in * 1e9)
+    # replaced since: called from the next span on
+    fixed_ns: Callable[[], int] = lambda: NOW_NS  # noqa: E731
+    fixed_mono: Callable[[], float] = lambda: MONO  # noqa: E731
+    clocks: list[tuple[Callable[[], int], Callable[[], float]]] = [
+        (fixed_ns, time.monotonic),
+        (time.time_ns, fixed_mono),
+    ]
+    for time_ns, monotonic in clocks:
+        monkeypatch.setattr(_otel, "_time_ns", time_ns)
+        monkeypatch.setattr(_otel, "_monotonic", monotonic)
+        traced.clear()
+        before = time_ns() - int(monotonic() * 1e9)
+        ran, seen = _runs(lambda: _cycle(handle, 1.0, None))
+        after = time_ns() - int(monotonic() * 1e9)
+        assert ran == dict.fromkeys(METHODS, 0)
+        offset = seen["lease"].otel.offset
+        assert min(before, after) - 50_000_000 <= offset <= max(before, after) + 50_000_000
+    monkeypatch.setattr(_otel, "_monotonic", lambda: MONO)
+    monkeypatch.setattr(_otel, "_time_ns", lambda: NOW_NS)
+    ran, seen = _runs(lambda: _cycle(handle, 1.0, None))
+    assert seen["lease"].otel.offset == OFFSET
+
+
+def test_a_dropped_spans_no_op_methods_are_not_called_and_any_other_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A span the sampler dropped is a ``NonRecordingSpan``, whose ``set_attributes`` and
+    ``end`` do nothing: the C checkin leaves those two calls out. A method put in their place,
+    on the class or on the span, is called with what the Python method passes it."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    assert len(_otel_fast._noops()) == 2
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    monkeypatch.setattr(_otel, "_time_ns", lambda: NOW_NS)
+    monkeypatch.setattr(_otel, "_monotonic", lambda: MONO)
+    pgleak.install(leak_threshold=60, report_interval=60, tracer_provider=provider)
+    try:
+        handle = core.pool(Pool(), "test")
+        _cycle(handle, None, None)
+        noops = {vars(trace.NonRecordingSpan)[name].__code__ for name in ("set_attributes", "end")}
+        called = [0]
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event == "call" and frame.f_code in noops:
+                called[0] += 1
+
+        sys.setprofile(profile)
+        try:
+            seen = _cycle(handle, 1.0, None)
+        finally:
+            sys.setprofile(None)
+        assert type(seen["lease"].otel.span) is trace.NonRecordingSpan
+        assert called == [0]
+        told: list[tuple[str, Any]] = []
+        monkeypatch.setattr(
+            trace.NonRecordingSpan, "end", lambda self, at=None: told.append(("end", at))
+        )
+        seen = _cycle(handle, 1.0, None)
+        lease = seen["lease"]
+        assert told == [("end", OFFSET + int(lease.t_in * 1e9))]
+        monkeypatch.undo()
+        monkeypatch.setattr(_otel, "_time_ns", lambda: NOW_NS)
+        monkeypatch.setattr(_otel, "_monotonic", lambda: MONO)
+        told.clear()
+        lease = _checkout(handle, None)
+        _tell(core.observer, lease, True)
+        span = lease.otel.span
+        span.set_attributes = lambda attrs: told.append(("set_attributes", attrs))
+        _tell(core.observer, lease, False)
+        core.checkin(lease)
+        assert lease.t_in is not None
+        held = lease.t_in - lease.t0 if lease.t_in > lease.t0 else 0.0
+        assert told == [("set_attributes", {"pgleak.held_s": held, "pgleak.outcome": "returned"})]
+    finally:
+        pgleak.uninstall()
+        provider.shutdown()
+
+
 def test_in_a_task_too(traced: Traced) -> None:
     handle = core.pool(Pool(), "test")
 

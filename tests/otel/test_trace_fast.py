@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -181,6 +182,49 @@ def test_every_other_case_is_the_methods(
     monkeypatch.undo()
     assert _otel.Telemetry.checked_out is original
     assert methods_runs() == 0
+
+
+@pytest.mark.parametrize("change", ["tracing", "tracer_provider", "meter_provider"])
+def test_a_setting_changed_after_the_c_path_read_it_is_seen(
+    traced: SpanCollector, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """The C path keeps what it read of the observer's attributes, its class and the API's
+    provider globals while their dicts are unchanged: a change after it has read them (and
+    kept the answers) sends the next checkout to the method."""
+    observer = core.observer
+    assert isinstance(observer, _otel.Telemetry)
+    handle = core.pool(Pool(), "test")
+    conn = Conn()
+
+    def methods_runs() -> tuple[int, Any]:
+        ran, lease = _calls_of(
+            _otel.Telemetry.checked_out, lambda: core.checkout(handle, conn, True, 1.0)
+        )
+        core.checkin(lease)
+        return ran, lease.otel
+
+    # dormant, looking for the other provider (what install(tracer_provider=...) leaves)
+    monkeypatch.setattr(observer, "_doze", lambda: None)
+    monkeypatch.setattr(observer, "dormant", True)
+    monkeypatch.setattr(observer, "_watch_meter", True)
+    monkeypatch.setattr(observer, "_watch_tracer", change == "tracer_provider")
+    monkeypatch.setattr(_metrics_internal, "_METER_PROVIDER", None)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    methods_runs()  # the pool described
+    for _ in range(2):  # read, then kept
+        assert methods_runs()[0] == 0
+    if change == "tracing":
+        monkeypatch.setattr(observer, "tracing", False)
+        assert methods_runs() == (1, None)  # the method's: no span to trace
+    else:
+        module = trace if change == "tracer_provider" else _metrics_internal
+        monkeypatch.setattr(module, f"_{change.upper()}", object())
+        monkeypatch.setattr(observer, "_wake", lambda: None)  # stays dormant: no change
+        ran, state = methods_runs()
+        assert ran == 1  # the method's first test, to wake it
+        assert type(state) is _otel._Trace
+    monkeypatch.undo()
+    assert methods_runs()[0] == 0
 
 
 class _Instruments:

@@ -64,8 +64,8 @@ ablock_told(Tracked *w, PyObject *proxy, int entering)
         ref = Py_NewRef(Py_None);
     }
     PyObject *target = NULL;
-    if (PyWeakref_CheckRefExact(ref)) {
-        target = ref_target(ref);
+    if (PyWeakref_CheckRef(ref) && Py_TYPE(ref)->tp_call == _PyWeakref_RefType.tp_call) {
+        target = ref_target(ref); /* the ledger's _ConnRef too: calling it is this (~130) */
     }
     else if (ref != Py_None) {
         target = PyObject_CallNoArgs(ref);
@@ -111,12 +111,20 @@ static PyObject *s_sync_connection, *s_dbapi_connection;
 
 static int sa_told(Tracked *w, PyObject *sync, int entering);
 
+/* ``AsyncConnection.sync_connection``: a slot (by name: ~100 instructions, twice a block) */
+static kept_slot sync_slot;
+
 static int
 sablock_told(Tracked *w, PyObject *connection, int entering)
 {
-    PyObject *sync = NULL;
-    if (PyObject_GetOptionalAttr(connection, s_sync_connection, &sync) < 0) {
-        return -1;
+    PyObject *sync = kept_slot_get(&sync_slot, connection);
+    if (sync == NULL) {
+        if (sa_generic_getattribute(Py_TYPE(connection))) {
+            kept_slot_learn(&sync_slot, Py_TYPE(connection), s_sync_connection);
+        }
+        if (PyObject_GetOptionalAttr(connection, s_sync_connection, &sync) < 0) {
+            return -1;
+        }
     }
     if (sync == NULL || sync == Py_None) {
         Py_XDECREF(sync);

@@ -195,16 +195,19 @@ clock_called(void)
     return PyObject_CallNoArgs(b_monotonic);
 }
 
-static PyObject *
-clock_now(void)
+/* ``time.monotonic()``'s value read here (0: ``*seconds`` set), or -1 with an error set (3.13's
+ * clock failed, as the call would), or 1: not read here (the call's case). */
+static inline int
+clock_seconds(double *seconds)
 {
 #if PY_VERSION_HEX >= 0x030D0000
     if (PGLEAK_LIKELY(own_clock)) {
         PyTime_t t;
         if (PyTime_Monotonic(&t) < 0) {
-            return NULL;
+            return -1;
         }
-        return PyFloat_FromDouble(PyTime_AsSecondsDouble(t));
+        *seconds = PyTime_AsSecondsDouble(t);
+        return 0;
     }
 #elif defined(__linux__) && defined(CLOCK_MONOTONIC)
     if (PGLEAK_LIKELY(own_clock)) {
@@ -219,9 +222,22 @@ clock_now(void)
                 d = (double)ns;
                 d /= 1e9;
             }
-            return PyFloat_FromDouble(d);
+            *seconds = d;
+            return 0;
         }
     }
 #endif
-    return clock_called();
+    (void)seconds;
+    return 1;
+}
+
+static PyObject *
+clock_now(void)
+{
+    double seconds;
+    int read = clock_seconds(&seconds);
+    if (PGLEAK_LIKELY(read == 0)) {
+        return PyFloat_FromDouble(seconds);
+    }
+    return read < 0 ? NULL : clock_called();
 }

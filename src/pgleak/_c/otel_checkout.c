@@ -11,6 +11,64 @@
  * the class or the instance, a provider to look for, metrics, a pool not yet described, an
  * unset context variable) is the Python method's. Bound by pgleak._otel_fast. */
 
+/* Telemetry's methods that otel_span.c stands in for */
+enum { TS_ENTER, TS_EXIT, TS_CHECKED_IN, TS_START, TS_COUNT };
+
+/* The dict lookups trace_checkout() and otel_span.c's functions repeat on every call
+ * (Telemetry's methods, the observer's own attributes, pgleak._otel's globals, the API's
+ * provider globals: five to nine a call, ~100 instructions each) are
+ * remembered while the dict is unchanged, by its version tag, which CPython changes on every
+ * insertion, deletion and clear and gives no other dict (see the verdict table above): a
+ * method replaced, an attribute set, a clock swapped shows at the next call. The value is
+ * borrowed: the unchanged dict still holds it. Up to 3.13; later, the dict is asked. */
+enum {
+    TM_CLASS, TM_INSTANCE = TM_CLASS + TS_COUNT, TM_CONTEXT = TM_INSTANCE + TS_COUNT, TM_TIME_NS,
+    TM_MONOTONIC, TM_TRACER, TM_METERING,
+    /* trace_checkout()'s */
+    TM_CHECKED_OUT, TM_OWN_CHECKED_OUT, TM_TRACING, TM_DORMANT, TM_WATCH_TRACER,
+    TM_WATCH_METER, TM_TRACER_PROVIDER, TM_METER_PROVIDER, TM_COUNT
+};
+#ifdef PGLEAK_VERDICT_TABLE
+static struct {
+    PyObject *dict; /* borrowed, compared by address only (with the tag, never reused) */
+    uint64_t tag;
+    PyObject *value; /* borrowed; NULL: absent */
+} ts_memo[TM_COUNT];
+#endif
+
+/* An instance's dict is remembered too up to 3.12, where the dict made for it replaces the
+ * instance's inline values; from 3.13 it shares them, and an attribute set on the instance
+ * does not change the dict's version tag. */
+#if PY_VERSION_HEX < 0x030D0000
+#  define TM_OWN(memo) (memo)
+#else
+#  define TM_OWN(memo) (-1)
+#endif
+
+/* ``dict.get(name)``, borrowed; NULL: absent, or an error set (``memo`` -1: not remembered). */
+static inline PyObject *
+ts_get(PyObject *dict, PyObject *name, int memo)
+{
+#ifdef PGLEAK_VERDICT_TABLE
+    if (memo < 0) {
+        return PyDict_GetItemWithError(dict, name);
+    }
+    if (ts_memo[memo].dict == dict && ts_memo[memo].tag == dict_version(dict)) {
+        return ts_memo[memo].value;
+    }
+    PyObject *value = PyDict_GetItemWithError(dict, name);
+    if (value != NULL || !PyErr_Occurred()) {
+        ts_memo[memo].dict = dict;
+        ts_memo[memo].tag = dict_version(dict);
+        ts_memo[memo].value = value;
+    }
+    return value;
+#else
+    (void)memo;
+    return PyDict_GetItemWithError(dict, name);
+#endif
+}
+
 enum { T_CTX, T_DEPTH, T_ENDED, T_OFFSET, T_OUTCOME, T_PARENT, T_SINCE, T_SPAN, T_TOKEN, T_COUNT };
 static const char *trace_slots[T_COUNT] = {
     "ctx", "depth", "ended", "offset", "outcome", "parent", "since", "span", "token",
@@ -30,16 +88,17 @@ static PyObject *s_watch_tracer, *s_watch_meter, *s_tracer_provider, *s_meter_pr
 /* A dormant observer's test, one half (``self.<watch> and getattr(module, name, True) is not
  * None``, in ``dict``): 1 while it is false (nothing to wake), else 0 (the method wakes it). */
 static int
-trace_quiet(PyObject *dict, PyObject *watch, PyObject *globals, PyObject *name)
+trace_quiet(PyObject *dict, PyObject *watch, int memo, PyObject *globals, PyObject *name,
+            int global_memo)
 {
-    PyObject *watching = PyDict_GetItemWithError(dict, watch);
+    PyObject *watching = ts_get(dict, watch, TM_OWN(memo));
     if (watching == Py_False) {
         return 1;
     }
     if (watching != Py_True) {
         return 0;
     }
-    return PyDict_GetItemWithError(globals, name) == Py_None;
+    return ts_get(globals, name, global_memo) == Py_None;
 }
 
 /* 1: ``lease.otel`` made as ``observer.checked_out(lease, since)`` would; 0: that method must
@@ -50,7 +109,8 @@ trace_checkout(PyObject *observer, PyObject *lease, PyObject *since)
     if (tb_telemetry == NULL || Py_TYPE(observer) != tb_telemetry || lease_off[L_POOL] == 0) {
         return 0;
     }
-    PyObject *method = PyDict_GetItemWithError(tb_telemetry->tp_dict, s_checked_out);
+    /* every lookup below remembered while its dict is unchanged (ts_get) */
+    PyObject *method = ts_get(tb_telemetry->tp_dict, s_checked_out, TM_CHECKED_OUT);
     if (method != tb_checked_out) {
         return PyErr_Occurred() ? -1 : 0;
     }
@@ -59,15 +119,18 @@ trace_checkout(PyObject *observer, PyObject *lease, PyObject *since)
         PyErr_Clear();
         return 0;
     }
-    int mine = PyDict_CheckExact(dict) && PyDict_GetItemWithError(dict, s_checked_out) == NULL
-               && !PyErr_Occurred() && PyDict_GetItemWithError(dict, s_tracing) == Py_True;
+    int mine = PyDict_CheckExact(dict)
+               && ts_get(dict, s_checked_out, TM_OWN(TM_OWN_CHECKED_OUT)) == NULL
+               && !PyErr_Occurred() && ts_get(dict, s_tracing, TM_OWN(TM_TRACING)) == Py_True;
     if (mine && since != Py_None) {
-        mine = PyDict_GetItemWithError(dict, s_metering) == Py_False;
+        mine = ts_get(dict, s_metering, TM_OWN(TM_METERING)) == Py_False;
     }
-    if (mine && PyDict_GetItemWithError(dict, s_dormant) != Py_False) {
+    if (mine && ts_get(dict, s_dormant, TM_OWN(TM_DORMANT)) != Py_False) {
         /* the method's first test: a provider it still watches for that is now set */
-        mine = trace_quiet(dict, s_watch_tracer, tb_globals[0], s_tracer_provider)
-               && trace_quiet(dict, s_watch_meter, tb_globals[1], s_meter_provider);
+        mine = trace_quiet(dict, s_watch_tracer, TM_WATCH_TRACER, tb_globals[0],
+                           s_tracer_provider, TM_TRACER_PROVIDER)
+               && trace_quiet(dict, s_watch_meter, TM_WATCH_METER, tb_globals[1],
+                              s_meter_provider, TM_METER_PROVIDER);
     }
     Py_DECREF(dict);
     if (!mine) {

@@ -16,7 +16,6 @@
  * ``pgleak._otel``'s globals, read at each call (a test's clock is honoured). Bound by
  * pgleak._otel_fast after ``trace_bind``. */
 
-enum { TS_ENTER, TS_EXIT, TS_CHECKED_IN, TS_START, TS_COUNT };
 static const char *ts_method_names[TS_COUNT] = {"enter", "exit", "checked_in", "_start"};
 static PyObject *ts_names[TS_COUNT], *ts_fn[TS_COUNT]; /* the names; the functions bound */
 static PyObject *ts_globals;                         /* pgleak._otel's dict; NULL: not bound */
@@ -31,23 +30,7 @@ static Py_ssize_t ts_sites_off;
  * names str, so their ``repr`` cannot change while the tuples are kept). */
 static PyObject *ts_last_task, *ts_last_thread, *ts_last_holder;
 
-/* The dict lookups these functions repeat on every call (Telemetry's methods, the observer's
- * own attributes, pgleak._otel's globals: five to eight a call, ~100 instructions each) are
- * remembered while the dict is unchanged, by its version tag, which CPython changes on every
- * insertion, deletion and clear and gives no other dict (see the verdict table above): a
- * method replaced, an attribute set, a clock swapped shows at the next call. The value is
- * borrowed: the unchanged dict still holds it. Up to 3.13; later, the dict is asked. */
-enum {
-    TM_CLASS, TM_INSTANCE = TM_CLASS + TS_COUNT, TM_CONTEXT = TM_INSTANCE + TS_COUNT, TM_TIME_NS,
-    TM_MONOTONIC, TM_TRACER, TM_METERING, TM_COUNT
-};
 #ifdef PGLEAK_VERDICT_TABLE
-static struct {
-    PyObject *dict; /* borrowed, compared by address only (with the tag, never reused) */
-    uint64_t tag;
-    PyObject *value; /* borrowed; NULL: absent */
-} ts_memo[TM_COUNT];
-
 /* ts_attributes()'s: the entry of ``sites`` found last, for the (code, offset) it was found
  * by (all borrowed: compared by address only, while ``sites`` keeps its version tag). */
 static struct {
@@ -55,39 +38,6 @@ static struct {
     uint64_t tag;
 } ts_site;
 #endif
-
-/* An instance's dict is remembered too up to 3.12, where the dict made for it replaces the
- * instance's inline values; from 3.13 it shares them, and an attribute set on the instance
- * does not change the dict's version tag. */
-#if PY_VERSION_HEX < 0x030D0000
-#  define TM_OWN(memo) (memo)
-#else
-#  define TM_OWN(memo) (-1)
-#endif
-
-/* ``dict.get(name)``, borrowed; NULL: absent, or an error set (``memo`` -1: not remembered). */
-static inline PyObject *
-ts_get(PyObject *dict, PyObject *name, int memo)
-{
-#ifdef PGLEAK_VERDICT_TABLE
-    if (memo < 0) {
-        return PyDict_GetItemWithError(dict, name);
-    }
-    if (ts_memo[memo].dict == dict && ts_memo[memo].tag == dict_version(dict)) {
-        return ts_memo[memo].value;
-    }
-    PyObject *value = PyDict_GetItemWithError(dict, name);
-    if (value != NULL || !PyErr_Occurred()) {
-        ts_memo[memo].dict = dict;
-        ts_memo[memo].tag = dict_version(dict);
-        ts_memo[memo].value = value;
-    }
-    return value;
-#else
-    (void)memo;
-    return PyDict_GetItemWithError(dict, name);
-#endif
-}
 
 /* The observer's instance dict (a new reference) when the methods ``which`` and ``_start``
  * are the ones bound and ``_CONTEXT`` is still the variable bound; else NULL, no error set:
@@ -172,6 +122,75 @@ ts_clock(PyObject *name)
     PyObject *now = PyObject_CallNoArgs(clock);
     Py_DECREF(clock);
     return now;
+}
+
+/* ``time.time_ns()``'s value read here (0), -1 with an error set (3.13's clock failed, as the
+ * call would), or 1: not read here. CPython reads clock_gettime(CLOCK_REALTIME) on Linux
+ * (_PyTime_GetSystemClock: seconds and nanoseconds to nanoseconds), PyTime_Time from 3.13. */
+static inline int
+ts_wall_ns(long long *ns)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyTime_t t;
+    if (PyTime_Time(&t) < 0) {
+        return -1;
+    }
+    *ns = (long long)t;
+    return 0;
+#elif defined(__linux__) && defined(CLOCK_REALTIME)
+    struct timespec ts;
+    if (PGLEAK_LIKELY(clock_gettime(CLOCK_REALTIME, &ts) == 0)) {
+        *ns = (long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec;
+        return 0;
+    }
+    return 1;
+#else
+    (void)ns;
+    return 1;
+#endif
+}
+
+/* ``_time_ns() - int(_monotonic() * 1e9)``, the span's offset (a new reference, or NULL with an
+ * error set). While pgleak._otel's clocks are time's own (``ts_clocks``, from the binding),
+ * both are read here, as clock_now() reads the monotonic one: the two calls, their int and
+ * float, and the arithmetic on them cost ~1,000 instructions a span. Else the calls. */
+static PyObject *ts_clocks[2]; /* time.time_ns, time.monotonic */
+
+static PyObject *
+ts_offset(void)
+{
+    PyObject *time_ns = ts_get(ts_globals, s_ts_time_ns, TM_TIME_NS);
+    PyObject *monotonic =
+        time_ns == NULL ? NULL : ts_get(ts_globals, s_ts_monotonic, TM_MONOTONIC);
+    if (monotonic == NULL) {
+        PyErr_Clear(); /* a lookup's error: ts_clock() below looks again */
+    }
+    else if (time_ns == ts_clocks[0] && monotonic == ts_clocks[1]) {
+        long long wall;
+        double mono;
+        int read = ts_wall_ns(&wall);
+        if (read == 0) {
+            read = clock_seconds(&mono);
+        }
+        if (read < 0) {
+            return NULL;
+        }
+        if (read == 0) {
+            double scaled = mono * 1e9;
+            const long long limit = (long long)1 << 62;
+            if (wall > -limit && wall < limit && scaled > -4.6e18 && scaled < 4.6e18) {
+                return PyLong_FromLongLong(wall - (long long)scaled); /* as ts_ns() */
+            }
+        }
+    }
+    PyObject *mono = NULL, *offset = NULL;
+    PyObject *ns = ts_clock(s_ts_time_ns);
+    if (ns != NULL && (mono = ts_clock(s_ts_monotonic)) != NULL) {
+        offset = ts_ns(ns, mono, 1);
+    }
+    Py_XDECREF(ns);
+    Py_XDECREF(mono);
+    return offset;
 }
 
 /* ``f"task {task[1]!r} (thread {thread[1]!r})"`` or ``f"thread {thread[1]!r}"``: a new
@@ -372,12 +391,8 @@ ts_start(PyObject *observer, PyObject *dict, PyObject *lease, PyObject *state, P
     }
     Py_INCREF(tracer);
     Py_INCREF(start);
-    PyObject *span = NULL, *offset = NULL, *at = NULL, *mono = NULL;
-    PyObject *ns = ts_clock(s_ts_time_ns);
-    if (ns == NULL || (mono = ts_clock(s_ts_monotonic)) == NULL) {
-        goto done;
-    }
-    offset = ts_ns(ns, mono, 1);
+    PyObject *span = NULL, *at = NULL;
+    PyObject *offset = ts_offset();
     if (offset == NULL) {
         goto done;
     }
@@ -392,8 +407,6 @@ ts_start(PyObject *observer, PyObject *dict, PyObject *lease, PyObject *state, P
         slot_set(state, trace_off[T_SPAN], Py_NewRef(span));
     }
 done:
-    Py_XDECREF(ns);
-    Py_XDECREF(mono);
     Py_XDECREF(offset);
     Py_XDECREF(at);
     Py_DECREF(attrs);
@@ -530,12 +543,21 @@ ts_exit(PyObject *observer, PyObject *lease)
         return 0;
     }
     Py_DECREF(current); /* compared by identity only, and still held by the variable */
-    PyObject *shallower = PyNumber_Subtract(depth, ts_one);
+    /* ``depth -= 1``, then ``depth > 0``: in C for a machine-sized int (no new int at 0) */
+    int overflow, more;
+    long d = PyLong_AsLongAndOverflow(depth, &overflow);
+    PyObject *shallower = !overflow && d > LONG_MIN ? PyLong_FromLong(d - 1)
+                                                    : PyNumber_Subtract(depth, ts_one);
     if (shallower == NULL) {
         return -1;
     }
     slot_set(state, trace_off[T_DEPTH], shallower);
-    int more = PyObject_RichCompareBool(shallower, tb_zero, Py_GT);
+    if (!overflow && d > LONG_MIN) {
+        more = d - 1 > 0;
+    }
+    else {
+        more = PyObject_RichCompareBool(shallower, tb_zero, Py_GT);
+    }
     if (more != 0) {
         return more < 0 ? -1 : 1;
     }
@@ -570,6 +592,50 @@ trace_told(PyObject *observer, PyObject *name, PyObject *lease, int entering)
     return PyObject_CallMethodOneArg(observer, name, lease);
 }
 
+/* NonRecordingSpan's ``set_attributes`` and ``end`` when their bodies do nothing (``pass``:
+ * pgleak._otel_fast checks), from trace_span_bind; NULL: called as any other. */
+static PyObject *ts_noops[2];
+
+/* ``span.<name>`` as a method call finds it: the function found on the type (``*unbound``
+ * 1: ``span`` goes first) or the attribute (0); a new reference, or NULL with an error set. */
+static PyObject *
+ts_method(PyObject *span, PyObject *name, int *unbound)
+{
+#if PY_VERSION_HEX < 0x030D0000
+    PyObject *method = NULL;
+    *unbound = _PyObject_GetMethod(span, name, &method);
+    return method;
+#else
+    *unbound = 0;
+    return PyObject_GetAttr(span, name);
+#endif
+}
+
+/* Whether calling ``method`` (from ts_method) calls ``noop`` on ``span``. */
+static inline int
+ts_is_noop(PyObject *method, int unbound, PyObject *span, PyObject *noop)
+{
+    if (noop == NULL) {
+        return 0;
+    }
+    if (unbound) {
+        return method == noop;
+    }
+    return PyMethod_Check(method) && PyMethod_GET_FUNCTION(method) == noop
+           && PyMethod_GET_SELF(method) == span;
+}
+
+/* ``method(arg)`` as found by ts_method for ``span``. */
+static PyObject *
+ts_call(PyObject *method, int unbound, PyObject *span, PyObject *arg)
+{
+    PyObject *args[3] = {NULL, span, arg};
+    if (unbound) {
+        return PyObject_Vectorcall(method, args + 1, 2, NULL);
+    }
+    return PyObject_Vectorcall(method, args + 2, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
 /* ``Telemetry.checked_in(lease, late, discarded)``, as ts_enter. */
 static int
 ts_checked_in(PyObject *observer, PyObject *lease, int late, int discarded)
@@ -583,6 +649,7 @@ ts_checked_in(PyObject *observer, PyObject *lease, int late, int discarded)
     }
     int result = 0;
     PyObject *end = NULL, *span = NULL, *attrs = NULL, *held = NULL, *at = NULL, *done = NULL;
+    PyObject *method = NULL;
     PyObject *state = SLOT(lease, lease_off[L_OTEL]), *t0 = SLOT(lease, lease_off[L_T0]);
     PyObject *t_in = SLOT(lease, lease_off[L_T_IN]);
     if (t_in == NULL || t0 == NULL || state == NULL
@@ -627,38 +694,63 @@ ts_checked_in(PyObject *observer, PyObject *lease, int late, int discarded)
         PyErr_SetString(PyExc_AttributeError, "t0");
         goto fail;
     }
-    if (PyFloat_CheckExact(end) && PyFloat_CheckExact(t0)) {
-        double a = PyFloat_AS_DOUBLE(end), b = PyFloat_AS_DOUBLE(t0);
-        held = PyFloat_FromDouble(a > b ? a - b : 0.0);
-    }
-    else {
-        int later = PyObject_RichCompareBool(end, t0, Py_GT);
-        held = later < 0 ? NULL : later ? PyNumber_Subtract(end, t0) : PyFloat_FromDouble(0.0);
-    }
-    attrs = held == NULL ? NULL : PyDict_New();
-    if (attrs == NULL || PyDict_SetItem(attrs, s_ts_held, held) < 0
-        || PyDict_SetItem(attrs, s_ts_outcome, SLOT(state, trace_off[T_OUTCOME])) < 0) {
+    /* ``span.set_attributes({...})`` then ``span.end(...)``, each method looked up first, as
+     * Python does; a method that is NonRecordingSpan's own no-op (ts_noops) is not called
+     * where making its argument could not raise or run code (exact floats, finite end). */
+    int plain = PyFloat_CheckExact(end) && PyFloat_CheckExact(t0), unbound;
+    method = ts_method(span, s_ts_set_attributes, &unbound);
+    if (method == NULL) {
         goto fail;
     }
-    PyObject *args[2] = {span, attrs};
-    done = PyObject_VectorcallMethod(s_ts_set_attributes, args, 2, NULL);
-    if (done == NULL) {
+    if (!plain || !ts_is_noop(method, unbound, span, ts_noops[0])) {
+        if (PyFloat_CheckExact(end) && PyFloat_CheckExact(t0)) {
+            double a = PyFloat_AS_DOUBLE(end), b = PyFloat_AS_DOUBLE(t0);
+            held = PyFloat_FromDouble(a > b ? a - b : 0.0);
+        }
+        else {
+            int later = PyObject_RichCompareBool(end, t0, Py_GT);
+            held = later < 0 ? NULL
+                   : later   ? PyNumber_Subtract(end, t0)
+                             : PyFloat_FromDouble(0.0);
+        }
+        attrs = held == NULL ? NULL : PyDict_New();
+        if (attrs == NULL || PyDict_SetItem(attrs, s_ts_held, held) < 0
+            || PyDict_SetItem(attrs, s_ts_outcome, SLOT(state, trace_off[T_OUTCOME])) < 0) {
+            goto fail;
+        }
+        done = ts_call(method, unbound, span, attrs);
+        if (done == NULL) {
+            goto fail;
+        }
+        Py_CLEAR(done);
+    }
+    Py_SETREF(method, ts_method(span, s_ts_end, &unbound));
+    if (method == NULL) {
         goto fail;
     }
-    Py_CLEAR(done);
-    at = ts_ns(SLOT(state, trace_off[T_OFFSET]), end, 0);
-    if (at == NULL) {
+    /* ``state.offset + int(end * 1e9)`` cannot raise (read after set_attributes ran) */
+    PyObject *offset = SLOT(state, trace_off[T_OFFSET]);
+    if (offset == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "offset");
         goto fail;
     }
-    args[1] = at;
-    done = PyObject_VectorcallMethod(s_ts_end, args, 2, NULL);
-    if (done == NULL) {
-        goto fail;
+    plain = PyFloat_CheckExact(end) && isfinite(PyFloat_AS_DOUBLE(end) * 1e9)
+            && PyLong_CheckExact(offset);
+    if (!plain || !ts_is_noop(method, unbound, span, ts_noops[1])) {
+        at = ts_ns(offset, end, 0);
+        if (at == NULL) {
+            goto fail;
+        }
+        done = ts_call(method, unbound, span, at);
+        if (done == NULL) {
+            goto fail;
+        }
     }
     goto out;
 fail:
     result = -1;
 out:
+    Py_XDECREF(method);
     Py_XDECREF(end);
     Py_XDECREF(span);
     Py_XDECREF(attrs);
@@ -696,18 +788,28 @@ trace_block(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 PyDoc_STRVAR(trace_span_bind_doc,
-"trace_span_bind(Context, otel_globals) -> None\n\n"
+"trace_span_bind(Context, otel_globals, noops=()) -> None\n\n"
 "Let the C code start, enter, exit and end a traced checkout's span itself, after\n"
 "``trace_bind`` (``Context``: opentelemetry.context.Context; ``otel_globals``: the dict of\n"
-"pgleak._otel, whose ``_CONTEXT``, clocks and names it reads).");
+"pgleak._otel, whose ``_CONTEXT``, clocks and names it reads; ``noops``: NonRecordingSpan's\n"
+"``set_attributes`` and ``end`` functions if their bodies do nothing, which a checkin then\n"
+"does not call, or ``()``).");
 
 static PyObject *
 trace_span_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyType_Check(args[0])
-        || !PyType_IsSubtype((PyTypeObject *)args[0], &PyDict_Type) || !PyDict_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "trace_span_bind(Context: dict type, otel_globals: dict)");
+    if (nargs < 2 || nargs > 3 || !PyType_Check(args[0])
+        || !PyType_IsSubtype((PyTypeObject *)args[0], &PyDict_Type) || !PyDict_Check(args[1])
+        || (nargs == 3
+            && (!PyTuple_CheckExact(args[2])
+                || (PyTuple_GET_SIZE(args[2]) != 0 && PyTuple_GET_SIZE(args[2]) != 2)))) {
+        PyErr_SetString(PyExc_TypeError, "trace_span_bind(Context: dict type, otel_globals: dict"
+                                         ", noops: () or (set_attributes, end))");
         return NULL;
+    }
+    PyObject *noops = nargs == 3 ? args[2] : NULL;
+    if (noops != NULL && PyTuple_GET_SIZE(noops) == 0) {
+        noops = NULL;
     }
     if (tb_telemetry == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "trace_span_bind(): trace_bind() first");
@@ -795,6 +897,21 @@ trace_span_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(ts_context, (PyTypeObject *)Py_NewRef(args[0]));
     for (int i = 0; i < TS_COUNT; i++) {
         Py_XSETREF(ts_fn[i], Py_XNewRef(fns[i]));
+    }
+    if (ts_clocks[0] == NULL) {
+        PyObject *time = PyImport_ImportModule("time");
+        PyObject *time_ns = time == NULL ? NULL : PyObject_GetAttrString(time, "time_ns");
+        PyObject *monotonic = time_ns == NULL ? NULL : PyObject_GetAttrString(time, "monotonic");
+        Py_XDECREF(time);
+        if (monotonic == NULL) {
+            Py_XDECREF(time_ns);
+            return NULL;
+        }
+        ts_clocks[0] = time_ns;
+        ts_clocks[1] = monotonic;
+    }
+    for (int i = 0; i < 2; i++) {
+        Py_XSETREF(ts_noops[i], noops == NULL ? NULL : Py_NewRef(PyTuple_GET_ITEM(noops, i)));
     }
     Py_XSETREF(ts_globals, Py_NewRef(globals)); /* last: it switches it on */
     Py_RETURN_NONE;

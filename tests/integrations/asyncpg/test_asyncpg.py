@@ -31,7 +31,7 @@ from pgleak._core import core
 from pgleak.integrations import asyncpg as apg_adapter
 from pgleak.testing import EventCapture, run_watchdog
 from tests.conftest import Server
-from tests.helpers import BlockObserver, assert_site
+from tests.helpers import BlockObserver, assert_site, observed_by
 
 POOL_SIZE = 2
 THRESHOLD = 0.2  # the ``installed`` fixture's leak_threshold
@@ -297,27 +297,16 @@ def test_the_c_and_python_blocks_tell_the_observer_the_same(
 
     def run(c: bool) -> list[Any]:
         told = _Told()
-        with monkeypatch.context() as patched:
-            patched.setattr(_adapter, "use_c_wrappers", c)
-            pgleak.install(leak_threshold=60, report_interval=60)
-            try:
-                patched.setattr(core, "observer", told)
-                core.observer_started()  # the block's wrappers go in with an observer
-                wrapper = PoolAcquireContext.__dict__["__aenter__"]
-                assert (type(wrapper) is _stack._fast.Tracked) is c
+        with observed_by(monkeypatch, c, told, PoolAcquireContext, ("__aenter__",)) as faults:
 
-                async def main() -> None:
-                    pool = await _open(pg)
-                    try:
-                        await asyncio.create_task(body(pool, told), name="the-task")
-                    finally:
-                        pool.terminate()
+            async def main() -> None:
+                pool = await _open(pg)
+                try:
+                    await asyncio.create_task(body(pool, told), name="the-task")
+                finally:
+                    pool.terminate()
 
-                asyncio.run(main())
-                faults = [(site, repr(exc)) for site, exc in _guard.swallowed]
-            finally:
-                pgleak.uninstall()
-                _guard.reset()
+            asyncio.run(main())
         return [*told.seen, ("faults", faults)]
 
     python, c = run(False), run(True)

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import gc
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -17,11 +17,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 import pgleak
-from pgleak import _adapter, _guard, _stack
+from pgleak import _stack
 from pgleak._core import core
 from pgleak.testing import EventCapture
 from tests.conftest import Server
-from tests.helpers import BlockObserver, assert_site
+from tests.helpers import BlockObserver, assert_site, observed_by
 
 pytest.importorskip("greenlet")
 
@@ -210,6 +210,83 @@ class _Told(BlockObserver):
         return self.last is not None and record.__dict__.get("_pgleak_lease") is self.last
 
 
+def _told_by(
+    monkeypatch: pytest.MonkeyPatch,
+    pg: Server,
+    c: bool,
+    body: Callable[[AsyncEngine, _Told], Coroutine[Any, Any, None]],
+    **engine: Any,
+) -> list[Any]:
+    """``body`` run in a task of its own ("the-task") on a new engine (pool of one) while a
+    ``_Told`` observes, with the C block wrappers or the Python ones: what it was told, and
+    the faults swallowed last."""
+    told = _Told()
+    with observed_by(monkeypatch, c, told, AsyncConnection, ("__aenter__", "__aexit__")) as faults:
+
+        async def main() -> None:
+            made = create_async_engine(pg.url("asyncpg"), pool_size=1, max_overflow=0, **engine)
+            try:
+                await asyncio.create_task(body(made, told), name="the-task")
+            finally:
+                await made.dispose()
+
+        asyncio.run(main())
+    return [*told.seen, ("faults", faults)]
+
+
+@pytest.mark.skipif(
+    not hasattr(_stack._fast, "ablock_wrapper"), reason="pgleak._speedups is not in use here"
+)
+def test_a_changed_sync_connection_is_read_as_python_reads_it(
+    pg: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C block reads ``AsyncConnection.sync_connection`` from its slot while the class is
+    the one it found the slot on, unchanged: made a property since, it reads by name, as the
+    Python ``_scope`` does (the property read as often, the observer told the same)."""
+    pytest.importorskip("asyncpg")
+    slot = AsyncConnection.__dict__["sync_connection"]
+    reads = [0]
+
+    def read(conn: object) -> object:
+        reads[0] += 1
+        return slot.__get__(conn, type(conn))
+
+    counted = property(read, slot.__set__)
+
+    async def cycle(engine: AsyncEngine, told: _Told, what: str) -> None:
+        before = reads[0]
+        async with engine.connect():
+            told.seen.append((what, "inside"))
+        told.seen.append((what, reads[0] - before))
+
+    async def body(engine: AsyncEngine, told: _Told) -> None:
+        await cycle(engine, told, "plain")
+        await cycle(engine, told, "plain again")
+        with monkeypatch.context() as swapped:
+            swapped.setattr(AsyncConnection, "sync_connection", counted)
+            await cycle(engine, told, "a property")
+        await cycle(engine, told, "the slot again")
+
+    def run(c: bool) -> list[Any]:
+        return _told_by(monkeypatch, pg, c, body)
+
+    python, c = run(False), run(True)
+    assert c == python
+    enter, exit_ = (
+        ("enter", "the-task", "_ConnectionFairy"),
+        ("exit", "the-task", "_ConnectionFairy"),
+    )
+    assert python[-1] == ("faults", [])
+    counts = [entry[1] for entry in python if isinstance(entry[1], int)]
+    assert counts[0] == counts[1] == counts[3] == 0
+    assert counts[2] > 0
+    assert [entry for entry in python if not isinstance(entry[1], int)][:3] == [
+        enter,
+        ("plain", "inside"),
+        exit_,
+    ]
+
+
 @pytest.mark.internal_errors
 @pytest.mark.skipif(
     not hasattr(_stack._fast, "ablock_wrapper"), reason="pgleak._speedups is not in use here"
@@ -256,32 +333,7 @@ def test_the_c_and_python_blocks_tell_the_observer_the_same(
             told.seen.append(("inside, faulty observer",))
 
     def run(c: bool) -> list[Any]:
-        told = _Told()
-        with monkeypatch.context() as patched:
-            patched.setattr(_adapter, "use_c_wrappers", c)
-            pgleak.install(leak_threshold=60, report_interval=60)
-            try:
-                patched.setattr(core, "observer", told)
-                core.observer_started()  # the block's wrappers go in with an observer
-                for name in ("__aenter__", "__aexit__"):
-                    wrapper = AsyncConnection.__dict__[name]
-                    assert (type(wrapper) is _stack._fast.Tracked) is c
-
-                async def main() -> None:
-                    engine = create_async_engine(
-                        pg.url("asyncpg"), pool_size=1, max_overflow=0, pool_timeout=0.01
-                    )
-                    try:
-                        await asyncio.create_task(body(engine, told), name="the-task")
-                    finally:
-                        await engine.dispose()
-
-                asyncio.run(main())
-                faults = [(site, repr(exc)) for site, exc in _guard.swallowed]
-            finally:
-                pgleak.uninstall()
-                _guard.reset()
-        return [*told.seen, ("faults", faults)]
+        return _told_by(monkeypatch, pg, c, body, pool_timeout=0.01)
 
     python, c = run(False), run(True)
     assert c == python

@@ -19,7 +19,7 @@ from pgleak._core import core
 from pgleak.integrations import sqlalchemy as sa_adapter
 from pgleak.testing import EventCapture, capture_events
 from tests.conftest import Server
-from tests.helpers import BlockObserver, assert_site, site_of
+from tests.helpers import BlockObserver, assert_site, observed_by, site_of
 
 
 @pytest.fixture(autouse=True, params=["direct", "direct, python", "events"])
@@ -442,26 +442,14 @@ def test_the_c_and_python_blocks_tell_the_observer_the_same(
 
     def run(c: bool) -> list[object]:
         told = _Told()
-        with monkeypatch.context() as patched:
-            patched.setattr(_adapter, "use_c_wrappers", c)
-            pgleak.install(leak_threshold=60, report_interval=60)
+        with observed_by(monkeypatch, c, told, sa.Connection, ("__enter__", "__exit__")) as faults:
+            engine = sa.create_engine(
+                pg.url("psycopg"), pool_size=1, max_overflow=0, pool_timeout=0.01
+            )
             try:
-                patched.setattr(core, "observer", told)
-                core.observer_started()  # the block's wrappers go in with an observer
-                for name in ("__enter__", "__exit__"):
-                    wrapper = sa.Connection.__dict__[name]
-                    assert (type(wrapper) is _stack._fast.Tracked) is c
-                engine = sa.create_engine(
-                    pg.url("psycopg"), pool_size=1, max_overflow=0, pool_timeout=0.01
-                )
-                try:
-                    body(engine, told)
-                finally:
-                    engine.dispose()
-                faults = [(site, repr(exc)) for site, exc in _guard.swallowed]
+                body(engine, told)
             finally:
-                pgleak.uninstall()
-                _guard.reset()
+                engine.dispose()
         return [*told.seen, ("faults", faults)]
 
     python, c = run(False), run(True)
