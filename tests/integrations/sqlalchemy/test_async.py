@@ -235,7 +235,9 @@ def _told_by(
 
 
 @pytest.mark.skipif(
-    not hasattr(_stack._fast, "ablock_wrapper"), reason="pgleak._speedups is not in use here"
+    not hasattr(_stack._fast, "ablock_wrapper"),
+    reason="compares the C block's slot read with Python's; without pgleak._speedups only Python "
+    "runs",
 )
 def test_a_changed_sync_connection_is_read_as_python_reads_it(
     pg: Server, monkeypatch: pytest.MonkeyPatch
